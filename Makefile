@@ -1,0 +1,66 @@
+# flanmoe_nb: the two commands are `make run` and `make test`; both set up .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines pin the CPU wheel. GPU nodes: install a CUDA build of torch into .venv first
+# (see README), then `make install TORCH_SPEC=` keeps it.
+TORCH_SPEC ?= torch==2.13.0
+KERNEL_NAME ?= flanmoe_nb
+STAMP := $(VENV)/.flanmoe-installed
+CPP_SOURCES := $(wildcard cpp/*.cpp cpp/*.h cpp/cuda/*.cu cpp/cuda/*.cuh)
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-py test-nbs docs lab export clean-nbs check-sync bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(CPP_SOURCES)
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q pybind11 ninja "setuptools>=77" wheel
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,docs]'
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL_NAME) --display-name "Python (flanmoe_nb)" >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded tiny default.
+run: install
+	$(BIN)/flanmoe run
+
+## Test suite: pytest, then the notebooks themselves (nbdev-test).
+test: install test-py test-nbs
+
+test-py: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-nbs: install
+	$(BIN)/nbdev-test --n-workers 2 --do-print --timing
+
+docs: install
+	$(BIN)/flanmoe docs
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+bench: install
+	$(BIN)/flanmoe bench
+
+## Notebook <-> library hygiene (CI runs check-sync).
+export: install
+	$(BIN)/nbdev-export
+
+clean-nbs: install
+	$(BIN)/nbdev-clean
+
+check-sync: install
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+	@if [ -n "$$(git status --porcelain -- flanmoe_nb nbs)" ]; then \
+	  echo "notebooks and library are out of step (run nbdev-export and nbdev-clean, then commit):"; \
+	  git status --porcelain -- flanmoe_nb nbs; git diff --stat -- flanmoe_nb nbs; exit 1; fi
+
+clean:
+	rm -rf build flanmoe_nb/_C*.so flanmoe_nb/_build_info.json _docs _proc

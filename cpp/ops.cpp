@@ -1,0 +1,30 @@
+// Operator schemas of the `flanmoe` namespace and the Python module `flanmoe_nb._C`.
+// Kernels live in cpp/*_cpu.cpp (TORCH_LIBRARY_IMPL(flanmoe, CPU, m)) and cpp/cuda/*.cu (CUDA);
+// autograd and fake (meta) implementations are registered from Python in flanmoe_nb/kernels.py.
+#include <torch/extension.h>
+#include "flanmoe.h"
+
+#ifndef FLANMOE_TORCH_VERSION
+#define FLANMOE_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(flanmoe, m) {
+  // out[rows of group g] = a[rows of group g] @ (trans_b ? b[g].T : b[g])
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False) -> Tensor");
+  // out[g] = a[rows of g].T @ dy[rows of g]   (the weight gradient of grouped_mm), [G, K, M]
+  m.def("grouped_mm_wgrad(Tensor a, Tensor dy, Tensor group_sizes) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "flanmoe_nb compiled MoE core; ops are registered under torch.ops.flanmoe";
+  mod.def("torch_version", []() { return std::string(FLANMOE_TORCH_VERSION); },
+          "torch version this extension was compiled against");
+  mod.def("with_cuda", []() {
+#ifdef FLANMOE_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "whether CUDA kernels were compiled in");
+  mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
+}
