@@ -58,9 +58,11 @@ clean-nbs: install
 check-sync: install
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
-	@if [ -n "$$(git status --porcelain -- flanmoe_nb nbs)" ]; then \
-	  echo "notebooks and library are out of step (run nbdev-export and nbdev-clean, then commit):"; \
-	  git status --porcelain -- flanmoe_nb nbs; git diff --stat -- flanmoe_nb nbs; exit 1; fi
+	$(BIN)/flanmoe docs --readme-only >/dev/null
+	@if [ -n "$$(git status --porcelain -- flanmoe_nb nbs README.md)" ]; then \
+	  echo "notebooks, library and README are out of step (run nbdev-export, nbdev-clean and"; \
+	  echo "flanmoe docs --readme-only, then commit):"; \
+	  git status --porcelain -- flanmoe_nb nbs README.md; git diff --stat -- flanmoe_nb nbs README.md; exit 1; fi
 
 clean:
 	rm -rf build flanmoe_nb/_C*.so flanmoe_nb/_build_info.json _docs _proc

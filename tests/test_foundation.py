@@ -1,0 +1,82 @@
+"Workspace foundation: the extension loads (or explains itself), the CLI and the docs builder work."
+import json, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flanmoe_nb
+from flanmoe_nb import kernels, docs, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_matches_installed_torch():
+    assert kernels.extension_available(), kernels._LOAD_ERROR
+    info = kernels.extension_info()
+    assert info["torch"] == torch.__version__
+    assert info["threads"] >= 1
+    assert json.loads((Path(flanmoe_nb.__file__).with_name("_build_info.json")).read_text())["torch"] == torch.__version__
+
+
+def test_ops_registered_under_flanmoe_namespace():
+    assert hasattr(torch.ops.flanmoe, "grouped_mm")
+    assert hasattr(torch.ops.flanmoe, "grouped_mm_wgrad")
+
+
+def test_missing_extension_gives_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "_C", None)
+    monkeypatch.setattr(kernels, "_LOAD_ERROR", "flanmoe_nb._C could not be imported (x); rebuild it")
+    with pytest.raises(kernels.ExtensionError, match="rebuild"):
+        kernels.grouped_mm(torch.randn(2, 3), torch.randn(1, 3, 4), torch.tensor([2]))
+
+
+def test_extension_built_for_other_torch_is_explained(tmp_path):
+    "A fake package whose _C reports another torch version must raise ExtensionError, not crash."
+    pkg = tmp_path / "flanmoe_nb"
+    shutil.copytree(Path(flanmoe_nb.__file__).parent, pkg,
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    (pkg / "_C.py").write_text("def torch_version(): return '0.0.1-other'\n")
+    code = ("import torch, flanmoe_nb.kernels as k\n"
+            "assert not k.extension_available()\n"
+            "try: k.grouped_mm(torch.randn(2,3), torch.randn(1,3,4), torch.tensor([2]))\n"
+            "except k.ExtensionError as e: print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert "built for torch 0.0.1-other" in r.stdout and torch.__version__ in r.stdout
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e: cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "bench", "docs"): assert cmd in out
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name("flanmoe")
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "docs" in r.stdout
+
+
+def test_docs_site_builds_from_notebooks(tmp_path):
+    "Build the site for a small project (index + the CLI notebook) into a folder of HTML pages."
+    (tmp_path / "nbs").mkdir()
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for nb in ("index.ipynb", "12_cli.ipynb"): shutil.copy(ROOT / "nbs" / nb, tmp_path / "nbs")
+    index = docs.build_docs(tmp_path)
+    assert index.exists()
+    page = (tmp_path / "_docs" / "12_cli.html").read_text()
+    assert "build_parser" in page                      # show_doc signature of an exported function
+    assert "#| export" not in page and "default_exp" not in page   # directives never leak
+    assert "12_cli.html" in index.read_text()           # in the table of contents
+
+
+def test_readme_renders_from_index(tmp_path):
+    (tmp_path / "nbs").mkdir()
+    shutil.copy(ROOT / "nbs" / "index.ipynb", tmp_path / "nbs")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    readme = docs.render_readme(tmp_path).read_text()
+    assert "make run" in readme and "make test" in readme
+    assert readme == (ROOT / "README.md").read_text(), "README.md is stale: run `flanmoe docs --readme-only`"
