@@ -1,0 +1,145 @@
+"Evaluation: normalisation, exact match, task scorers, rank classification math, aggregates (hand-built examples)."
+import json, math
+import pytest, torch
+from flanmoe_nb import eval as ev
+
+
+class FixedLogits(torch.nn.Module):
+    "Same logits row at every decoder position; records the batches it sees."
+    def __init__(self, row):
+        super().__init__(); self.row = torch.tensor(row, dtype=torch.float32); self.calls = []
+    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
+        self.calls.append((input_ids.clone(), labels.clone()))
+        return self.row.expand(labels.shape[0], labels.shape[1], -1)
+
+
+class PerPosition(torch.nn.Module):
+    "Logits depend on the decoder position and on the first input token (so batching mistakes show)."
+    def __init__(self, table):  # table [P, V]
+        super().__init__(); self.table = torch.tensor(table, dtype=torch.float32)
+    def forward(self, input_ids, attention_mask=None, labels=None, **kw):
+        L = labels.shape[1]
+        base = self.table[:L][None].expand(labels.shape[0], -1, -1).clone()
+        return base + input_ids[:, :1, None].float()  # a per-row constant shift: log-softmax invariant
+
+
+class CharTok:
+    def encode(self, s): return [ord(c) - 95 for c in s if "a" <= c <= "z"]
+    def decode(self, ids, skip_special_tokens=True): return "".join(chr(i + 95) for i in ids if 1 < i < 28)
+
+
+@pytest.mark.parametrize("a,b,want", [
+    ("The cat.", "cat", 1.0), ("  A  big   dog!", "big dog", 1.0), ("Yes", "yes.", 1.0),
+    ("no", "yes", 0.0), ("42", "42.0", 0.0), ("an", "", 1.0), ("Paris", ["London", "paris"], 1.0)])
+def test_exact_match(a, b, want):
+    assert ev.exact_match(a, b) == want
+
+
+def test_normalize_answer():
+    assert ev.normalize_answer("The  Quick, brown fox!") == "quick brown fox"
+    assert ev.normalize_answer(3) == "3"
+
+
+def test_task_scorer_priority_and_clipping():
+    ex = dict(task="t", target="5")
+    assert ev.score_prediction("5", ex) == 1.0                       # exact-match fallback
+    assert ev.score_prediction("5.0", ex) == 0.0
+    num = lambda p, e: float(float(p) == float(e["target"]))
+    assert ev.score_prediction("5.0", ex, {"t": num}) == 1.0         # task's own scorer wins
+    assert ev.score_prediction("oops", ex, {"t": num}) == 0.0        # scorer raising -> 0
+    assert ev.score_prediction("x", ex, {"t": lambda p, e: 7.0}) == 1.0   # clipped to [0, 1]
+    assert ev.score_prediction("x", ex, {"t": lambda p, e: float("nan")}) == 0.0
+
+
+def test_tokenize_eos_and_truncation():
+    tok = CharTok()
+    assert ev.tokenize(tok, "abc", eos_id=1) == [2, 3, 4, 1]
+    assert ev.tokenize(tok, "abcdef", eos_id=1, max_len=3) == [2, 3, 1]
+    assert ev.detokenize(tok, [3, 4, 1, 5, 0]) == "bc"
+
+
+def test_rank_classification_matches_hand_computation():
+    row = [0.0, 1.0, 2.0, 0.0]
+    ls = torch.log_softmax(torch.tensor(row), -1)
+    m = FixedLogits(row)
+    opts = [[[2, 1], [3, 1], [1]], [[2, 2, 2, 1]]]
+    got = ev.score_options(m, [[3, 3, 1], [2, 1]], opts, batch_size=2)
+    want = [[ls[2] + ls[1], ls[3] + ls[1], ls[1]], [3 * ls[2] + ls[1]]]
+    for g, w in zip(got, want):
+        assert torch.allclose(torch.tensor(g), torch.stack(w), atol=1e-5)
+    # batching: 4 pairs in batches of 2 -> 2 forward calls; padding in labels is -100 (ignored)
+    assert len(m.calls) == 2
+    assert m.calls[0][1].tolist() == [[2, 1], [3, 1]] and m.calls[1][1].tolist() == [[1, -100, -100, -100], [2, 2, 2, 1]]
+    mean = ev.score_options(FixedLogits(row), [[3, 1]], [opts[1][0:1] + opts[0][0:1]], normalize="mean")
+    assert math.isclose(mean[0][0], float(3 * ls[2] + ls[1]) / 4, rel_tol=1e-5)
+    assert math.isclose(mean[0][1], float(ls[2] + ls[1]) / 2, rel_tol=1e-5)
+
+
+def test_rank_classification_position_dependent_and_batch_invariant():
+    # position 0 prefers token 2, position 1 prefers EOS: option "a"=[2,1] must win over "b"=[3,1] and "ab"
+    table = [[0, 0, 5, 1], [0, 4, 0, 0], [0, 0, 0, 3]]
+    m = PerPosition(table)
+    lp = torch.log_softmax(torch.tensor(table, dtype=torch.float32), -1)
+    opts = [[[2, 1], [3, 1], [2, 3, 1]]] * 3
+    xs = [[5, 1], [9, 9, 1], [2, 1]]
+    s1 = ev.score_options(m, xs, opts, batch_size=1)
+    s9 = ev.score_options(m, xs, opts, batch_size=9)
+    assert torch.allclose(torch.tensor(s1), torch.tensor(s9), atol=1e-5)
+    want = [lp[0, 2] + lp[1, 1], lp[0, 3] + lp[1, 1], lp[0, 2] + lp[1, 3] + lp[2, 1]]
+    assert torch.allclose(torch.tensor(s1[0]), torch.stack(want), atol=1e-5)
+
+
+def test_evaluate_rank_generate_and_aggregates(tmp_path):
+    class PrefersB(FixedLogits):
+        def generate(self, input_ids, attention_mask=None, max_new_tokens=8):
+            return torch.tensor([[0, 3, 1, 0]] * input_ids.shape[0])
+    m = PrefersB([0.0, 1.0, 0.0, 3.0] + [0.0] * 26)
+    rows = [dict(inputs="pick", targets="b", options=["a", "b"], task="c1", cluster="nli"),
+            dict(inputs="pick", targets="a", options=["a", "b"], task="c1", cluster="nli"),
+            dict(inputs="pick", targets="b", options=["a", "b"], task="c2", cluster="nli"),
+            dict(prompt="x", target="b", task="g1", cluster="gen"),
+            dict(prompt="y", target="B.", task="g1", cluster="gen"),
+            dict(prompt="z", target="c", task="g2", cluster="qa")]
+    r = ev.evaluate(m, CharTok(), rows, held_out=["gen", "qa", "missing"])
+    assert r["per_task"] == {"c1": 0.5, "c2": 1.0, "g1": 1.0, "g2": 0.0}
+    assert r["per_cluster"] == {"gen": 1.0, "nli": 0.75, "qa": 0.0}
+    assert r["held_out"] == 0.5 and r["score"] == 0.625 and r["num_examples"] == 6
+    assert [e["method"] for e in r["examples"]] == ["rank"] * 3 + ["generate"] * 3
+    g = ev.evaluate(m, CharTok(), rows, mode="generate")
+    assert all(e["method"] == "generate" for e in g["examples"]) and g["per_task"]["c1"] == 0.5
+    with pytest.raises(ValueError, match="mode"):
+        ev.evaluate(m, CharTok(), rows, mode="beam")
+    with pytest.raises(ValueError, match="g1"):
+        ev.evaluate(m, CharTok(), rows, mode="rank")
+    p = ev.write_eval({"zero_shot": r}, tmp_path / "eval.json", max_examples=2)
+    back = json.loads(p.read_text())
+    assert back["zero_shot"]["per_cluster"]["nli"] == 0.75 and len(back["zero_shot"]["examples"]) == 2
+
+
+def test_evaluate_real_tiny_model_rank_equals_manual():
+    from flanmoe_nb.model import ModelConfig, EncoderDecoder
+    torch.manual_seed(0)
+    model = EncoderDecoder(ModelConfig(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_heads=2,
+                                       num_encoder_layers=1, num_decoder_layers=1, dropout=0.0)).eval()
+    tok = CharTok()
+    rows = [dict(prompt="which", target="yes", options=["yes", "no", "maybe"], task="t", cluster="c")]
+    r = ev.evaluate(model, tok, rows)
+    x = torch.tensor([ev.tokenize(tok, "which", 1)])
+    manual = []
+    torch.set_grad_enabled(False)
+    for o in ["yes", "no", "maybe"]:
+        y = torch.tensor([ev.tokenize(tok, o, 1)])
+        lp = torch.log_softmax(model(x, labels=y).logits, -1)[0]
+        manual.append(float(lp.gather(-1, y[0][:, None]).sum()))
+    torch.set_grad_enabled(True)
+    best = ["yes", "no", "maybe"][max(range(3), key=manual.__getitem__)]
+    assert r["examples"][0]["pred"] == best
+    assert r["examples"][0]["score"] == float(best == "yes")
+
+
+def test_few_shot_prompt():
+    ex = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
+    assert ev.few_shot_prompt("q", ex, k=0) == "q"
+    assert ev.few_shot_prompt("q", ex, k=2) == "q1\nAnswer: a1\n\nq2\nAnswer: a2\n\nq"
+    with pytest.raises(ValueError, match="k=4"):
+        ev.few_shot_prompt("q", ex, k=4)
