@@ -1,0 +1,94 @@
+"Grid runner: a grid with a broken point, dependencies, skip-if-done, --force, results table (tiny dummy notebooks)."
+import json
+from pathlib import Path
+import nbformat, pytest, yaml
+from flanmoe_nb import runs
+
+
+def _nb(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("out_dir = '.'\nx = 1\ninit = ''", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+STAGE = """import json, pathlib
+if x < 0: raise ValueError(f'x must be >= 0 (got x={x})')
+prev = json.loads(pathlib.Path(init, 'eval.json').read_text())['score'] if init else 0.0
+pathlib.Path(out_dir, 'metrics.jsonl').write_text(json.dumps({'step': 1, 'loss': 2.5}) + '\\n')
+pathlib.Path(out_dir, 'eval.json').write_text(json.dumps({'score': prev + x / 10, 'per_cluster': {'c': x}}))
+print('stage ran', x)"""
+
+GRID = """
+name: g
+defaults: {x: 1}
+runs:
+  - {id: "a{x}", notebook: stage, product: {x: [1, 2]}}
+  - {id: chained, notebook: stage, params: {x: 3, init: "${a2}"}}
+  - {id: bad, notebook: stage, params: {x: -1}}
+  - {id: after_bad, notebook: stage, params: {init: "${bad}"}}
+"""
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("proj")
+    (root / "pyproject.toml").touch(); (root / "nbs/experiments").mkdir(parents=True)
+    _nb(root / "nbs/experiments/stage.ipynb", STAGE)
+    (root / "papermill_runs").mkdir(); (root / "papermill_runs/g.yaml").write_text(GRID)
+    return root
+
+
+def test_load_grid_product_refs_and_order(project):
+    header, specs = runs.load_grid(project / "papermill_runs/g.yaml")
+    assert header["name"] == "g" and Path(header["out"]) == project / "papermill_runs/g"
+    assert [s.id for s in specs] == ["a1", "a2", "chained", "bad", "after_bad"]
+    assert specs[2].deps == ["a2"] and specs[2].params == {"x": 3, "init": "${a2}"}
+
+
+def test_grid_errors(tmp_path):
+    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs").mkdir()
+    for text, msg in [("runs: []", "non-empty"), ("runs: [{id: a}]", "notebook"),
+                      ("runs: [{id: a, notebook: n, params: {i: '${zz}'}}]", "zz"),
+                      ("runs: [{id: a, notebook: n}, {id: a, notebook: n}]", "duplicate"),
+                      ("runs: [{id: a, notebook: n, params: {i: '${b}'}}, {id: b, notebook: n, params: {i: '${a}'}}]", "cycle"),
+                      ("runs: [{id: a, notebook: n, product: {x: 3}}]", "lists")]:
+        (tmp_path / "x.yaml").write_text(text)
+        with pytest.raises(ValueError, match=msg): runs.load_grid(tmp_path / "x.yaml")
+
+
+def test_broken_point_then_rerun_skips(project, capsys):
+    grid = str(project / "papermill_runs/g.yaml")
+    out = project / "papermill_runs/g"
+    assert runs.grid_main([grid]) == 1
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "blocked" in printed and "bad" in printed
+    for rid in ("a1", "a2", "chained"):
+        assert (out / rid / "DONE").exists() and (out / rid / "notebook.ipynb").exists()
+        assert yaml.safe_load((out / rid / "params.yaml").read_text())["params"]["out_dir"] == str(out / rid)
+    # the dependency was resolved to a2's folder and the chained run read its eval.json
+    assert json.loads((out / "chained/eval.json").read_text())["score"] == pytest.approx(0.5)
+    # the failure: no DONE, error.txt with the failing cell's traceback, and the traceback kept in the notebook
+    assert not (out / "bad/DONE").exists()
+    err = (out / "bad/error.txt").read_text()
+    assert "ValueError: x must be >= 0 (got x=-1)" in err and "raise ValueError" in err and "Traceback" in err
+    nb = nbformat.read(out / "bad/notebook.ipynb", as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert errors and errors[0].ename == "ValueError" and errors[0].traceback
+    assert not (out / "after_bad").exists()          # blocked: never started
+    # re-run: finished points are skipped (their DONE untouched), the broken one fails again
+    stamp = (out / "a1/DONE").read_text()
+    assert runs.grid_main([grid]) == 1
+    table = capsys.readouterr().out
+    assert (out / "a1/DONE").read_text() == stamp
+    status = {l.split()[0]: l.split()[2] for l in table.splitlines()[2:] if l.split() and l.split()[0] in ("a1", "a2", "chained", "bad", "after_bad")}
+    assert status == {"a1": "done", "a2": "done", "chained": "done", "bad": "failed", "after_bad": "blocked"}
+    # --only a finished run: exit 0 and nothing reruns; --force reruns it
+    assert runs.grid_main([grid, "--only", "a1"]) == 0
+    assert runs.grid_main([grid, "--only", "a1", "--force"]) == 0
+    assert (out / "a1/DONE").read_text() != stamp
+    with pytest.raises(ValueError, match="nope"): runs.grid_main([grid, "--only", "nope"])
+    # results table
+    df = runs.collect_results(project / "papermill_runs").set_index("run_id")
+    assert df.loc["bad", "status"] == "failed" and df.loc["a2", "status"] == "done"
+    assert df.loc["chained", "score"] == pytest.approx(0.5) and df.loc["a2", "per_cluster.c"] == 2
+    assert df.loc["a1", "final_loss"] == 2.5
