@@ -217,3 +217,15 @@ def test_hf_switch_sparse_mlp_parity(capacity):
         got, aux = ours(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if capacity == 2: assert aux.dropped_fraction.item() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("router", ["switch", "gshard_all", "expert_choice", "st_moe"])
+def test_cuda_matches_cpu(router):
+    layer = make(router, "drops").eval()
+    x, mask = inputs(True, False)
+    y, aux = layer(x, mask)
+    y_gpu, aux_gpu = layer.cuda()(x.cuda(), mask.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y, atol=1e-4, rtol=1e-4)
+    assert torch.equal(aux_gpu.expert_counts.cpu(), aux.expert_counts)
