@@ -8,14 +8,14 @@ Docs: https://flanmoe.github.io/flanmoe_nb/moe.html.md"""
 # %% ../nbs/03_moe.ipynb #ce3e473b
 from __future__ import annotations
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .routing import Router, RouterConfig, RoutingPlan, validate_router_config
+from .routing import Router, RouterConfig, RoutingKnobs, RoutingPlan, validate_router_config
 
 # %% auto #0
 __all__ = ['ACTIVATION_ALIASES', 'MOE_PRESETS', 'is_gated', 'MoEConfig', 'DenseFFN', 'Experts', 'MoEAux', 'MoELayer',
@@ -30,7 +30,7 @@ def is_gated(activation: str) -> bool:
     return activation.startswith("gated-") or activation == "swiglu"
 
 @dataclass
-class MoEConfig:
+class MoEConfig(RoutingKnobs):
     "Shapes and routing of a sparse MoE layer (routing fields as in `routing.RouterConfig`)."
     d_model: int
     d_ff: int
@@ -152,7 +152,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_local_experts = cfg.num_experts     # expert parallelism: num_experts // ep_size
-        self.router = Router(cfg.d_model, cfg.router_config())
+        self.router = Router(cfg.d_model, cfg)              # shares the layer's config
         self.experts = Experts(self.num_local_experts, cfg.d_model, cfg.d_ff, cfg.activation,
                                cfg.expert_dropout, cfg.use_kernels)
 

@@ -8,7 +8,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/routing.html.md"""
 # %% ../nbs/02_routing.ipynb #c9e7efcc
 from __future__ import annotations
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from . import kernels
 
 # %% auto #0
-__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'router_logits', 'compute_capacity', 'RouterConfig',
-           'validate_router_config', 'RoutingPlan', 'top_k_gates', 'token_choice_plan', 'expert_choice_plan',
-           'balance_loss', 'z_loss', 'Router']
+__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'router_logits', 'compute_capacity', 'RoutingKnobs',
+           'RouterConfig', 'validate_router_config', 'RoutingPlan', 'top_k_gates', 'token_choice_plan',
+           'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
 
 # %% ../nbs/02_routing.ipynb #caf13fbe
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -45,8 +45,22 @@ SECOND_POLICIES = ("all", "random", "threshold")
 CAPACITY_SCOPES = ("batch", "sequence")
 ROUTER_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
+class RoutingKnobs:
+    "Methods of any config carrying the routing fields (`RouterConfig`, `moe.MoEConfig`)."
+    @property
+    def dtype(self) -> torch.dtype: return getattr(torch, self.router_dtype)
+
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        "Capacity per expert for a group of `num_tokens` positions (train or eval factor)."
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        return compute_capacity(num_tokens, self.num_experts, self.top_k, cf, self.min_capacity, self.expert_capacity)
+
+    def policy(self, training: bool) -> str:
+        "Second-choice policy in this mode."
+        return self.second_policy if training or self.second_policy_eval is None else self.second_policy_eval
+
 @dataclass
-class RouterConfig:
+class RouterConfig(RoutingKnobs):
     "Routing knobs shared by all routers (see the notebook for each field)."
     num_experts: int
     top_k: int = 1
@@ -67,18 +81,6 @@ class RouterConfig:
     use_kernels: bool = True
 
     def __post_init__(self): validate_router_config(self)
-
-    @property
-    def dtype(self) -> torch.dtype: return getattr(torch, self.router_dtype)
-
-    def capacity(self, num_tokens: int, training: bool) -> int | None:
-        "Capacity per expert for a group of `num_tokens` positions (train or eval factor)."
-        cf = self.capacity_factor if training else self.eval_capacity_factor
-        return compute_capacity(num_tokens, self.num_experts, self.top_k, cf, self.min_capacity, self.expert_capacity)
-
-    def policy(self, training: bool) -> str:
-        "Second-choice policy in this mode."
-        return self.second_policy if training or self.second_policy_eval is None else self.second_policy_eval
 
 # %% ../nbs/02_routing.ipynb #5e21862a
 def _bad(name, value, why):
@@ -208,7 +210,7 @@ def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
 # %% ../nbs/02_routing.ipynb #00c586e8
 class Router(nn.Module):
     "Softmax router: token-choice top-k (Switch/GShard/ST-MoE) or expert choice, with capacity and losses."
-    def __init__(self, d_model: int, cfg: RouterConfig):
+    def __init__(self, d_model: int, cfg: RoutingKnobs):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))

@@ -107,8 +107,7 @@ def test_random_policy_reproducible_with_seed_and_eval_policy():
     torch.manual_seed(7); y2, a2 = layer(x)
     assert torch.equal(y1, y2)
     assert a1.expert_counts.sum() < 36                                  # some second choices skipped
-    layer.cfg.second_policy_eval = "all"
-    layer.router.cfg.second_policy_eval = "all"
+    layer.cfg.second_policy_eval = "all"                                # the router reads the layer's config
     _, a3 = layer.eval()(x)
     assert a3.expert_counts.sum() == 36
 
