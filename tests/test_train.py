@@ -1,0 +1,170 @@
+"Trainer: schedules, freezing, NaN guards, atomic checkpoints and exact resume after SIGKILL."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _dist_worker as W
+from flanmoe_nb.model import EncoderDecoder
+from flanmoe_nb.train import (TrainConfig, train, lr_lambda, build_optimizer, apply_freezing, is_frozen,
+                              latest_checkpoint, load_checkpoint, save_checkpoint, Batches, utilisation_entropy)
+
+ROOT = Path(__file__).parents[1]
+torch.set_num_threads(1)
+
+
+def model():
+    torch.manual_seed(0)
+    return EncoderDecoder(W.tiny())
+
+
+def cfg(tmp_path, **kw):
+    return TrainConfig(**{**dict(steps=3, lr=1e-2, out_dir=str(tmp_path), progress=False), **kw})
+
+
+def test_schedules():
+    c = TrainConfig(steps=10, warmup_steps=4, schedule="inverse_sqrt")
+    assert [lr_lambda(c)(s) for s in (0, 3, 15)] == [0.25, 1.0, 0.5]
+    c = TrainConfig(steps=10, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_lambda(c)(0) == 1.0 and abs(lr_lambda(c)(5) - 0.55) < 1e-12
+    assert lr_lambda(TrainConfig(schedule="constant", warmup_steps=2))(7) == 1.0
+
+
+@pytest.mark.parametrize("freeze", ["router", "experts", "moe", "non_moe"])
+def test_freezing_really_freezes(tmp_path, freeze):
+    m = model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    train(m, W.batches(2), cfg(tmp_path, freeze=freeze, optimizer="adamw"))
+    frozen = {n for n, _ in m.named_parameters() if is_frozen(n, freeze)}
+    assert frozen and len(frozen) < len(before)
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen), n
+        assert p.requires_grad == (n not in frozen)
+    opt = build_optimizer(m, cfg(tmp_path, freeze=freeze))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in m.named_parameters() if n not in frozen}
+
+
+def test_optimizer_state_only_for_trainable(tmp_path):
+    m = model(); apply_freezing(m, "moe")
+    opt = build_optimizer(m, cfg(tmp_path, optimizer="adamw"))
+    m(**W.batches(1)[0]).loss.backward(); opt.step()
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(".router." not in names[id(p)] and ".experts." not in names[id(p)] for p in opt.state)
+    assert len(opt.state) == sum(p.requires_grad for p in m.parameters())
+
+
+def test_expert_dropout_override(tmp_path):
+    m = model()
+    train(m, W.batches(1), cfg(tmp_path, steps=1, expert_dropout=0.3))
+    assert all(l.ffn.experts.dropout == 0.3 for l in m.encoder.blocks if l.is_moe)
+
+
+def _nan_hook(m, when):
+    calls = {"n": 0}
+    def hook(mod, inp, out):
+        calls["n"] += 1
+        if calls["n"] in when: return (out[0] * float("nan"), out[1])
+    return m.encoder.register_forward_hook(hook)
+
+
+def test_nan_skip_counts_and_keeps_params(tmp_path):
+    m = model(); _nan_hook(m, {2})
+    res = train(m, W.batches(2), cfg(tmp_path, steps=4))
+    assert res.skipped == 1 and not torch.isfinite(torch.tensor(res.losses[1]))
+    assert all(torch.isfinite(torch.tensor(res.losses[i])) for i in (0, 2, 3))
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["skipped"] for l in lines] == [0, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_nan_stop_raises(tmp_path):
+    m = model(); _nan_hook(m, {2})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(m, W.batches(2), cfg(tmp_path, steps=4, nan_policy="stop"))
+
+
+def test_metrics_fields(tmp_path):
+    train(model(), W.batches(2), cfg(tmp_path, steps=2, grad_accum=2))
+    m = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    for k in ("loss", "ce", "balance", "z", "lr", "grad_norm", "tokens_per_s", "entropy", "dropped", "skipped"):
+        assert k in m, k
+    assert len(m["entropy"]) == 2 and m["tokens"] == 2 * 4 * 20
+    assert utilisation_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)
+    assert utilisation_entropy(torch.tensor([9, 0, 0, 0])) == pytest.approx(0.0)
+
+
+def test_batches_resume_position():
+    b = Batches(list(range(11)), 2, list, seed=3)
+    seq = [next(b) for _ in range(9)]                       # crosses an epoch boundary
+    c = Batches(list(range(11)), 2, list, seed=3)
+    for _ in range(4): next(c)
+    d = Batches(list(range(11)), 2, list, seed=3); d.load_state_dict(c.state_dict())
+    assert [next(d) for _ in range(5)] == seq[4:]
+
+
+def test_incomplete_checkpoint_ignored(tmp_path):
+    m = model()
+    save_checkpoint(tmp_path, 1, m)
+    (tmp_path / ".tmp_step_00000002").mkdir()                # a crashed write
+    (tmp_path / "step_00000003").mkdir()                     # renamed but no COMPLETE marker (never happens, still ignored)
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    (tmp_path / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    with pytest.raises(FileNotFoundError): load_checkpoint(tmp_path / "step_00000003", m)
+
+
+# --- SIGKILL + resume (subprocesses) ---------------------------------------------------------------
+STEPS = 9
+
+
+def _run(out, resume=False, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "tests/_dist_worker.py"), "resume", str(out), str(STEPS)]
+                            + (["--resume"] if resume else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in open(Path(out) / "metrics.jsonl")]
+
+
+def _wait(pred, proc, timeout=240):
+    t = time.time()
+    while not pred():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t < timeout
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    p = _run(out); so, se = p.communicate(timeout=300)
+    assert p.returncode == 0, se[-2000:]
+    return _losses(out)
+
+
+def test_sigkill_mid_run_and_during_checkpoint_write_resume_exactly(tmp_path, reference_losses):
+    assert len(reference_losses) == STEPS
+    # 1) kill between checkpoints (after step 5; last checkpoint is step 3)
+    p = _run(tmp_path)
+    _wait(lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 5, p)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and len(_losses(tmp_path)) > int(last.name[5:])
+    # 2) resume, and kill inside the write of the next checkpoint (test hook sleeps there)
+    nxt = int(last.name[5:]) + 3
+    p = _run(tmp_path, resume=True, env={"FLANMOE_CKPT_SLEEP": "60"})
+    line = ""
+    while f"CKPT_WRITING {nxt}" not in line:
+        line = p.stdout.readline()
+        assert line or p.poll() is None, p.communicate()[1][-2000:]
+    assert (tmp_path / f"checkpoints/.tmp_step_{nxt:08d}/model.pt").exists()
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert latest_checkpoint(tmp_path / "checkpoints") == last
+    # 3) resume to the end: same losses as the uninterrupted run, bit for bit
+    p = _run(tmp_path, resume=True); so, se = p.communicate(timeout=300)
+    assert p.returncode == 0, se[-2000:]
+    assert _losses(tmp_path) == reference_losses
+    assert json.loads(so.split("DONE", 1)[1]) == reference_losses
+    assert latest_checkpoint(tmp_path / "checkpoints").name == f"step_{STEPS:08d}"
