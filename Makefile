@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(CPP_SOURCES)
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q pybind11 ninja "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,docs]'
-	$(BIN)/python -m ipykernel install --user --name $(KERNEL_NAME) --display-name "Python (flanmoe_nb)" >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL_NAME) --display-name "Python (flanmoe_nb)" >/dev/null
 	@touch $(STAMP)
 
 install: $(STAMP)
