@@ -175,7 +175,7 @@ def expert_choice_plan(probs: torch.Tensor, capacity: int, valid: torch.Tensor |
                        group_size: int | None = None):
     "Each expert takes its top-`capacity` tokens per group -> `(token_idx, weights, group_sizes, chosen [T])`."
     T, E = probs.shape
-    Lg = group_size or T
+    Lg = group_size or T or 1
     G, C = T // Lg, min(capacity, Lg)
     score = probs.detach() if valid is None else probs.detach().masked_fill(~valid[:, None], -1.0)
     top, idx = (v[..., :C] for v in score.view(G, Lg, E).transpose(1, 2).sort(dim=-1, descending=True, stable=True))  # [G,E,C]
@@ -192,7 +192,7 @@ def balance_loss(probs: torch.Tensor, first_idx: torch.Tensor, valid: torch.Tens
                  group_size: int | None = None) -> torch.Tensor:
     "Switch load-balancing loss `E * sum_e f_e P_e` (fp32), per capacity group, averaged over groups."
     T, E = probs.shape
-    Lg = group_size or T
+    Lg = group_size or T or 1
     w = (torch.ones(T, device=probs.device) if valid is None else valid.float()).view(-1, Lg)
     n = w.sum(1)
     f = (F.one_hot(first_idx, E).float().view(-1, Lg, E) * w[..., None]).sum(1) / n.clamp_min(1)[:, None]
@@ -225,7 +225,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, group_size: int | None = None) -> RoutingPlan:
         "Route `x [T, d]` (`valid [T]` bool, False = padding) in capacity groups of `group_size` tokens."
         c, T = self.cfg, x.shape[0]
-        Lg = group_size or T
+        Lg = group_size or T or 1
         if T % Lg: raise ValueError(f"group_size must divide the number of tokens (got group_size={Lg}, T={T})")
         logits = router_logits(x, self.weight, self.bias, c.dtype, c.jitter_eps, self.training)
         probs = logits.float().softmax(-1)
@@ -235,12 +235,12 @@ class Router(nn.Module):
             token_idx, w, sizes, chosen = expert_choice_plan(probs, cap, valid, group_size)
             gates, expert_idx = probs.max(-1, keepdim=True)
             keep, requested = chosen[:, None], sizes.clone()
-            dropped = 1 - chosen.sum().float() / n_valid.clamp_min(1)
+            dropped = (n_valid - chosen.sum()) / n_valid.clamp_min(1)
         else:
             gates, expert_idx, active = top_k_gates(probs, c.top_k, c.renormalize, c.policy(self.training), c.second_threshold)
             token_idx, w, sizes, requested, keep = token_choice_plan(
                 expert_idx, gates, c.num_experts, cap, active, valid, group_size, c.batch_prioritized, c.use_kernels)
-            dropped = 1 - sizes.sum().float() / requested.sum().clamp_min(1).float()
+            dropped = (requested.sum() - sizes.sum()).float() / requested.sum().clamp_min(1).float()
         return RoutingPlan(token_idx, w.to(logits.dtype), sizes, expert_idx, gates, keep, requested, probs, logits,
                            balance_loss(probs, probs.argmax(-1), valid, group_size), z_loss(logits, valid),
                            dropped, cap)

@@ -228,3 +228,16 @@ def test_cuda_matches_cpu(router):
     y_gpu, aux_gpu = layer.cuda()(x.cuda(), mask.cuda())
     torch.testing.assert_close(y_gpu.cpu(), y, atol=1e-4, rtol=1e-4)
     assert torch.equal(aux_gpu.expert_counts.cpu(), aux.expert_counts)
+
+
+@pytest.mark.parametrize("router", ["switch", "expert_choice", "gshard_all"])
+def test_all_padding_and_empty_inputs(router):
+    layer = make(router, "per_seq").train()
+    x = torch.randn(2, 3, D, requires_grad=True)
+    y, aux = layer(x, torch.zeros(2, 3, dtype=torch.bool))
+    (y.sum() + aux.balance_loss + aux.z_loss).backward()
+    assert (y == 0).all() and aux.expert_counts.sum() == 0
+    assert aux.dropped_fraction.item() == 0 and aux.balance_loss.item() == 0 and aux.z_loss.item() == 0
+    for shape in [(0, D), (2, 0, D)]:
+        y, aux = layer(torch.randn(*shape))
+        assert y.shape == shape and aux.expert_counts.sum() == 0
