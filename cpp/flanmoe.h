@@ -63,4 +63,58 @@ inline void check_group_sizes(const at::Tensor& group_sizes, int64_t n, int64_t 
   }
 }
 
+inline void check_device_of(const at::Tensor& t, const char* op, const char* name, bool want_cuda) {
+  FLANMOE_CHECK(t.is_cuda() == want_cuda && (want_cuda || t.is_cpu()), op, ": ", name, " must be on ",
+                want_cuda ? "a CUDA device" : "the CPU", " for this kernel (got ", t.device(), ")");
+}
+
+// Arguments of route_plan (shared by the CPU and CUDA kernels; value checks of expert_idx are the kernels').
+inline void check_route_plan_args(const at::Tensor& expert_idx, int64_t num_experts, std::optional<int64_t> capacity,
+                                  const std::optional<at::Tensor>& priority, const std::optional<at::Tensor>& valid,
+                                  const char* op) {
+  check_rank(expert_idx, 2, op, "expert_idx");
+  check_int64(expert_idx, op, "expert_idx");
+  check_contiguous(expert_idx, op, "expert_idx");
+  FLANMOE_CHECK(num_experts >= 1, op, ": num_experts must be >= 1 (got num_experts=", num_experts, ")");
+  FLANMOE_CHECK(!capacity.has_value() || *capacity >= 0, op, ": capacity must be >= 0 or None (got capacity=",
+                capacity.value_or(0), ")");
+  if (priority.has_value()) {
+    const auto& p = *priority;
+    FLANMOE_CHECK(p.sizes() == expert_idx.sizes(), op, ": priority must have the shape of expert_idx ",
+                  shape_str(expert_idx), " (got ", shape_str(p), ")");
+    FLANMOE_CHECK(at::isFloatingType(p.scalar_type()), op, ": priority must be a floating tensor (got ",
+                  p.scalar_type(), ")");
+    check_same_device(p, expert_idx, op, "priority", "expert_idx");
+  }
+  if (valid.has_value()) {
+    const auto& v = *valid;
+    FLANMOE_CHECK(v.dim() == 1 && v.size(0) == expert_idx.size(0), op, ": valid must have shape [",
+                  expert_idx.size(0), "] (one flag per token; got ", shape_str(v), ")");
+    FLANMOE_CHECK(v.scalar_type() == at::kBool, op, ": valid must be bool (got ", v.scalar_type(), ")");
+    check_same_device(v, expert_idx, op, "valid", "expert_idx");
+    check_contiguous(v, op, "valid");
+  }
+}
+
+// An index vector into the rows of a tensor with `rows` rows (values are checked by the kernels).
+inline void check_index(const at::Tensor& idx, const at::Tensor& ref, const char* op, const char* name) {
+  check_rank(idx, 1, op, name);
+  check_int64(idx, op, name);
+  check_contiguous(idx, op, name);
+  check_same_device(idx, ref, op, name, "the data tensor");
+}
+
+// Optional per-row weights [n] with the dtype and device of `ref`.
+inline void check_weights(const std::optional<at::Tensor>& w, int64_t n, const at::Tensor& ref, const char* op,
+                          const char* ref_name) {
+  if (!w.has_value()) return;
+  check_rank(*w, 1, op, "weights");
+  FLANMOE_CHECK(w->size(0) == n, op, ": weights must have one entry per row of token_idx (", n, ") but has ",
+                w->size(0));
+  FLANMOE_CHECK(w->scalar_type() == ref.scalar_type(), op, ": weights must have the dtype of ", ref_name, " (",
+                ref.scalar_type(), "; got ", w->scalar_type(), ")");
+  check_same_device(*w, ref, op, "weights", ref_name);
+  check_contiguous(*w, op, "weights");
+}
+
 }  // namespace flanmoe

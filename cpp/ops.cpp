@@ -13,6 +13,17 @@ TORCH_LIBRARY(flanmoe, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False) -> Tensor");
   // out[g] = a[rows of g].T @ dy[rows of g]   (the weight gradient of grouped_mm), [G, K, M]
   m.def("grouped_mm_wgrad(Tensor a, Tensor dy, Tensor group_sizes) -> Tensor");
+  // Routing plan of expert_idx [T, k]: (group_sizes [E], requested [E], token_idx [T*k], assign_idx [T*k],
+  // keep [T, k], slot [T, k]). Rows of token_idx/assign_idx: the kept assignments sorted by expert then
+  // priority (sum(group_sizes) of them), then the dropped ones, then those of invalid tokens.
+  m.def("route_plan(Tensor expert_idx, int num_experts, int? capacity=None, Tensor? priority=None, "
+        "Tensor? valid=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out[s] = x[token_idx[s]] * weights[s]                                  [S, d]
+  m.def("permute(Tensor x, Tensor token_idx, Tensor? weights=None) -> Tensor");
+  // out[t] = sum_{s: token_idx[s] = t} weights[s] * y[s]                    [num_tokens, d]
+  m.def("unpermute(Tensor y, Tensor token_idx, Tensor? weights, int num_tokens) -> Tensor");
+  // out[s] = dot(x[token_idx[s]], y[s])                                    [S]
+  m.def("gather_dot(Tensor x, Tensor token_idx, Tensor y) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -1,0 +1,148 @@
+// CPU permute / unpermute / gather_dot: the row movement around the grouped GEMMs.
+//   permute:    out[s] = x[token_idx[s]] (* weights[s])                       gather, parallel over rows
+//   unpermute:  out[t] = sum_{s: token_idx[s] = t} weights[s] * y[s]          scatter-add, made race-free
+//               and deterministic by a counting sort of rows by token (CSR), then parallel over tokens
+//   gather_dot: out[s] = <x[token_idx[s]], y[s]>                              the gradient of the weights
+// Accumulation is in float for bf16/fp16 and in the input type otherwise.
+#include "flanmoe.h"
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+
+namespace flanmoe {
+namespace {
+
+void check_index_values(const at::Tensor& idx, int64_t rows, const char* op, const char* name, const char* what) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  const int64_t n = idx.numel();
+  for (int64_t i = 0; i < n; ++i)
+    FLANMOE_CHECK(p[i] >= 0 && p[i] < rows, op, ": ", name, " must be in [0, ", what, "=", rows, ") (got ", name,
+                  "[", i, "] = ", p[i], ")");
+}
+
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
+
+}  // namespace
+
+at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights) {
+  const char* op = "flanmoe::permute";
+  check_rank(x, 2, op, "x");
+  check_float_dtype(x, op, "x");
+  check_contiguous(x, op, "x");
+  check_index(token_idx, x, op, "token_idx");
+  const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
+  check_weights(weights, S, x, op, "x");
+  check_index_values(token_idx, T, op, "token_idx", "rows of x");
+  auto out = at::empty({S, d}, x.options());
+  if (S == 0 || d == 0) return out;
+  const int64_t* idx = token_idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "flanmoe_permute", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const scalar_t* wp = weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, S, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        const scalar_t* src = xp + idx[s] * d;
+        scalar_t* dst = op_ + s * d;
+        if (!wp) { std::memcpy(dst, src, sizeof(scalar_t) * d); continue; }
+        const opmath_t w = static_cast<opmath_t>(wp[s]);
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(src[i]) * w);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights,
+                         int64_t num_tokens) {
+  const char* op = "flanmoe::unpermute";
+  check_rank(y, 2, op, "y");
+  check_float_dtype(y, op, "y");
+  check_contiguous(y, op, "y");
+  check_index(token_idx, y, op, "token_idx");
+  const int64_t S = token_idx.size(0), d = y.size(1);
+  FLANMOE_CHECK(y.size(0) == S, op, ": y must have one row per entry of token_idx (", S, ") but has shape ",
+                shape_str(y));
+  FLANMOE_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0 (got num_tokens=", num_tokens, ")");
+  check_weights(weights, S, y, op, "y");
+  check_index_values(token_idx, num_tokens, op, "token_idx", "num_tokens");
+  auto out = at::empty({num_tokens, d}, y.options());
+  if (num_tokens == 0 || d == 0) return out;
+  const int64_t* idx = token_idx.data_ptr<int64_t>();
+  // Rows of each token, in ascending row order (deterministic summation order).
+  std::vector<int64_t> start(num_tokens + 1, 0), rows(S);
+  for (int64_t s = 0; s < S; ++s) ++start[idx[s] + 1];
+  for (int64_t t = 0; t < num_tokens; ++t) start[t + 1] += start[t];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t s = 0; s < S; ++s) rows[fill[idx[s]]++] = s;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "flanmoe_unpermute", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    const scalar_t* wp = weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, num_tokens, row_grain(d), [&](int64_t b, int64_t e) {
+      std::vector<opmath_t> acc(d);
+      for (int64_t t = b; t < e; ++t) {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t r = start[t]; r < start[t + 1]; ++r) {
+          const int64_t s = rows[r];
+          const scalar_t* src = yp + s * d;
+          const opmath_t w = wp ? static_cast<opmath_t>(wp[s]) : opmath_t(1);
+          for (int64_t i = 0; i < d; ++i) acc[i] += w * static_cast<opmath_t>(src[i]);
+        }
+        scalar_t* dst = op_ + t * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gather_dot_cpu(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& y) {
+  const char* op = "flanmoe::gather_dot";
+  check_rank(x, 2, op, "x");
+  check_rank(y, 2, op, "y");
+  check_float_dtype(x, op, "x");
+  FLANMOE_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the dtype of x (x is ", x.scalar_type(),
+                ", y is ", y.scalar_type(), ")");
+  check_same_device(y, x, op, "y", "x");
+  check_contiguous(x, op, "x");
+  check_contiguous(y, op, "y");
+  check_index(token_idx, x, op, "token_idx");
+  const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
+  FLANMOE_CHECK(y.size(0) == S && y.size(1) == d, op, ": y must have shape [", S, ", ", d,
+                "] (rows of token_idx, columns of x) but has shape ", shape_str(y));
+  check_index_values(token_idx, T, op, "token_idx", "rows of x");
+  auto out = at::empty({S}, x.options());
+  if (S == 0) return out;
+  const int64_t* idx = token_idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "flanmoe_gather_dot", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, S, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        const scalar_t* a = xp + idx[s] * d;
+        const scalar_t* c = yp + s * d;
+        opmath_t acc = 0;
+        for (int64_t i = 0; i < d; ++i) acc += static_cast<opmath_t>(a[i]) * static_cast<opmath_t>(c[i]);
+        op_[s] = static_cast<scalar_t>(acc);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
+  m.impl("permute", &permute_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("gather_dot", &gather_dot_cpu);
+}
+
+}  // namespace flanmoe
