@@ -75,7 +75,19 @@ def ep_run(out):
     torch.distributed.destroy_process_group()
 
 
+def ds_run(out, engine):
+    "Same short AdamW run on the DeepSpeed engine (ZeRO 1, gloo) or the plain loop."
+    torch.manual_seed(0)
+    model = EncoderDecoder(tiny())
+    ds = str(os.path.join(os.path.dirname(__file__), "..", "papermill_runs", "deepspeed", "tiny.json"))
+    cfg = TrainConfig(steps=3, optimizer="adamw", lr=1e-3, batch_size=4, out_dir=out, progress=False,
+                      engine=engine, deepspeed_config=ds)
+    res = train(model, batches(2), cfg)
+    print("DONE", json.dumps(res.losses), flush=True)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "resume": resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)
     elif mode == "ep": ep_run(out)
+    elif mode == "ds": ds_run(out, sys.argv[3])
