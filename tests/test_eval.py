@@ -143,3 +143,14 @@ def test_few_shot_prompt():
     assert ev.few_shot_prompt("q", ex, k=2) == "q1\nAnswer: a1\n\nq2\nAnswer: a2\n\nq"
     with pytest.raises(ValueError, match="k=4"):
         ev.few_shot_prompt("q", ex, k=4)
+
+
+def test_registry_scorer_from_data_module():
+    data = pytest.importorskip("flanmoe_nb.data")
+    ex = data.generate_task("gcd", seed=0, n_train=1, n_validation=1, n_test=2)["test"][0]
+    row = ev.as_example(ex)   # a raw data row: task/cluster/question/answer + generator coordinates
+    assert ev.score_prediction(ex["answer"], row) == 1.0
+    assert ev.score_prediction(" " + ex["answer"] + " ", row) == 1.0
+    # the generator's own scorer (partial credit is its business), not exact match
+    assert ev.score_prediction("12345", row) == data.score_answer(ex, "12345") < 1.0
+    assert ev.task_scorer("not_a_registered_task") is ev._em_scorer
