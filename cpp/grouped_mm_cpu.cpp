@@ -1,9 +1,13 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
 // Each group's product goes to ATen's BLAS (MKL / oneDNN via at::mm_out), never a naive loop.
-// Many small groups run in parallel (one single-threaded GEMM per group, OpenMP through
-// at::parallel_for); few large groups run one after another, each GEMM using every thread.
+// Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
+// most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
+// every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
+// thread barrier, and one huge expert is still shared by all threads.
 #include "flanmoe.h"
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace flanmoe {
@@ -17,25 +21,52 @@ std::vector<int64_t> group_offsets(const at::Tensor& group_sizes) {
   return off;
 }
 
-// Run body(g) for every non-empty group, in parallel over groups when they are small.
-template <typename F>
-void for_each_group(const std::vector<int64_t>& off, int64_t work_per_row, F body) {
-  const int64_t G = static_cast<int64_t>(off.size()) - 1;
-  std::vector<int64_t> nonempty;
-  nonempty.reserve(G);
-  for (int64_t g = 0; g < G; ++g) if (off[g + 1] > off[g]) nonempty.push_back(g);
-  const int64_t n = static_cast<int64_t>(nonempty.size());
-  if (n == 0) return;
-  const int64_t rows = off[G];
-  const int64_t avg_rows = rows / n;
-  const bool per_group_parallel = n >= 2 * at::get_num_threads() && avg_rows * work_per_row < (int64_t(1) << 22);
-  if (per_group_parallel) {
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) body(nonempty[i]);
-    });
-  } else {
-    for (int64_t i = 0; i < n; ++i) body(nonempty[i]);
+// One piece of work: group g, the half-open range [lo, hi) of rows (products) or columns (weight grads).
+struct Item { int64_t g, lo, hi; double work; };
+
+// Cut each group's range [0, extent_g) into pieces no bigger than ~1/threads of the total, so that one
+// big expert is shared by all threads and many small experts are spread over them.
+std::vector<Item> make_items(const std::vector<int64_t>& extent, const std::vector<double>& work_per_unit,
+                             int64_t nthreads) {
+  double total = 0;
+  for (size_t g = 0; g < extent.size(); ++g) total += extent[g] * work_per_unit[g];
+  const double target = total / std::max<int64_t>(nthreads, 1);
+  std::vector<Item> items;
+  for (size_t g = 0; g < extent.size(); ++g) {
+    const int64_t n = extent[g];
+    if (n == 0) { items.push_back({int64_t(g), 0, 0, 0.0}); continue; }
+    const double w = n * work_per_unit[g];
+    const int64_t pieces = std::min<int64_t>(n, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(w / std::max(target, 1.0) - 1e-9))));
+    for (int64_t p = 0; p < pieces; ++p) {
+      const int64_t lo = n * p / pieces, hi = n * (p + 1) / pieces;
+      items.push_back({int64_t(g), lo, hi, (hi - lo) * work_per_unit[g]});
+    }
   }
+  return items;
+}
+
+// Run every item, spreading them over the intra-op threads by longest-processing-time-first scheduling.
+// Each GEMM then runs single-threaded inside the parallel region: no barrier inside BLAS per small GEMM.
+template <typename F>
+void run_items(std::vector<Item> items, double total_flops, F body) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || items.size() <= 1 || total_flops < 2e6 || at::in_parallel_region()) {
+    for (const auto& it : items) body(it);
+    return;
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
+  std::vector<std::vector<Item>> per(nt);
+  std::vector<double> load(nt, 0.0);
+  for (const auto& it : items) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    per[t].push_back(it);
+    load[t] += it.work + 1.0;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t t = b; t < e; ++t)
+      for (const auto& it : per[t]) body(it);
+  });
 }
 
 }  // namespace
@@ -57,14 +88,19 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
                 trans_b ? " (trans_b=True: b must be [G, M, K])" : " (b must be [G, K, M])");
   check_group_sizes(group_sizes, N, G, op);
 
+  at::AutoDispatchBelowADInplaceOrView guard;
   auto out = at::empty({N, M}, a.options());
   if (N == 0 || M == 0) return out;
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
-  for_each_group(off, K * M, [&](int64_t g) {
-    auto bg = trans_b ? b.select(0, g).t() : b.select(0, g);
-    auto o = out.narrow(0, off[g], off[g + 1] - off[g]);
-    at::mm_out(o, a.narrow(0, off[g], off[g + 1] - off[g]), bg);
+  std::vector<int64_t> rows(G);
+  for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
+  auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());
+  run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
+    if (it.hi == it.lo) return;
+    auto bg = trans_b ? b.select(0, it.g).t() : b.select(0, it.g);
+    auto o = out.narrow(0, off[it.g] + it.lo, it.hi - it.lo);
+    at::mm_out(o, a.narrow(0, off[it.g] + it.lo, it.hi - it.lo), bg);
   });
   return out;
 }
@@ -86,14 +122,20 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const
   const int64_t G = group_sizes.size(0);
   check_group_sizes(group_sizes, N, G, op);
 
-  // Groups with no rows get a zero gradient.
-  auto out = at::zeros({G, K, M}, a.options());
-  if (N == 0 || K == 0 || M == 0) return out;
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (N == 0 || K == 0 || M == 0) return at::zeros({G, K, M}, a.options());
+  auto out = at::empty({G, K, M}, a.options());
   const auto off = group_offsets(group_sizes);
-  for_each_group(off, K * M, [&](int64_t g) {
-    const int64_t n = off[g + 1] - off[g];
-    auto o = out.select(0, g);
-    at::mm_out(o, a.narrow(0, off[g], n).t(), dy.narrow(0, off[g], n));
+  // Items split the output columns of a group; groups with no rows get a zero gradient.
+  std::vector<int64_t> cols(G);
+  std::vector<double> work(G);
+  for (int64_t g = 0; g < G; ++g) { cols[g] = M; work[g] = double(K) * std::max<int64_t>(off[g + 1] - off[g], 1); }
+  auto items = make_items(cols, work, at::get_num_threads());
+  run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
+    const int64_t n = off[it.g + 1] - off[it.g];
+    auto o = out.select(0, it.g).narrow(1, it.lo, it.hi - it.lo);
+    if (n == 0) { o.zero_(); return; }
+    at::mm_out(o, a.narrow(0, off[it.g], n).t(), dy.narrow(0, off[it.g], n).narrow(1, it.lo, it.hi - it.lo));
   });
   return out;
 }
