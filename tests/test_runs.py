@@ -7,7 +7,8 @@ from flanmoe_nb import runs
 
 def _nb(path, body):
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("out_dir = '.'\nx = 1\ninit = ''", metadata={"tags": ["parameters"]}),
+    # untagged on purpose: nbdev-clean strips tags, the runner finds the cell by its `# parameters` comment
+    nb.cells = [nbformat.v4.new_code_cell("# parameters\nout_dir = '.'\nx = 1\ninit = ''"),
                 nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -92,3 +93,24 @@ def test_broken_point_then_rerun_skips(project, capsys):
     assert df.loc["bad", "status"] == "failed" and df.loc["a2", "status"] == "done"
     assert df.loc["chained", "score"] == pytest.approx(0.5) and df.loc["a2", "per_cluster.c"] == 2
     assert df.loc["a1", "final_loss"] == 2.5
+
+
+def test_tagged_copy(tmp_path):
+    nb = nbformat.v4.new_notebook(); nb.cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(ValueError, match="no parameters cell"): runs.tagged_copy(tmp_path / "a.ipynb", tmp_path / "b.ipynb")
+    nb.cells.append(nbformat.v4.new_code_cell("# Parameters\ny = 2")); nbformat.write(nb, tmp_path / "a.ipynb")
+    out = nbformat.read(runs.tagged_copy(tmp_path / "a.ipynb", tmp_path / "b.ipynb"), as_version=4)
+    assert [c.metadata.get("tags", []) for c in out.cells] == [[], ["parameters"]]
+
+
+def test_experiment_notebooks_have_parameters_cells():
+    root = Path(__file__).resolve().parents[1] / "nbs/experiments"
+    for nb in sorted(root.glob("*.ipynb")):
+        cells = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
+        assert any(runs._PARAM_MARK.match(c.source) for c in cells), nb.name
+    p = runs.experiment_params(setup=1, model="moe", init_checkpoint="x")
+    assert p["num_experts"] == 8 and p["held_out_clusters"] == ["logic"]
+    with pytest.raises(ValueError, match="init_checkpoint"): runs.experiment_params(setup=3)
+    with pytest.raises(ValueError, match="unknown experiment parameter"): runs.experiment_params(nope=1)
+    with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="slurm")
