@@ -1,0 +1,329 @@
+"""Compiled MoE core vs its pure-PyTorch reference twins: routing plan, permute/unpermute, grouped GEMM,
+expert FFN; gradcheck, opcheck, torch.compile, and error messages that name the argument."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import flanmoe_nb.kernels as K
+
+pytestmark = pytest.mark.skipif(not K.extension_available(), reason="flanmoe_nb._C not built")
+ops = torch.ops.flanmoe
+HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else (
+        dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=5e-2, rtol=5e-2))
+
+
+def _routing(draw_seed, T, k, E, skew):
+    g = torch.Generator().manual_seed(draw_seed)
+    if skew == "one":        # every token to expert 0 (and other slots to expert 1..)
+        return torch.arange(k).clamp(max=E - 1).repeat(T, 1)
+    if skew == "few":        # only the first two experts are used: the rest stay empty
+        return torch.randint(0, min(2, E), (T, k), generator=g)
+    return torch.randint(0, E, (T, k), generator=g)
+
+
+# ---------------------------------------------------------------- route_plan
+@HYP
+@given(T=st.integers(0, 300), k=st.integers(1, 4), E=st.integers(1, 128), seed=st.integers(0, 2**16),
+       cap=st.one_of(st.none(), st.integers(0, 3), st.integers(0, 400)),
+       skew=st.sampled_from(["uniform", "one", "few"]), use_prio=st.booleans(), use_valid=st.booleans())
+def test_route_plan_equals_reference(T, k, E, seed, cap, skew, use_prio, use_valid):
+    eidx = _routing(seed, T, k, E, skew)
+    g = torch.Generator().manual_seed(seed + 1)
+    prio = torch.rand(T, k, generator=g).round(decimals=1) if use_prio else None   # ties on purpose
+    valid = torch.rand(T, generator=g) > 0.2 if use_valid else None
+    got, ref = K.route_plan(eidx, E, cap, prio, valid), K.route_plan_reference(eidx, E, cap, prio, valid)
+    for name, a, b in zip(K.RoutePlan._fields, got, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert int(got.group_sizes.sum()) == got.token_idx.numel() == int(got.keep.sum())
+    if cap is not None: assert all(n <= cap for n in got.group_sizes.tolist())
+
+
+def test_route_plan_raw_op_rows():
+    "The op itself returns all T*k rows: kept ones first, then dropped, then invalid."
+    eidx = torch.tensor([[0, 1], [1, 0], [0, 2], [2, 0]])
+    gs, req, tok, asg, keep, slot = ops.route_plan(eidx, 3, 2, None, torch.tensor([True, True, True, False]))
+    assert gs.tolist() == [2, 2, 1] and req.tolist() == [3, 2, 1]
+    assert asg.tolist() == [0, 4, 2, 1, 5, 3, 6, 7]      # kept (5), dropped (1: asg 3), invalid token 3
+    assert slot[3].tolist() == [-1, -1] and not keep[3].any()
+
+
+def test_route_plan_priority_nan_ranks_last():
+    eidx = torch.zeros(3, 1, dtype=torch.long)
+    prio = torch.tensor([[float("nan")], [0.1], [0.9]])
+    p = K.route_plan(eidx, 1, 2, prio)
+    assert p.token_idx.tolist() == [2, 1] and p.keep[:, 0].tolist() == [False, True, True]
+    assert torch.equal(p.slot, K.route_plan_reference(eidx, 1, 2, prio).slot)
+
+
+# ---------------------------------------------------------------- permute / unpermute / gather_dot
+@HYP
+@given(T=st.integers(0, 64), S=st.integers(0, 200), d=st.integers(1, 33), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), weighted=st.booleans())
+def test_permute_unpermute_equal_reference(T, S, d, seed, dtype, weighted):
+    g = torch.Generator().manual_seed(seed)
+    if T == 0: S = 0
+    idx = torch.randint(0, max(T, 1), (S,), generator=g)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    y = torch.randn(S, d, generator=g).to(dtype)
+    w = torch.rand(S, generator=g).to(dtype) if weighted else None
+    torch.testing.assert_close(K.permute(x, idx, w), K.permute_reference(x, idx, w), **_tol(dtype))
+    torch.testing.assert_close(K.unpermute(y, idx, w, T), K.unpermute_reference(y, idx, w, T), **_tol(dtype))
+    ref = (x[idx].double() * y.double()).sum(1).to(dtype)
+    torch.testing.assert_close(ops.gather_dot(x, idx, y), ref, **_tol(dtype))
+
+
+def test_permute_backward_matches_reference():
+    torch.manual_seed(0)
+    x, w = torch.randn(10, 6, requires_grad=True), torch.rand(25, requires_grad=True)
+    idx = torch.randint(0, 10, (25,))
+    gy = torch.randn(25, 6)
+    g1 = torch.autograd.grad((K.permute(x, idx, w) * gy).sum(), (x, w))
+    g2 = torch.autograd.grad((K.permute_reference(x, idx, w) * gy).sum(), (x, w))
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- grouped_mm
+@HYP
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12), Kd=st.integers(1, 17), M=st.integers(1, 19),
+       trans_b=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_grouped_mm_equals_reference(sizes, Kd, M, trans_b, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.tensor(sizes, dtype=torch.long)
+    N, G = sum(sizes), len(sizes)
+    a = torch.randn(N, Kd, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(G, *((M, Kd) if trans_b else (Kd, M)), generator=g).to(dtype).requires_grad_()
+    out, ref = K.grouped_mm(a, b, gs, trans_b), K.grouped_mm_reference(a, b, gs, trans_b)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    dy = torch.randn(N, M, generator=g).to(dtype)
+    g1 = torch.autograd.grad((out * dy).sum(), (a, b))
+    g2 = torch.autograd.grad((ref * dy).sum(), (a, b))
+    for x1, x2 in zip(g1, g2): torch.testing.assert_close(x1, x2, **_tol(dtype))
+
+
+def test_grouped_mm_big_groups_split_over_threads():
+    "One huge group plus small ones exercises the row/column splitting of the scheduler."
+    torch.manual_seed(0)
+    gs = torch.tensor([900, 0, 7, 93])
+    a, b, dy = torch.randn(1000, 64), torch.randn(4, 64, 96), torch.randn(1000, 96)
+    torch.testing.assert_close(K.grouped_mm(a, b, gs), K.grouped_mm_reference(a, b, gs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ops.grouped_mm_wgrad(a, dy, gs), K.grouped_mm_wgrad_reference(a, dy, gs),
+                               atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- expert_ffn / moe_ffn
+@pytest.mark.parametrize("activation", K.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_ffn_equals_reference(activation, dtype):
+    torch.manual_seed(0)
+    T, d, f, E, k = 40, 16, 24, 6, 2
+    f_in = 2 * f if activation.startswith("gated") or activation == "swiglu" else f
+    x = torch.randn(T, d).to(dtype).requires_grad_()
+    logits = torch.randn(T, E)
+    w_in = (torch.randn(E, d, f_in) / 4).to(dtype).requires_grad_()
+    w_out = (torch.randn(E, f, d) / 4).to(dtype).requires_grad_()
+    y, plan = K.moe_ffn(x, logits, w_in, w_out, top_k=k, capacity=12, activation=activation)
+    y_ref, plan_ref = K.moe_ffn_reference(x, logits, w_in, w_out, top_k=k, capacity=12, activation=activation)
+    for a, b in zip(plan, plan_ref): assert torch.equal(a, b)
+    tol = _tol(dtype) if dtype == torch.float32 else dict(atol=0.1, rtol=0.1)
+    torch.testing.assert_close(y, y_ref, **tol)
+    dy = torch.randn_like(y)
+    g1 = torch.autograd.grad((y * dy).sum(), (x, w_in, w_out))
+    g2 = torch.autograd.grad((y_ref * dy).sum(), (x, w_in, w_out))
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b, **tol)
+
+
+def test_expert_ffn_expert_choice_and_dropout():
+    "Expert choice: token_idx is each expert's chosen tokens (a token may repeat or be absent)."
+    torch.manual_seed(0)
+    T, d, f, E, c = 12, 8, 10, 3, 5
+    x = torch.randn(T, d)
+    token_idx = torch.cat([torch.randperm(T)[:c] for _ in range(E)])
+    gs, w = torch.full((E,), c), torch.rand(E * c)
+    w_in, w_out = torch.randn(E, d, f), torch.randn(E, f, d)
+    torch.testing.assert_close(K.expert_ffn(x, token_idx, gs, w, w_in, w_out, "silu"),
+                               K.expert_ffn_reference(x, token_idx, gs, w, w_in, w_out, "silu"), atol=1e-4, rtol=1e-4)
+    y = K.expert_ffn(x, token_idx, gs, w, w_in, w_out, "relu", dropout_p=0.5, training=True)
+    assert y.shape == (T, d) and torch.isfinite(y).all()
+    torch.testing.assert_close(K.expert_ffn(x, token_idx, gs, w, w_in, w_out, "relu", dropout_p=0.5, training=False),
+                               K.expert_ffn_reference(x, token_idx, gs, w, w_in, w_out, "relu"), atol=1e-4, rtol=1e-4)
+
+
+def test_moe_ffn_dropless_all_to_one_expert_and_empty():
+    torch.manual_seed(0)
+    T, d, f, E = 20, 8, 12, 5
+    x, w_in, w_out = torch.randn(T, d), torch.randn(E, d, f), torch.randn(E, f, d)
+    logits = torch.zeros(T, E); logits[:, 3] = 10.0
+    y, plan = K.moe_ffn(x, logits, w_in, w_out, top_k=1)
+    assert plan.group_sizes.tolist() == [0, 0, 0, T, 0]
+    torch.testing.assert_close(y, K.moe_ffn_reference(x, logits, w_in, w_out, top_k=1)[0], atol=1e-4, rtol=1e-4)
+    y0, plan0 = K.moe_ffn(x[:0], logits[:0], w_in, w_out, top_k=2)
+    assert y0.shape == (0, d) and plan0.token_idx.numel() == 0
+
+
+# ---------------------------------------------------------------- gradcheck (fp64, small shapes)
+def _small_plan(T=7, k=2, E=3, cap=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return K.route_plan(torch.randint(0, E, (T, k), generator=g), E, cap)
+
+
+def test_gradcheck_grouped_mm():
+    torch.manual_seed(0)
+    gs = torch.tensor([3, 0, 2])
+    a = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    b = torch.randn(3, 4, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: K.grouped_mm(a, b, gs), (a, b))
+    assert torch.autograd.gradgradcheck(lambda a, b: K.grouped_mm(a, b, gs), (a, b))
+    bt = torch.randn(3, 3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: K.grouped_mm(a, b, gs, True), (a, bt))
+
+
+def test_gradcheck_permute_unpermute_gather_dot():
+    torch.manual_seed(0)
+    p = _small_plan()
+    S, T = p.token_idx.numel(), 7
+    x = torch.randn(T, 3, dtype=torch.double, requires_grad=True)
+    y = torch.randn(S, 3, dtype=torch.double, requires_grad=True)
+    w = torch.rand(S, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: K.permute(x, p.token_idx, w), (x, w))
+    assert torch.autograd.gradcheck(lambda y, w: K.unpermute(y, p.token_idx, w, T), (y, w))
+    assert torch.autograd.gradgradcheck(lambda y, w: K.unpermute(y, p.token_idx, w, T), (y, w))
+    assert torch.autograd.gradcheck(lambda x, y: ops.gather_dot(x, p.token_idx, y), (x, y))
+    assert torch.autograd.gradgradcheck(lambda x, w: K.permute(x, p.token_idx, w), (x, w))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_gradcheck_expert_ffn(activation):
+    torch.manual_seed(0)
+    p = _small_plan()
+    T, d, f, E = 7, 3, 4, 3
+    f_in = 2 * f if activation == "swiglu" else f
+    x = torch.randn(T, d, dtype=torch.double, requires_grad=True)
+    w = torch.rand(p.token_idx.numel(), dtype=torch.double, requires_grad=True)
+    w_in = torch.randn(E, d, f_in, dtype=torch.double, requires_grad=True)
+    w_out = torch.randn(E, f, d, dtype=torch.double, requires_grad=True)
+    fn = lambda x, w, wi, wo: K.expert_ffn(x, p.token_idx, p.group_sizes, w, wi, wo, activation)
+    assert torch.autograd.gradcheck(fn, (x, w, w_in, w_out))
+
+
+# ---------------------------------------------------------------- opcheck
+def _opcheck_cases():
+    torch.manual_seed(0)
+    p = _small_plan()
+    S, T = p.token_idx.numel(), 7
+    x, y, w = torch.randn(T, 5), torch.randn(S, 5), torch.rand(S)
+    a, b = torch.randn(S, 5), torch.randn(3, 5, 4)
+    eidx = torch.randint(0, 3, (7, 2))
+    return [
+        ("route_plan", (eidx, 3, 4, None, None)),
+        ("route_plan", (eidx, 3, None, torch.rand(7, 2), torch.rand(7) > 0.3)),
+        ("permute", (x.requires_grad_(), p.token_idx, w.requires_grad_())),
+        ("permute", (x, p.token_idx, None)),
+        ("unpermute", (y.requires_grad_(), p.token_idx, w, T)),
+        ("gather_dot", (x, p.token_idx, y)),
+        ("grouped_mm", (a.requires_grad_(), b.requires_grad_(), p.group_sizes, False)),
+        ("grouped_mm_wgrad", (a, torch.randn(S, 4, requires_grad=True), p.group_sizes)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---------------------------------------------------------------- torch.compile (few: slow on 2 cores)
+def test_expert_ffn_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    p = _small_plan(T=16, E=4, cap=None)
+    x = torch.randn(16, 8, requires_grad=True)
+    w_in, w_out = torch.randn(4, 8, 12, requires_grad=True), torch.randn(4, 12, 8, requires_grad=True)
+    w = torch.rand(p.token_idx.numel())
+    fn = lambda x, wi, wo: K.expert_ffn(x, p.token_idx, p.group_sizes, w, wi, wo, "gelu")
+    cfn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    y1, y2 = cfn(x, w_in, w_out), fn(x, w_in, w_out)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.sum(), (x, w_in, w_out))
+    g2 = torch.autograd.grad(y2.sum(), (x, w_in, w_out))
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
+
+
+def test_route_plan_op_under_inductor():
+    torch._dynamo.reset()
+    eidx = torch.randint(0, 5, (30, 2))
+    fn = lambda e: ops.route_plan(e, 5, 8, None, None)
+    for a, b in zip(torch.compile(fn, fullgraph=True)(eidx), fn(eidx)): assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- bad input: errors name the argument
+def _bad_cases():
+    x, idx, y = torch.randn(4, 3), torch.tensor([0, 3, 1]), torch.randn(3, 3)
+    a, b, gs = torch.randn(5, 4), torch.randn(3, 4, 2), torch.tensor([2, 0, 3])
+    e = torch.tensor([[0, 1], [1, 2]])
+    return [
+        (lambda: K.route_plan(torch.tensor([[0, 3]]), 3), "expert_idx"),
+        (lambda: K.route_plan(torch.tensor([[0, -1]]), 3), "expert_idx"),
+        (lambda: K.route_plan(e, 3, capacity=-1), "capacity"),
+        (lambda: K.route_plan(e.float(), 3), "expert_idx"),
+        (lambda: K.route_plan(e, 0), "num_experts"),
+        (lambda: K.route_plan(e[0], 3), "expert_idx"),
+        (lambda: K.route_plan(e, 3, priority=torch.rand(3, 2)), "priority"),
+        (lambda: K.route_plan(e, 3, valid=torch.ones(2)), "valid"),
+        (lambda: K.route_plan(e.t(), 3), "expert_idx"),
+        (lambda: K.permute(x, torch.tensor([0, 4])), "token_idx"),
+        (lambda: K.permute(x, torch.tensor([0, -1])), "token_idx"),
+        (lambda: K.permute(x, idx.int()), "token_idx"),
+        (lambda: K.permute(x.t(), idx), "x"),
+        (lambda: K.permute(x, idx, torch.rand(2)), "weights"),
+        (lambda: K.permute(x.long(), idx), "x"),
+        (lambda: K.unpermute(y, idx, None, 3), "token_idx"),
+        (lambda: K.unpermute(y, idx, None, -1), "num_tokens"),
+        (lambda: K.unpermute(y[:2], idx, None, 4), "y"),
+        (lambda: K.unpermute(y, idx[::2], None, 4), "token_idx"),
+        (lambda: ops.gather_dot(x, idx, y[:, :2]), "y"),
+        (lambda: K.grouped_mm(a, b, torch.tensor([2, 0, 2])), "group_sizes"),
+        (lambda: K.grouped_mm(a, b, torch.tensor([6, -1, 0])), "group_sizes"),
+        (lambda: K.grouped_mm(a, b.double(), gs), "b"),
+        (lambda: K.grouped_mm(a, b[:, :3].contiguous(), gs), "inner dimensions"),
+        (lambda: K.moe_ffn(x, torch.randn(4, 2), b, b, activation="tanh"), "activation"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(25))
+def test_bad_input_names_argument(case):
+    fn, name = _bad_cases()[case]
+    with pytest.raises((ValueError, RuntimeError, TypeError, IndexError)) as e:
+        fn()
+    assert name in str(e.value), str(e.value)
+
+
+def test_wrong_device_is_named():
+    meta_idx = torch.tensor([0, 1], device="meta")
+    for fn, name in [(lambda: K.permute(torch.randn(4, 3), meta_idx), "token_idx"),
+                     (lambda: K.unpermute(torch.randn(2, 3), meta_idx, None, 4), "token_idx"),
+                     (lambda: K.grouped_mm(torch.randn(2, 3), torch.randn(1, 3, 2, device="meta"), torch.tensor([2])), "b"),
+                     (lambda: K.route_plan(torch.zeros(2, 1, dtype=torch.long), 2, valid=torch.ones(2, dtype=torch.bool, device="meta")), "valid")]:
+        with pytest.raises(ValueError) as e: fn()
+        assert name in str(e.value) and "device" in str(e.value)
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_ops_equal_reference(dtype):
+    torch.manual_seed(0)
+    T, d, f, E, k = 64, 32, 48, 8, 2
+    x = torch.randn(T, d, device="cuda", dtype=dtype)
+    logits = torch.randn(T, E, device="cuda")
+    w_in = (torch.randn(E, d, f, device="cuda") / 4).to(dtype)
+    w_out = (torch.randn(E, f, d, device="cuda") / 4).to(dtype)
+    for cap in (None, 10):
+        y, plan = K.moe_ffn(x, logits, w_in, w_out, top_k=k, capacity=cap)
+        y_ref, plan_ref = K.moe_ffn_reference(x, logits, w_in, w_out, top_k=k, capacity=cap)
+        for a, b in zip(plan, plan_ref): assert torch.equal(a, b)
+        torch.testing.assert_close(y, y_ref, atol=5e-2, rtol=5e-2)
