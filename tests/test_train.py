@@ -183,3 +183,24 @@ def test_deepspeed_engine_smoke(tmp_path):
     torch.testing.assert_close(torch.tensor(losses["deepspeed"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-5)
     assert (tmp_path / "deepspeed/checkpoints/latest").exists()
     assert len(open(tmp_path / "deepspeed/metrics.jsonl").readlines()) == 3
+
+
+def test_eval_fn_bf16_and_hf_export(tmp_path):
+    torch.manual_seed(0)
+    from flanmoe_nb.model import ModelConfig
+    mc = ModelConfig.preset("tiny", moe=dict(num_experts=4, capacity_factor=None, eval_capacity_factor=None),
+                            activation="relu", dropout=0.0)
+    m = EncoderDecoder(mc)
+    calls = []
+    res = train(m, W.batches(2), cfg(tmp_path, steps=2, bf16=True, eval_every=1, export_hf=True,
+                                     optimizer="adamw", lr=1e-3),
+                eval_fn=lambda model: calls.append(model.training) or {"acc": 0.5})
+    assert calls == [False, False] and res.eval == {"acc": 0.5}
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert json.loads(open(tmp_path / "metrics.jsonl").readline())["eval"] == {"acc": 0.5}
+    assert (tmp_path / "hf" / "config.json").exists()
+    from transformers import SwitchTransformersForConditionalGeneration
+    hf = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    b = W.batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**b).logits, m.eval()(**b).logits, rtol=1e-4, atol=1e-4)
