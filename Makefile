@@ -11,7 +11,7 @@ STAMP := $(VENV)/.flanmoe-installed
 CPP_SOURCES := $(wildcard cpp/*.cpp cpp/*.h cpp/cuda/*.cu cpp/cuda/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-py test-nbs docs lab export clean-nbs check-sync bench clean
+.PHONY: install system-deps run test test-py test-nbs docs lab export clean-nbs check-sync bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(CPP_SOURCES)
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+## Debian's chromium, for the docs-site browser test (which skips without it). Needs root.
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed: the docs-site browser test will skip (sudo apt-get install chromium)"; fi; fi
 
 ## The main job on the embedded tiny default.
 run: install
