@@ -32,6 +32,7 @@ def resume_run(out, steps, resume):
     cfg = TrainConfig(steps=steps, lr=3e-3, ckpt_every=3, out_dir=out, resume=resume, progress=False,
                       schedule="inverse_sqrt", warmup_steps=2, keep_checkpoints=0)
     res = train(model, batches(5), cfg)
+    print("RESUMED_FROM", res.resumed_from, flush=True)
     print("DONE", json.dumps(res.losses), flush=True)
 
 
@@ -75,6 +76,21 @@ def ep_run(out):
     torch.distributed.destroy_process_group()
 
 
+def ep_resume_run(out, steps, resume):
+    "2 processes, ep_size=2, Adafactor, examples sharded by `Batches`; checkpoints every 2 steps."
+    examples = [dict(input_ids=list(range(2 + i, 12 + i)), labels=list(range(20 + i, 10 + i, -1))) for i in range(16)]
+    def collate(rows):
+        x, y = torch.tensor([r["input_ids"] for r in rows]), torch.tensor([r["labels"] for r in rows])
+        return dict(input_ids=x, attention_mask=torch.ones_like(x), labels=y)
+    cfg = TrainConfig(steps=steps, batch_size=2, ep_size=2, out_dir=out, progress=False, ckpt_every=2,
+                      keep_checkpoints=0, resume=resume)
+    from flanmoe_nb.train import run_stage
+    _, res = run_stage(tiny(dropout=0.1, expert_dropout=0.1), examples, cfg, collate=collate)
+    if torch.distributed.get_rank() == 0:
+        print("RESUMED_FROM", res.resumed_from, flush=True); print("DONE", json.dumps(res.losses), flush=True)
+    torch.distributed.destroy_process_group()
+
+
 def ds_run(out, engine):
     "Same short AdamW run on the DeepSpeed engine (ZeRO 1, gloo) or the plain loop."
     torch.manual_seed(0)
@@ -91,3 +107,4 @@ if __name__ == "__main__":
     if mode == "resume": resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)
     elif mode == "ep": ep_run(out)
     elif mode == "ds": ds_run(out, sys.argv[3])
+    elif mode == "ep_resume": ep_resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)

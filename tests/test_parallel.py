@@ -12,12 +12,18 @@ from flanmoe_nb.train import TrainConfig, train, load_model
 ROOT = Path(__file__).parents[1]
 
 
+def free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return str(s.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def ep_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "tests/_dist_worker.py"),
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "tests/_dist_worker.py"),
                         "ep", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, torch.load(out / "ep_result.pt", weights_only=False)
@@ -68,3 +74,20 @@ def test_bad_parallel_configs_fail_before_training(tmp_path):
 def test_local_rank_argument():
     assert parallel.local_rank_from_argv(["x", "--local_rank", "1"]) == 1
     assert parallel.local_rank_from_argv(["x"]) is None
+
+
+def test_ep_resume_at_world2_is_exact(tmp_path):
+    "Uninterrupted 2-process ep_size=2 run; then drop its last checkpoint and resume from step 4: same losses."
+    import json, shutil
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def run(*extra):
+        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "tests/_dist_worker.py"),
+                            "ep_resume", str(tmp_path), "6", *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.split("RESUMED_FROM ", 1)[1].split()[0], json.loads(r.stdout.split("DONE", 1)[1])
+    origin, full = run()
+    assert origin == "None"
+    shutil.rmtree(tmp_path / "checkpoints/step_00000006")      # `latest` now dangles: the scan finds step 4
+    assert run("--resume") == ("4", full)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == list(range(1, 7))
