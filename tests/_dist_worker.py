@@ -91,15 +91,17 @@ def ep_resume_run(out, steps, resume):
     torch.distributed.destroy_process_group()
 
 
-def ds_run(out, engine):
-    "Same short AdamW run on the DeepSpeed engine (ZeRO 1, gloo) or the plain loop."
+def ds_run(out, stage):
+    "Short AdamW run on the DeepSpeed engine (ZeRO `stage`, gloo); under 2 processes rank r takes batch r."
+    rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
     model = EncoderDecoder(tiny())
-    ds = str(os.path.join(os.path.dirname(__file__), "..", "papermill_runs", "deepspeed", "tiny.json"))
+    ds = os.path.join(os.path.dirname(__file__), "..", "papermill_runs", "deepspeed", "tiny.json")
+    ds = {**json.load(open(ds)), "zero_optimization": {"stage": int(stage)}}
     cfg = TrainConfig(steps=3, optimizer="adamw", lr=1e-3, batch_size=4, out_dir=out, progress=False,
-                      engine=engine, deepspeed_config=ds)
-    res = train(model, batches(2), cfg)
-    print("DONE", json.dumps(res.losses), flush=True)
+                      engine="deepspeed", deepspeed_config=ds)
+    res = train(model, [batches(2, seed=1)[rank]], cfg)
+    if rank == 0: print("DONE", json.dumps(res.losses), flush=True)
 
 
 if __name__ == "__main__":
