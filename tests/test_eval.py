@@ -56,6 +56,8 @@ def test_tokenize_eos_and_truncation():
     assert ev.tokenize(tok, "abc", eos_id=1) == [2, 3, 4, 1]
     assert ev.tokenize(tok, "abcdef", eos_id=1, max_len=3) == [2, 3, 1]
     assert ev.detokenize(tok, [3, 4, 1, 5, 0]) == "bc"
+    assert ev.tokenize(tok, "abcdef", eos_id=1, max_len=3, keep="end") == [6, 7, 1]   # few-shot: the question is last
+    assert ev.tokenize(tok, "abcdef", max_len=2, keep="end") == [6, 7] and ev.tokenize(tok, "abc") == [2, 3, 4]
 
 
 def test_rank_classification_matches_hand_computation():
