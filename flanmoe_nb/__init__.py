@@ -2,6 +2,16 @@
 
 Modules:
 
-- `flanmoe_nb.kernels`: The compiled MoE core: custom ops from `flanmoe_nb._C` with autograd, fake (meta) kernels and pure-PyTorch reference twins."""
+- `flanmoe_nb.bench`: `flanmoe bench moe`: this project's MoE FFN against a dense FFN of equal active FLOPs (the limit), the HF Switch Transformers MLP, a GShard one-hot einsum dispatch and `torch._grouped_mm`, side by side.
+- `flanmoe_nb.data`: An offline FLAN-style instruction mixture: procedural tasks in clusters, natural-language templates (zero-/few-shot, with/without options), capped examples-proportional mixing with held-out clusters, a span-corruption pretraining corpus, a locally trained T5-style tokenizer, collation and packing.
+- `flanmoe_nb.eval`: Answer normalisation, exact match and task scorers, rank classification over answer options, greedy-generation evaluation, few-shot prompts, and per-task / per-cluster / held-out aggregates.
+- `flanmoe_nb.hf`: Convert transformers' `T5ForConditionalGeneration` and `SwitchTransformersForConditionalGeneration` to and from our `EncoderDecoder`, with logit, routing and round-trip parity.
+- `flanmoe_nb.kernels`: The compiled MoE core: custom ops from `flanmoe_nb._C` with autograd, fake (meta) kernels and pure-PyTorch reference twins.
+- `flanmoe_nb.model`: T5-style encoder-decoder, dense or with MoE in every `sparse_step`-th FFN: config, modules in data-flow order, loss with router losses, greedy generation with a KV cache, FLOPs/parameter counter and sparse upcycling.
+- `flanmoe_nb.moe`: `MoEConfig`, the sparse `MoELayer` (router + expert bank on the grouped-GEMM kernels), the dense FFN it replaces, sparse upcycling, and a per-token reference implementation.
+- `flanmoe_nb.parallel`: One process per device (torchrun or the deepspeed launcher), expert-parallel MoE layers whose tokens travel by all-to-all with variable splits, gradient sync, and world-size-free state dicts.
+- `flanmoe_nb.routing`: Routers for sparse MoE layers: token-choice top-k (Switch, GShard, ST-MoE) and expert choice, expert capacity, and the load-balancing and z auxiliary losses.
+- `flanmoe_nb.runs`: The papermill grid runner: grid files in `papermill_runs/*.yaml`, one executed notebook per parameter set, dependencies between stages, skip-if-done, failures kept with their traceback, and the results table.
+- `flanmoe_nb.train`: A plain training loop: Adafactor/AdamW, warmup schedules, clipping and accumulation, bf16 autocast, freezing knobs, NaN guards, atomic checkpoints with exact resume, expert parallelism and a DeepSpeed path."""
 
 __version__ = "0.1.0"
