@@ -11,13 +11,18 @@ STAMP := $(VENV)/.flanmoe-installed
 CPP_SOURCES := $(wildcard cpp/*.cpp cpp/*.h cpp/cuda/*.cu cpp/cuda/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test test-py test-nbs docs lab export clean-nbs check-sync bench clean
+.PHONY: FORCE install system-deps run test test-py test-nbs docs lab export clean-nbs check-sync bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(CPP_SOURCES)
+# nbdev-export rewrites pyproject.toml with the same text: depend on its content, not its mtime.
+PYPROJECT_HASH := $(VENV)/.pyproject-sha256
+$(PYPROJECT_HASH): FORCE | $(BIN)/python
+	@sha256sum pyproject.toml | cmp -s - $@ || sha256sum pyproject.toml > $@
+
+$(STAMP): $(BIN)/python $(PYPROJECT_HASH) setup.py $(CPP_SOURCES)
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q pybind11 ninja "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev,docs]'
