@@ -44,6 +44,8 @@ def site(tmp_path_factory):
             rel = nb.relative_to(root / "nbs").as_posix()
             if rel != "index.ipynb" and not any(fnmatch.fnmatch(rel, g) for g in only): nb.unlink()
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    for nb in (ROOT / "papermill_runs").glob("*/*/notebook.ipynb"):   # executed runs become pages too
+        dst = root / nb.relative_to(ROOT); dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy(nb, dst)
     index = build_docs(root, out="_docs")
     return root, index
 
@@ -80,3 +82,14 @@ def test_experiment_pages_are_in_the_site(site):
     assert {"results", "setup0_pretrain", "setup2_instruction_tuning"} <= names or os.environ.get("FLANMOE_DOCS_ONLY"), names
     dom = _render(root / "_docs/index.html")
     assert "experiments/results.html" in dom
+
+
+def test_executed_runs_are_pages(site):
+    root, _ = site
+    runs = sorted((ROOT / "papermill_runs").glob("*/*/notebook.ipynb"))
+    assert runs, "no executed run is committed under papermill_runs/"
+    index = (root / "_docs/index.html").read_text()
+    for nb in runs:
+        page = f"runs/{nb.parts[-3]}/{nb.parts[-2]}.html"
+        assert (root / "_docs" / page).exists(), page
+        assert page in index, f"{page} is not in the table of contents"
