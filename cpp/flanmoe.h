@@ -117,4 +117,57 @@ inline void check_weights(const std::optional<at::Tensor>& w, int64_t n, const a
   check_contiguous(*w, op, "weights");
 }
 
+// Operands of grouped_mm / grouped_mm_wgrad: `a` [N, K] and the second operand `bn` (b or dy), same dtype,
+// device, contiguous. Shared by the CPU and CUDA kernels.
+inline void check_gmm_operands(const at::Tensor& a, const at::Tensor& b, const char* op, const char* bn) {
+  check_rank(a, 2, op, "a");
+  check_float_dtype(a, op, "a");
+  FLANMOE_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", bn, " must have the dtype of a (a is ",
+                a.scalar_type(), ", ", bn, " is ", b.scalar_type(), ")");
+  check_same_device(b, a, op, bn, "a");
+  check_contiguous(a, op, "a");
+  check_contiguous(b, op, bn);
+}
+
+// permute(x [T, d], token_idx [S], weights [S]?): shapes, dtypes, devices (index values: CPU kernel only).
+inline void check_permute_args(const at::Tensor& x, const at::Tensor& token_idx,
+                               const std::optional<at::Tensor>& weights, const char* op) {
+  check_rank(x, 2, op, "x");
+  check_float_dtype(x, op, "x");
+  check_contiguous(x, op, "x");
+  check_index(token_idx, x, op, "token_idx");
+  check_weights(weights, token_idx.size(0), x, op, "x");
+}
+
+// unpermute(y [S, d], token_idx [S], weights [S]?, num_tokens >= 0).
+inline void check_unpermute_args(const at::Tensor& y, const at::Tensor& token_idx,
+                                 const std::optional<at::Tensor>& weights, int64_t num_tokens, const char* op) {
+  check_rank(y, 2, op, "y");
+  check_float_dtype(y, op, "y");
+  check_contiguous(y, op, "y");
+  check_index(token_idx, y, op, "token_idx");
+  const int64_t S = token_idx.size(0);
+  FLANMOE_CHECK(y.size(0) == S, op, ": y must have one row per entry of token_idx (", S, ") but has shape ",
+                shape_str(y));
+  FLANMOE_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0 (got num_tokens=", num_tokens, ")");
+  check_weights(weights, S, y, op, "y");
+}
+
+// gather_dot(x [T, d], token_idx [S], y [S, d]): shapes, dtypes, devices (index values: CPU kernel only).
+inline void check_gather_dot_args(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& y,
+                                  const char* op) {
+  check_rank(x, 2, op, "x");
+  check_rank(y, 2, op, "y");
+  check_float_dtype(x, op, "x");
+  FLANMOE_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the dtype of x (x is ", x.scalar_type(),
+                ", y is ", y.scalar_type(), ")");
+  check_same_device(y, x, op, "y", "x");
+  check_contiguous(x, op, "x");
+  check_contiguous(y, op, "y");
+  check_index(token_idx, x, op, "token_idx");
+  const int64_t S = token_idx.size(0), d = x.size(1);
+  FLANMOE_CHECK(y.size(0) == S && y.size(1) == d, op, ": y must have shape [", S, ", ", d,
+                "] (rows of token_idx, columns of x) but has shape ", shape_str(y));
+}
+
 }  // namespace flanmoe

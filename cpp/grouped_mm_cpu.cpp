@@ -98,14 +98,8 @@ void run_items(std::vector<Item> items, double total_flops, F body) {
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b) {
   const char* op = "flanmoe::grouped_mm";
-  check_rank(a, 2, op, "a");
   check_rank(b, 3, op, "b");
-  check_float_dtype(a, op, "a");
-  FLANMOE_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have the dtype of a (a is ",
-                a.scalar_type(), ", b is ", b.scalar_type(), ")");
-  check_same_device(b, a, op, "b", "a");
-  check_contiguous(a, op, "a");
-  check_contiguous(b, op, "b");
+  check_gmm_operands(a, b, op, "b");
   const int64_t N = a.size(0), K = a.size(1), G = b.size(0);
   const int64_t bK = trans_b ? b.size(2) : b.size(1);
   const int64_t M = trans_b ? b.size(1) : b.size(2);
@@ -132,14 +126,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
 
 at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& group_sizes) {
   const char* op = "flanmoe::grouped_mm_wgrad";
-  check_rank(a, 2, op, "a");
   check_rank(dy, 2, op, "dy");
-  check_float_dtype(a, op, "a");
-  FLANMOE_CHECK(dy.scalar_type() == a.scalar_type(), op, ": dy must have the dtype of a (a is ",
-                a.scalar_type(), ", dy is ", dy.scalar_type(), ")");
-  check_same_device(dy, a, op, "dy", "a");
-  check_contiguous(a, op, "a");
-  check_contiguous(dy, op, "dy");
+  check_gmm_operands(a, dy, op, "dy");
   FLANMOE_CHECK(dy.size(0) == a.size(0), op, ": a and dy must have the same number of rows (a is ",
                 shape_str(a), ", dy is ", shape_str(dy), ")");
   const int64_t N = a.size(0), K = a.size(1), M = dy.size(1);

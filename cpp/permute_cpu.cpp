@@ -28,12 +28,8 @@ int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int6
 
 at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights) {
   const char* op = "flanmoe::permute";
-  check_rank(x, 2, op, "x");
-  check_float_dtype(x, op, "x");
-  check_contiguous(x, op, "x");
-  check_index(token_idx, x, op, "token_idx");
+  check_permute_args(x, token_idx, weights, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
-  check_weights(weights, S, x, op, "x");
   check_index_values(token_idx, T, op, "token_idx", "rows of x");
   auto out = at::empty({S, d}, x.options());
   if (S == 0 || d == 0) return out;
@@ -59,15 +55,8 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx, const s
 at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights,
                          int64_t num_tokens) {
   const char* op = "flanmoe::unpermute";
-  check_rank(y, 2, op, "y");
-  check_float_dtype(y, op, "y");
-  check_contiguous(y, op, "y");
-  check_index(token_idx, y, op, "token_idx");
+  check_unpermute_args(y, token_idx, weights, num_tokens, op);
   const int64_t S = token_idx.size(0), d = y.size(1);
-  FLANMOE_CHECK(y.size(0) == S, op, ": y must have one row per entry of token_idx (", S, ") but has shape ",
-                shape_str(y));
-  FLANMOE_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0 (got num_tokens=", num_tokens, ")");
-  check_weights(weights, S, y, op, "y");
   check_index_values(token_idx, num_tokens, op, "token_idx", "num_tokens");
   auto out = at::empty({num_tokens, d}, y.options());
   if (num_tokens == 0 || d == 0) return out;
@@ -105,18 +94,8 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const
 
 at::Tensor gather_dot_cpu(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& y) {
   const char* op = "flanmoe::gather_dot";
-  check_rank(x, 2, op, "x");
-  check_rank(y, 2, op, "y");
-  check_float_dtype(x, op, "x");
-  FLANMOE_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the dtype of x (x is ", x.scalar_type(),
-                ", y is ", y.scalar_type(), ")");
-  check_same_device(y, x, op, "y", "x");
-  check_contiguous(x, op, "x");
-  check_contiguous(y, op, "y");
-  check_index(token_idx, x, op, "token_idx");
+  check_gather_dot_args(x, token_idx, y, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
-  FLANMOE_CHECK(y.size(0) == S && y.size(1) == d, op, ": y must have shape [", S, ", ", d,
-                "] (rows of token_idx, columns of x) but has shape ", shape_str(y));
   check_index_values(token_idx, T, op, "token_idx", "rows of x");
   auto out = at::empty({S}, x.options());
   if (S == 0) return out;

@@ -125,16 +125,6 @@ __global__ void grouped_wgrad_kernel(const scalar_t* a, const scalar_t* dy, cons
                       static_cast<int64_t>(blockIdx.y) * BM, static_cast<int64_t>(blockIdx.z) * BN);
 }
 
-void check_gmm_operands(const at::Tensor& a, const at::Tensor& b, const char* op, const char* bn) {
-  check_rank(a, 2, op, "a");
-  check_float_dtype(a, op, "a");
-  FLANMOE_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", bn, " must have the dtype of a (a is ",
-                a.scalar_type(), ", ", bn, " is ", b.scalar_type(), ")");
-  check_same_device(b, a, op, bn, "a");
-  check_contiguous(a, op, "a");
-  check_contiguous(b, op, bn);
-}
-
 }  // namespace
 
 at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b) {
@@ -351,12 +341,8 @@ int row_threads(int64_t d) { return d >= 256 ? 256 : d >= 128 ? 128 : 64; }
 
 at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights) {
   const char* op = "flanmoe::permute";
-  check_rank(x, 2, op, "x");
-  check_float_dtype(x, op, "x");
-  check_contiguous(x, op, "x");
-  check_index(token_idx, x, op, "token_idx");
+  check_permute_args(x, token_idx, weights, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
-  check_weights(weights, S, x, op, "x");
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({S, d}, x.options());
   if (S == 0 || d == 0) return out;
@@ -372,15 +358,8 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& token_idx, const 
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& token_idx, const std::optional<at::Tensor>& weights,
                           int64_t num_tokens) {
   const char* op = "flanmoe::unpermute";
-  check_rank(y, 2, op, "y");
-  check_float_dtype(y, op, "y");
-  check_contiguous(y, op, "y");
-  check_index(token_idx, y, op, "token_idx");
+  check_unpermute_args(y, token_idx, weights, num_tokens, op);
   const int64_t S = token_idx.size(0), d = y.size(1);
-  FLANMOE_CHECK(y.size(0) == S, op, ": y must have one row per entry of token_idx (", S, ") but has shape ",
-                shape_str(y));
-  FLANMOE_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0 (got num_tokens=", num_tokens, ")");
-  check_weights(weights, S, y, op, "y");
   c10::cuda::CUDAGuard guard(y.device());
   const bool f64 = y.scalar_type() == at::kDouble;
   auto acc = at::zeros({num_tokens, d}, y.options().dtype(f64 ? at::kDouble : at::kFloat));
@@ -400,18 +379,8 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& token_idx, cons
 
 at::Tensor gather_dot_cuda(const at::Tensor& x, const at::Tensor& token_idx, const at::Tensor& y) {
   const char* op = "flanmoe::gather_dot";
-  check_rank(x, 2, op, "x");
-  check_rank(y, 2, op, "y");
-  check_float_dtype(x, op, "x");
-  FLANMOE_CHECK(y.scalar_type() == x.scalar_type(), op, ": y must have the dtype of x (x is ", x.scalar_type(),
-                ", y is ", y.scalar_type(), ")");
-  check_same_device(y, x, op, "y", "x");
-  check_contiguous(x, op, "x");
-  check_contiguous(y, op, "y");
-  check_index(token_idx, x, op, "token_idx");
+  check_gather_dot_args(x, token_idx, y, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
-  FLANMOE_CHECK(y.size(0) == S && y.size(1) == d, op, ": y must have shape [", S, ", ", d, "] but has shape ",
-                shape_str(y));
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({S}, x.options());
   if (S == 0) return out;
