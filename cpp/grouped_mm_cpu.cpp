@@ -5,14 +5,11 @@
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
 // thread barrier, and one huge expert is still shared by all threads.
 #include "flanmoe.h"
+#include "cpu_cache.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#include <cstdlib>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace flanmoe {
 namespace {
@@ -23,27 +20,6 @@ std::vector<int64_t> group_offsets(const at::Tensor& group_sizes) {
   std::vector<int64_t> off(gs.numel() + 1, 0);
   for (int64_t i = 0; i < gs.numel(); ++i) off[i + 1] = off[i] + p[i];
   return off;
-}
-
-// Big outputs (hidden activations, expert weight gradients: E*d*f elements) are fresh memory on every
-// call, and first-touch page faults on 4 KiB pages cost as much as the GEMMs for many experts. Large
-// outputs are therefore 2 MiB-aligned and advised to use transparent huge pages (Linux, THP "madvise"
-// or "always"); elsewhere, or for small outputs, the ordinary ATen allocator is used.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-#ifdef __linux__
-  constexpr size_t kHuge = size_t(2) << 20;
-  size_t nbytes = c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  for (auto s : sizes) nbytes *= static_cast<size_t>(s);
-  if (nbytes >= 2 * kHuge) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, padded) == 0) {
-      madvise(p, padded, MADV_HUGEPAGE);
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opt);
-    }
-  }
-#endif
-  return at::empty(sizes, opt);
 }
 
 // One piece of work: group g, the half-open range [lo, hi) of rows (products) or columns (weight grads).

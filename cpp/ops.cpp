@@ -3,6 +3,7 @@
 // autograd and fake (meta) implementations are registered from Python in flanmoe_nb/kernels.py.
 #include <torch/extension.h>
 #include "flanmoe.h"
+#include "cpu_cache.h"
 
 #ifndef FLANMOE_TORCH_VERSION
 #define FLANMOE_TORCH_VERSION "unknown"
@@ -37,5 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     return false;
 #endif
   }, "whether CUDA kernels were compiled in");
+  mod.def("cpu_cache_info", &flanmoe::cpu_cache_info,
+          "host cache of large CPU outputs: [cached bytes, bytes in use, limit bytes, hits, misses]");
+  mod.def("empty_cpu_cache", &flanmoe::empty_cpu_cache, "return the host cache's free blocks to the OS");
+  mod.def("set_cpu_cache_limit", &flanmoe::set_cpu_cache_limit, "bound the host cache (bytes; 0 disables)");
   mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
 }

@@ -5,6 +5,7 @@
 //   gather_dot: out[s] = <x[token_idx[s]], y[s]>                              the gradient of the weights
 // Accumulation is in float for bf16/fp16 and in the input type otherwise.
 #include "flanmoe.h"
+#include "cpu_cache.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -31,7 +32,7 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx, const s
   check_permute_args(x, token_idx, weights, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
   check_index_values(token_idx, T, op, "token_idx", "rows of x");
-  auto out = at::empty({S, d}, x.options());
+  auto out = empty_large({S, d}, x.options());
   if (S == 0 || d == 0) return out;
   const int64_t* idx = token_idx.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "flanmoe_permute", [&] {
@@ -58,7 +59,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const
   check_unpermute_args(y, token_idx, weights, num_tokens, op);
   const int64_t S = token_idx.size(0), d = y.size(1);
   check_index_values(token_idx, num_tokens, op, "token_idx", "num_tokens");
-  auto out = at::empty({num_tokens, d}, y.options());
+  auto out = empty_large({num_tokens, d}, y.options());
   if (num_tokens == 0 || d == 0) return out;
   const int64_t* idx = token_idx.data_ptr<int64_t>();
   // Rows of each token, in ascending row order (deterministic summation order).

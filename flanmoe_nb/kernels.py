@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info', 'grouped_mm_reference',
-           'grouped_mm_wgrad_reference', 'grouped_mm', 'RoutePlan', 'route_plan_reference', 'permute_reference',
-           'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute',
-           'unpermute', 'expert_ffn', 'moe_ffn']
+__all__ = ['ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info', 'cpu_cache_info',
+           'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm',
+           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
+           'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -73,6 +73,25 @@ def extension_info() -> dict:
     "What was compiled: torch version, CUDA kernels, intra-op threads."
     require_extension()
     return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads())
+
+# %% ../nbs/01_kernels.ipynb #bf118c46
+def cpu_cache_info() -> dict:
+    "The host cache of large CPU outputs: bytes cached (free) and in use, its bound, hits and misses."
+    require_extension()
+    cached, in_use, limit, hits, misses = _C.cpu_cache_info()
+    return dict(cached_bytes=cached, in_use_bytes=in_use, limit_bytes=limit, hits=hits, misses=misses)
+
+def empty_cpu_cache():
+    "Return the host cache's free blocks to the OS (the CPU twin of `torch.cuda.empty_cache`)."
+    require_extension()
+    _C.empty_cpu_cache()
+
+def set_cpu_cache_limit(nbytes: int):
+    "Bound the host cache to `nbytes` (0 disables caching); drops what is cached now."
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0 (got nbytes={nbytes!r})")
+    require_extension()
+    _C.set_cpu_cache_limit(nbytes)
 
 # %% ../nbs/01_kernels.ipynb #f5e1acd3
 def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,

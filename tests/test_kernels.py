@@ -114,6 +114,44 @@ def test_grouped_mm_big_groups_split_over_threads():
                                atol=1e-3, rtol=1e-4)
 
 
+def test_cpu_cache_reuses_blocks_and_never_leaks_their_contents():
+    """Large outputs come from the host cache: a second call of the same size is a hit, and a reused
+    (dirty) block is fully overwritten: empty groups get zero weight gradients, tokens without rows zeros."""
+    K.empty_cpu_cache()
+    N, Kd, M = 64, 64, 32768                       # 8 MiB outputs, above the cache's 4 MiB threshold
+    a, dy = torch.randn(N, Kd), torch.randn(N, M)
+    full = ops.grouped_mm_wgrad(a, dy, torch.tensor([N, 0]))
+    assert full[0].abs().sum() > 0
+    del full                                       # its block goes back to the cache, dirty
+    info = K.cpu_cache_info()
+    assert info["cached_bytes"] >= 2 * Kd * M * 4
+    out = ops.grouped_mm_wgrad(a, dy, torch.tensor([0, N]))    # same size: reuses the dirty block
+    assert K.cpu_cache_info()["hits"] == info["hits"] + 1
+    torch.testing.assert_close(out, K.grouped_mm_wgrad_reference(a, dy, torch.tensor([0, N])), atol=1e-3, rtol=1e-4)
+    assert out[0].abs().max() == 0
+    del out
+    y = torch.full((4, M), 7.0)
+    got = ops.unpermute(y, torch.tensor([0, 0, 3, 3]), None, 64)          # 64 x 32768 fp32 = 8 MiB
+    ref = K.unpermute_reference(y, torch.tensor([0, 0, 3, 3]), None, 64)
+    torch.testing.assert_close(got, ref)
+    assert got[1:3].abs().max() == 0 and got[4:].abs().max() == 0
+    K.empty_cpu_cache()
+    assert K.cpu_cache_info()["cached_bytes"] == 0
+
+
+def test_cpu_cache_limit_zero_disables_and_bad_limit_is_named():
+    old = K.cpu_cache_info()["limit_bytes"]
+    try:
+        K.set_cpu_cache_limit(0)
+        out = ops.grouped_mm(torch.randn(64, 64), torch.randn(1, 64, 32768), torch.tensor([64]))
+        del out
+        assert K.cpu_cache_info()["cached_bytes"] == 0
+        with pytest.raises(ValueError, match="nbytes"):
+            K.set_cpu_cache_limit(-1)
+    finally:
+        K.set_cpu_cache_limit(old)
+
+
 # ---------------------------------------------------------------- expert_ffn / moe_ffn
 @pytest.mark.parametrize("activation", K.ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
