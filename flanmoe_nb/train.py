@@ -23,7 +23,7 @@ from . import parallel, kernels
 from .moe import MoELayer
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'TrainConfig', 'is_frozen', 'apply_freezing',
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing',
            'set_expert_dropout', 'param_groups', 'build_optimizer', 'lr_lambda', 'Batches', 'as_stream', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
            'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config', 'deepspeed_engine', 'export_hf',
@@ -79,6 +79,62 @@ class TrainConfig:
             raise ValueError(f"expert_dropout must be in [0, 1) (got expert_dropout={self.expert_dropout})")
 
 # %% ../nbs/07_train.ipynb #1f716ff7
+class Adafactor(torch.optim.Optimizer):
+    "torch's Adafactor (factored second moments, relative step, update clipping), per expert in `moe=True` groups."
+    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps: tuple = (None, 1e-3),
+                 d: float = 1.0, weight_decay: float = 0.0):
+        if not 0.0 <= lr: raise ValueError(f"lr must be >= 0 (got lr={lr})")
+        if not beta2_decay <= 0.0: raise ValueError(f"beta2_decay must be <= 0 (got beta2_decay={beta2_decay})")
+        if not d >= 0.0: raise ValueError(f"d (clipping threshold) must be >= 0 (got d={d})")
+        if not weight_decay >= 0.0: raise ValueError(f"weight_decay must be >= 0 (got weight_decay={weight_decay})")
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, moe=False))
+
+    @staticmethod
+    def _rms(t: torch.Tensor, per_expert: bool) -> torch.Tensor:
+        "RMS over all of `t`, or per slice of dim 0 (shaped to broadcast against `t`)."
+        if not per_expert or t.dim() < 2: return t.float().square().mean().sqrt()
+        return t.float().square().mean(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for group in self.param_groups:
+            eps1, eps2 = group["eps"]
+            for p in group["params"]:
+                if p.grad is None: continue
+                if p.grad.is_sparse: raise RuntimeError("Adafactor does not support sparse gradients")
+                grad, st = p.grad, self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    if grad.dim() > 1:
+                        st["row_var"] = grad.new_zeros(grad.shape[:-1]).unsqueeze(-1)
+                        st["col_var"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:]).unsqueeze(-2)
+                    else:
+                        st["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                st["step"] += 1
+                step = float(st["step"])                      # a CPU scalar: no device synchronisation
+                e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+                lr, per_expert = group["lr"], bool(group.get("moe")) and p.dim() > 2
+                one_minus_beta2 = step ** group["beta2_decay"]
+                rho = min(lr, step ** -0.5)
+                alpha = self._rms(p, per_expert).clamp_min(eps2) * rho
+                if group["weight_decay"]: p.mul_(1 - lr * group["weight_decay"])
+                if grad.dim() > 1:
+                    st["row_var"].lerp_(torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)), one_minus_beta2)
+                    st["col_var"].lerp_(torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)), one_minus_beta2)
+                    var = st["row_var"] @ st["col_var"]
+                    var.div_(st["row_var"].mean(dim=-2, keepdim=True).clamp_(min=e1))
+                else:
+                    st["variance"].lerp_(grad * grad, one_minus_beta2)
+                    var = st["variance"].clone()
+                update = var.clamp_(min=e1 * e1).rsqrt_().mul_(grad)
+                denom = (self._rms(update, per_expert) / group["d"]).clamp_min(1.0)
+                p.sub_(update * (alpha / denom).to(update.dtype))
+        return loss
+
+# %% ../nbs/07_train.ipynb #04a29840
 def is_frozen(name: str, freeze: str) -> bool:
     "Whether parameter `name` is frozen under the `freeze` knob."
     router, experts = ".router." in f".{name}", ".experts." in f".{name}"
@@ -107,10 +163,10 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    "Adafactor (T5/FLAN) or AdamW over the trainable parameters only."
+    "Adafactor (T5/FLAN; per expert in the experts' group) or AdamW over the trainable parameters only."
     groups = param_groups(model, cfg.weight_decay)
     if not groups: raise ValueError(f"no trainable parameters (got freeze={cfg.freeze!r})")
-    if cfg.optimizer == "adafactor": return torch.optim.Adafactor(groups, lr=cfg.lr)
+    if cfg.optimizer == "adafactor": return Adafactor(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:

@@ -69,9 +69,17 @@ def ep_run(out):
     res = train(model, [mine], cfg, env=env)
     model.eval()
     with torch.no_grad(): after = model(**mine).logits
+    # the same 3 steps with Adafactor (per-expert update scaling), from the same initial model
+    torch.manual_seed(0)
+    model = EncoderDecoder(tiny())
+    parallel.broadcast_parameters(model, env)
+    parallel.expert_parallel(model, env)
+    cfg = TrainConfig(steps=3, optimizer="adafactor", lr=1e-2, out_dir=os.path.join(out, "adafactor"),
+                      progress=False, ep_size=2)
+    ada = train(model, [mine], cfg, env=env)
     if env.rank == 0:
         torch.save(dict(grads=grads, logits=torch.cat(logits), losses=res.losses, after=after,
-                        loss0=[float(o.loss)]), os.path.join(out, "ep_result.pt"))
+                        loss0=[float(o.loss)], adafactor_losses=ada.losses), os.path.join(out, "ep_result.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -55,6 +55,15 @@ def test_ep_losses_match_one_process_with_accumulation(ep_result, tmp_path):
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref.losses), rtol=1e-5, atol=1e-6)
 
 
+def test_ep_adafactor_losses_match_one_process(ep_result, tmp_path):
+    "Adafactor scales updates per expert, so expert parallelism (each rank a shard of the stack) is exact."
+    _, res = ep_result
+    cfg = TrainConfig(steps=3, optimizer="adafactor", lr=1e-2, grad_accum=2, out_dir=str(tmp_path), progress=False)
+    ref = train(reference(), W.batches(2, seed=1), cfg)
+    torch.testing.assert_close(torch.tensor(res["adafactor_losses"]), torch.tensor(ref.losses), rtol=1e-5, atol=1e-6)
+    assert ref.losses[-1] < ref.losses[0]
+
+
 def test_world2_checkpoint_loads_at_world1(ep_result):
     out, res = ep_result
     model = load_model(out / "checkpoints").eval()

@@ -210,3 +210,28 @@ def test_eval_fn_bf16_and_hf_export(tmp_path):
     b = W.batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(hf(**b).logits, m.eval()(**b).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adafactor_per_expert_equals_torch_per_slice_and_names_bad_args():
+    from flanmoe_nb.train import Adafactor
+    torch.manual_seed(1)
+    e = torch.randn(4, 5, 3) * torch.tensor([1e-3, 0.1, 1.0, 30.0])[:, None, None]
+    b = torch.randn(7)
+    ours_e, ours_b = e.clone().requires_grad_(), b.clone().requires_grad_()
+    ref_e, ref_b = [e[i].clone().requires_grad_() for i in range(4)], b.clone().requires_grad_()
+    ours = Adafactor([dict(params=[ours_b]), dict(params=[ours_e], moe=True)], lr=0.05, weight_decay=0.01)
+    ref = torch.optim.Adafactor([ref_b, *ref_e], lr=0.05, weight_decay=0.01)
+    for _ in range(4):
+        ge, gb = torch.randn(4, 5, 3), torch.randn(7)
+        ours_e.grad, ours_b.grad, ref_b.grad = ge, gb, gb.clone()
+        for i in range(4): ref_e[i].grad = ge[i].clone()
+        ours.step(); ref.step()
+    torch.testing.assert_close(ours_e.detach(), torch.stack(ref_e).detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours_b.detach(), ref_b.detach(), rtol=1e-5, atol=1e-7)
+    sd = ours.state_dict()                               # resumable: state round-trips through a state dict
+    again = Adafactor([dict(params=[ours_b]), dict(params=[ours_e], moe=True)], lr=0.05, weight_decay=0.01)
+    again.load_state_dict(sd)
+    assert float(again.state[ours_e]["step"]) == 4.0
+    for bad, name in ((dict(lr=-1.0), "lr"), (dict(d=-1.0), "d"), (dict(weight_decay=-0.1), "weight_decay")):
+        with pytest.raises(ValueError, match=name):
+            Adafactor([torch.zeros(2, requires_grad=True)], **bad)
