@@ -57,7 +57,8 @@ lab: install
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
 bench: install
-	$(BIN)/flanmoe bench
+	$(BIN)/flanmoe bench moe
+	$(BIN)/flanmoe bench train
 
 ## Notebook <-> library hygiene (CI runs check-sync).
 export: install

@@ -43,7 +43,8 @@ inline void check_int64(const at::Tensor& t, const char* op, const char* name) {
 }
 
 // Validates group_sizes for a grouped op over `n` rows and `g` groups. On CPU it reads the sizes and
-// checks that none is negative and that they sum to n. On CUDA that check would synchronise the host,
+// checks that none is negative and that they sum to at most n (rows past the sum are padding: grouped_mm
+// writes zeros there, grouped_mm_wgrad ignores them). On CUDA that check would synchronise the host,
 // so it is left to the device kernels (which clamp to the buffer and never read or write out of bounds).
 inline void check_group_sizes(const at::Tensor& group_sizes, int64_t n, int64_t g, const char* op) {
   check_rank(group_sizes, 1, op, "group_sizes");
@@ -58,8 +59,8 @@ inline void check_group_sizes(const at::Tensor& group_sizes, int64_t n, int64_t 
       FLANMOE_CHECK(p[i] >= 0, op, ": group_sizes must be non-negative (group_sizes[", i, "] = ", p[i], ")");
       total += p[i];
     }
-    FLANMOE_CHECK(total == n, op, ": group_sizes must sum to the number of rows of a (sum = ", total,
-                  ", rows = ", n, ")");
+    FLANMOE_CHECK(total <= n, op, ": group_sizes must sum to at most the number of rows of a (sum = ", total,
+                  ", rows = ", n, "); rows past the sum are padding");
   }
 }
 

@@ -88,6 +88,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   if (N == 0 || M == 0) return out;
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
+  if (off[G] < N) out.narrow(0, off[G], N - off[G]).zero_();     // padding rows past the groups
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
   auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());

@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (std::isnan(b)) return true;
       return a > b;
     };
-    for (int64_t e = 0; e < E; ++e) std::stable_sort(order.begin() + start[e], order.begin() + start[e + 1], higher);
+    for (int64_t e = 0; e <= E; ++e) std::stable_sort(order.begin() + start[e], order.begin() + start[e + 1], higher);
   }
 
   const int64_t cap = capacity.has_value() ? *capacity : A;
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   int64_t* ti = token_idx.data_ptr<int64_t>();
   int64_t* ai = assign_idx.data_ptr<int64_t>();
   for (int64_t e = 0; e < E; ++e) { rq[e] = count[e]; gs[e] = std::min(count[e], cap); }
-  // Rows: kept (by expert, priority), then dropped (same order), then invalid assignments.
+  // Rows: kept (by expert, priority), then dropped (same order), then invalid assignments (by priority).
   int64_t kept_total = 0;
   for (int64_t e = 0; e < E; ++e) kept_total += gs[e];
   int64_t w_kept = 0, w_drop = kept_total;

@@ -17,7 +17,8 @@ from . import kernels as K
 
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_dense', 'build_hf', 'build_einsum',
-           'build_torch_gmm', 'check_agreement', 'time_methods', 'peak_memory', 'run_moe_bench', 'main']
+           'build_torch_gmm', 'check_agreement', 'time_methods', 'peak_memory', 'run_moe_bench', 'run_train_bench',
+           'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -83,10 +84,10 @@ def build_einsum(s, inp):
     "GShard/DeepSpeed style: one-hot dispatch/combine tensors [T, E, C] and einsums (C = largest load)."
     def fn(x, router, w_in, w_out):
         gates, idx = _route(x, router, s.k)
-        onehot = F.one_hot(idx, s.E).to(x.dtype)                           # [T, k, E]
-        pos = (torch.cumsum(onehot.transpose(0, 1).reshape(-1, s.E), 0).reshape(s.k, -1, s.E).transpose(0, 1) - 1) * onehot
-        C = int(onehot.sum((0, 1)).max())
-        slot = F.one_hot(pos.sum(-1).long(), C).to(x.dtype)                 # [T, k, C]
+        oh = F.one_hot(idx, s.E)                                            # [T, k, E] int64: exact positions in any dtype
+        pos = (torch.cumsum(oh.transpose(0, 1).reshape(-1, s.E), 0).reshape(s.k, -1, s.E).transpose(0, 1) - 1) * oh
+        C = int(oh.sum((0, 1)).max())
+        onehot, slot = oh.to(x.dtype), F.one_hot(pos.sum(-1), C).to(x.dtype)  # [T, k, E], [T, k, C]
         dispatch = torch.einsum("tke,tkc->tec", onehot, slot)
         combine = torch.einsum("tke,tkc,tk->tec", onehot, slot, gates.to(x.dtype))
         xe = torch.einsum("tec,td->ecd", dispatch, x)
@@ -211,10 +212,25 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
     return rows
 
 # %% ../nbs/10_bench.ipynb #896ddf2c
+def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool = False) -> list[dict]:
+    "Print and return one `bench_train` row per expert count."
+    from flanmoe_nb.train import bench_train
+    print(f"Tiny-preset training tokens/s, fwd+bwd+{'fused ' if fused_adamw else ''}AdamW step, "
+          f"{torch.get_num_threads()} threads; ours vs HF SwitchTransformersForConditionalGeneration")
+    print(f"{'E':>4} | {'ours tok/s':>10} | {'HF tok/s':>10} | ratio"); print("-" * 38)
+    rows = []
+    for E in experts:
+        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw)
+        print(f"{E:>4} | {r['ours_tokens_per_s']:>10} | {r['hf_tokens_per_s']:>10} | {r['ratio']:.2f}x", flush=True)
+        rows.append(r)
+    return rows
+
+# %% ../nbs/10_bench.ipynb #efcbd050
 def main(argv: list[str] | None = None) -> int:
-    "`flanmoe bench moe [--quick] [...]`: print the MoE FFN benchmark table."
-    p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks of the compiled MoE core.")
-    p.add_argument("what", nargs="?", default="moe", choices=["moe"])
+    "`flanmoe bench moe|train [--quick] [...]`: print the MoE FFN or the training-throughput benchmark table."
+    p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks: `moe` (the compiled MoE FFN against "
+                                "dense and peers), `train` (tiny-preset training tokens/s against HF Switch Transformers).")
+    p.add_argument("what", nargs="?", default="moe", choices=["moe", "train"])
     p.add_argument("--quick", action="store_true", help="small shapes, finishes in well under a minute")
     p.add_argument("--tokens", type=int); p.add_argument("--d-model", type=int); p.add_argument("--d-ff", type=int)
     p.add_argument("--experts", help="comma-separated, e.g. 8,32,64,128")
@@ -223,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {','.join(METHODS)}")
     p.add_argument("--reps", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--fused-adamw", action="store_true", help="train: AdamW(fused=True) for both models")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(list(argv) if argv is not None else sys.argv[1:])
     ints = lambda v: tuple(int(x) for x in v.split(","))
     if a.threads: torch.set_num_threads(a.threads)
     q = a.quick
+    if a.what == "train":
+        rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
+                               steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw)
+        if a.json:
+            with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
+        return 0
     kw = dict(T=a.tokens or (512 if q else 4096), d=a.d_model or (128 if q else 512), f=a.d_ff or (512 if q else 2048),
               experts=ints(a.experts) if a.experts else ((8, 32) if q else (8, 32, 64, 128)),
               top_ks=ints(a.top_k) if a.top_k else (1, 2), dtypes=tuple(a.dtype.split(",")),

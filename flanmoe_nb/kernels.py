@@ -96,14 +96,15 @@ def set_cpu_cache_limit(nbytes: int):
 # %% ../nbs/01_kernels.ipynb #f5e1acd3
 def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
                          trans_b: bool = False) -> torch.Tensor:
-    "Pure-PyTorch twin of `grouped_mm`: loop over groups, one matmul each."
+    "Pure-PyTorch twin of `grouped_mm`: loop over groups, one matmul each; zero rows past the groups."
     M = b.shape[1] if trans_b else b.shape[2]
     outs, start = [], 0
     for g, n in enumerate(group_sizes.tolist()):
         bg = b[g].T if trans_b else b[g]
         outs.append(a[start:start + n] @ bg)
         start += n
-    return torch.cat(outs) if outs else a.new_zeros(0, M)
+    outs.append(a.new_zeros(a.shape[0] - start, M))               # padding rows
+    return torch.cat(outs)
 
 def grouped_mm_wgrad_reference(a: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     "Pure-PyTorch twin of the weight gradient: `out[g] = a[rows of g].T @ dy[rows of g]`."
@@ -176,7 +177,7 @@ class RoutePlan(NamedTuple):
     "Bookkeeping of a top-k routing: counts, expert-sorted order, slots and the capacity keep mask."
     group_sizes: torch.Tensor  # int64 [E]   kept assignments per expert
     requested: torch.Tensor    # int64 [E]   valid assignments per expert before capacity
-    token_idx: torch.Tensor    # int64 [S]   token of each row of the expert-sorted buffer
+    token_idx: torch.Tensor    # int64 [S]   token of each row of the expert-sorted buffer (S = T*k untrimmed)
     assign_idx: torch.Tensor   # int64 [S]   flat assignment index t*k + j of each row
     keep: torch.Tensor         # bool  [T,k] assignment kept
     slot: torch.Tensor         # int64 [T,k] rank inside its expert (-1 for invalid tokens)
@@ -198,7 +199,8 @@ def _check_route_args(expert_idx, num_experts, capacity, priority, valid, op="ro
             raise ValueError(f"{op}: expert_idx must be in [0, num_experts={num_experts}) (got values in [{lo}, {hi}])")
 
 def route_plan_reference(expert_idx: torch.Tensor, num_experts: int, capacity: int | None = None,
-                         priority: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> RoutePlan:
+                         priority: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                         trim: bool = True) -> RoutePlan:
     "Pure-PyTorch twin of `route_plan`: stable sorts by priority then by expert."
     _check_route_args(expert_idx, num_experts, capacity, priority, valid)
     T, k = expert_idx.shape
@@ -219,7 +221,8 @@ def route_plan_reference(expert_idx: torch.Tensor, num_experts: int, capacity: i
     keep = valid_a & (slot < capacity) if capacity is not None else valid_a
     requested = counts[:E]
     group_sizes = requested.clamp(max=capacity) if capacity is not None else requested.clone()
-    assign_idx = order[keep[order]]
+    kept_o, valid_o = keep[order], valid_a[order]
+    assign_idx = order[kept_o] if trim else torch.cat([order[kept_o], order[valid_o & ~kept_o], order[~valid_o]])
     return RoutePlan(group_sizes, requested, assign_idx // max(k, 1), assign_idx,
                      keep.view(T, k), slot.view(T, k))
 
@@ -336,14 +339,15 @@ _register_routing_parts()
 
 # %% ../nbs/01_kernels.ipynb #126f37bb
 def route_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None = None,
-               priority: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> RoutePlan:
+               priority: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+               trim: bool = True) -> RoutePlan:
     "Counts, expert-sorted order, slots and capacity keep mask of a top-k routing `expert_idx [T, k]`."
     op = _op("route_plan")
-    if op is None: return route_plan_reference(expert_idx, num_experts, capacity, priority, valid)
+    if op is None: return route_plan_reference(expert_idx, num_experts, capacity, priority, valid, trim)
     _same_device("route_plan", "expert_idx", expert_idx, priority=priority, valid=valid)
     if priority is not None: priority = priority.detach()
     gs, req, tok, asg, keep, slot = op(expert_idx, num_experts, capacity, priority, valid)
-    if capacity is not None or valid is not None:   # data-dependent S (one host read on CUDA)
+    if trim and (capacity is not None or valid is not None):   # data-dependent S (one host read on CUDA)
         S = int(gs.sum()); tok, asg = tok[:S], asg[:S]
     return RoutePlan(gs, req, tok, asg, keep, slot)
 
@@ -364,7 +368,7 @@ def unpermute(y: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor | 
 def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tensor, weights: torch.Tensor | None,
                w_in: torch.Tensor, w_out: torch.Tensor, activation: str = "relu", dropout_p: float = 0.0,
                training: bool = False) -> torch.Tensor:
-    "Experts' FFN on routed rows: permute -> grouped_mm -> activation (-> dropout) -> grouped_mm -> unpermute."
+    "Experts' FFN on routed rows: permute -> grouped_mm -> activation (-> dropout) -> grouped_mm -> unpermute; rows past `sum(group_sizes)` are padding and add 0."
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} (got activation={activation!r})")
     if _op("grouped_mm") is None or _op("permute") is None:

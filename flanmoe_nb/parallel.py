@@ -135,12 +135,14 @@ class ExpertParallelMoE(MoELayer):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.ep_group)          # counts [src rank, local expert]
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        rows = all_to_all(kernels.permute(x, plan.token_idx), out_splits, in_splits, self.ep_group)
+        S = sum(in_splits)                                                            # kept rows (the rest: padding)
+        tok, w = plan.token_idx[:S], plan.weights[:S]
+        rows = all_to_all(kernels.permute(x, tok), out_splits, in_splits, self.ep_group)
         local_e = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(P), recv.reshape(-1))
         order = torch.sort(local_e, stable=True).indices                              # received rows by local expert
         y = self.experts(rows, order, recv.sum(0), rows.new_ones(rows.shape[0]))
         back = all_to_all(y, in_splits, out_splits, self.ep_group)                    # expert-sorted rows again
-        return kernels.unpermute(back, plan.token_idx, plan.weights.to(x.dtype), x.shape[0])
+        return kernels.unpermute(back, tok, w.to(x.dtype), x.shape[0])
 
 # %% ../nbs/03a_parallel.ipynb #ee0bcce1
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

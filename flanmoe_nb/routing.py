@@ -116,8 +116,9 @@ def validate_router_config(c) -> None:
 @dataclass
 class RoutingPlan:
     "What a router decided: expert-sorted rows for `expert_ffn`, per-token choices, statistics and losses."
-    token_idx: torch.Tensor         # int64 [S]  token of each row of the expert-sorted buffer
-    weights: torch.Tensor           # [S]        gate of each row (router dtype)
+    token_idx: torch.Tensor         # int64 [R]  token of each row of the expert-sorted buffer; rows past
+                                    #            sum(group_sizes) are padding (dropped choices; token choice: R = T*k)
+    weights: torch.Tensor           # [R]        gate of each row (router dtype)
     group_sizes: torch.Tensor       # int64 [E]  rows per expert (kept assignments) = expert_counts
     expert_idx: torch.Tensor        # int64 [T,k] chosen experts (expert choice: [T,1] argmax, for the loss)
     gates: torch.Tensor             # [T,k]      gates of the choices (expert choice: [T,1] max prob)
@@ -154,7 +155,7 @@ def _route_plan(use_kernels: bool):
 def token_choice_plan(expert_idx: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int | None,
                       active: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                       group_size: int | None = None, batch_prioritized: bool = False, use_kernels: bool = True):
-    "Capacity-limited top-k dispatch -> `(token_idx, weights, group_sizes, requested, keep)`."
+    "Capacity-limited top-k dispatch -> `(token_idx, weights, group_sizes, requested, keep)`; all `T*k` rows, kept first."
     T, k = expert_idx.shape
     dev, E = expert_idx.device, num_experts
     G = T // group_size if group_size else 1
@@ -165,7 +166,8 @@ def token_choice_plan(expert_idx: torch.Tensor, gates: torch.Tensor, num_experts
     j = torch.arange(k, device=dev)
     if batch_prioritized: prio = (k - j).float() * 2 + gates.detach()[:, :1].float()   # rank, then top-1 gate
     else: prio = -(j * T + t[:, None]).float()                           # rank, then token order
-    plan = _route_plan(use_kernels)(bucket.reshape(-1, 1), E * G, capacity, prio.reshape(-1, 1), ok.reshape(-1))
+    plan = _route_plan(use_kernels)(bucket.reshape(-1, 1), E * G, capacity, prio.reshape(-1, 1), ok.reshape(-1),
+                                    trim=False)                          # fixed T*k rows: no host read on CUDA
     a = plan.token_idx                                                   # flat assignment index t*k + j
     return (a // k, gates.reshape(-1)[a], plan.group_sizes.view(E, G).sum(1),
             plan.requested.view(E, G).sum(1), plan.keep.view(T, k))

@@ -548,8 +548,8 @@ def run_stage(model, train_data, cfg: TrainConfig | None = None, eval_fn: Callab
 
 # %% ../nbs/07_train.ipynb #b7dcdfb5
 def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, tgt_len: int = 32, steps: int = 5,
-                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False) -> dict:
-    "Training tokens/s (fwd+bwd+AdamW step) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`."
+                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool = False) -> dict:
+    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`."
     from flanmoe_nb.model import EncoderDecoder, ModelConfig
     from flanmoe_nb.hf import to_hf
     torch.manual_seed(seed)
@@ -564,7 +564,7 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     tokens = batch_size * (src_len + tgt_len)
     fwd = torch.compile(ours) if compile_ours else ours      # minutes of compilation on CPU
     runs = {"ours": (ours, lambda: fwd(**batch).loss), "hf": (hf, lambda: hf(**batch, output_router_logits=True).loss)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused_adamw or None) for k, (m, _) in runs.items()}
     best = {k: float("inf") for k in runs}
     for r in range(rounds + 1):                              # round 0 warms up; rounds alternate to share the noise
         for k, (m, loss_of) in runs.items():
@@ -574,4 +574,5 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
             if r: best[k] = min(best[k], time.perf_counter() - t0)
     tps = {k: tokens * steps / t for k, t in best.items()}
     return dict(num_experts=num_experts, compiled_expert_path=kernels._op("permute") is not None, ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
-                ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads())
+                ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads(),
+                optimizer="adamw_fused" if fused_adamw else "adamw")

@@ -40,6 +40,12 @@ def test_route_plan_equals_reference(T, k, E, seed, cap, skew, use_prio, use_val
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert int(got.group_sizes.sum()) == got.token_idx.numel() == int(got.keep.sum())
     if cap is not None: assert all(n <= cap for n in got.group_sizes.tolist())
+    full, full_ref = K.route_plan(eidx, E, cap, prio, valid, trim=False), K.route_plan_reference(eidx, E, cap, prio, valid, trim=False)
+    for name, a, b in zip(K.RoutePlan._fields, full, full_ref):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    S = got.token_idx.numel()
+    assert full.assign_idx.numel() == T * k and torch.equal(full.assign_idx[:S], got.assign_idx)
+    assert sorted(full.assign_idx.tolist()) == list(range(T * k))          # every assignment exactly once
 
 
 def test_route_plan_raw_op_rows():
@@ -102,6 +108,42 @@ def test_grouped_mm_equals_reference(sizes, Kd, M, trans_b, dtype, seed):
     g1 = torch.autograd.grad((out * dy).sum(), (a, b))
     g2 = torch.autograd.grad((ref * dy).sum(), (a, b))
     for x1, x2 in zip(g1, g2): torch.testing.assert_close(x1, x2, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_padding_rows_are_zero_and_ignored(dtype):
+    "Rows past sum(group_sizes) are padding: zero output, no weight gradient, zero input gradient."
+    g = torch.Generator().manual_seed(3)
+    gs = torch.tensor([3, 0, 2])
+    a = torch.randn(9, 6, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(3, 6, 5, generator=g).to(dtype).requires_grad_()
+    out, ref = K.grouped_mm(a, b, gs), K.grouped_mm_reference(a, b, gs)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    assert out[5:].abs().max() == 0
+    dy = torch.randn(9, 5, generator=g).to(dtype)
+    da, db = torch.autograd.grad((out * dy).sum(), (a, b))
+    da_ref, db_ref = torch.autograd.grad((ref * dy).sum(), (a, b))
+    torch.testing.assert_close(da, da_ref, **_tol(dtype)); torch.testing.assert_close(db, db_ref, **_tol(dtype))
+    assert da[5:].abs().max() == 0
+    torch.testing.assert_close(db, K.grouped_mm_wgrad_reference(a[:5].detach(), dy[:5], gs), **_tol(dtype))
+
+
+def test_expert_ffn_padded_rows_equal_trimmed():
+    "The MoE FFN over all T*k rows (dropped ones as padding) equals it over the kept rows only, with gradients."
+    torch.manual_seed(0)
+    T, d, f, E, k = 40, 8, 12, 4, 2
+    x = torch.randn(T, d, requires_grad=True)
+    w_in, w_out = torch.randn(E, d, 2 * f, requires_grad=True), torch.randn(E, f, d, requires_grad=True)   # gated
+    gates, eidx = torch.softmax(torch.randn(T, E), -1).topk(k, -1)
+    gates.requires_grad_()
+    valid = torch.rand(T) > 0.2
+    outs = []
+    for trim in (True, False):
+        p = K.route_plan(eidx, E, 7, None, valid, trim=trim)
+        y = K.expert_ffn(x, p.token_idx, p.group_sizes, gates.reshape(-1)[p.assign_idx], w_in, w_out, "gated-gelu")
+        outs.append((y, torch.autograd.grad(y.square().sum(), (x, w_in, w_out, gates))))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for g1, g2 in zip(outs[0][1], outs[1][1]): torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-5)
 
 
 def test_grouped_mm_big_groups_split_over_threads():
@@ -323,7 +365,7 @@ def _bad_cases():
         (lambda: K.unpermute(y[:2], idx, None, 4), "y"),
         (lambda: K.unpermute(y, idx[::2], None, 4), "token_idx"),
         (lambda: ops.gather_dot(x, idx, y[:, :2]), "y"),
-        (lambda: K.grouped_mm(a, b, torch.tensor([2, 0, 2])), "group_sizes"),
+        (lambda: K.grouped_mm(a, b, torch.tensor([4, 0, 2])), "group_sizes"),     # sums past the rows
         (lambda: K.grouped_mm(a, b, torch.tensor([6, -1, 0])), "group_sizes"),
         (lambda: K.grouped_mm(a, b.double(), gs), "b"),
         (lambda: K.grouped_mm(a, b[:, :3].contiguous(), gs), "inner dimensions"),

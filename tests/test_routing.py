@@ -97,6 +97,8 @@ def test_token_choice_plan_matches_loop(B, L, E, k, cap, use_mask, per_seq, bpr,
         keep_ref, req_ref = naive_token_choice(expert_idx, gates, E, cap, active, valid, Lg, bpr)
         assert torch.equal(keep, keep_ref) and torch.equal(req, req_ref)
         assert torch.equal(sizes, torch.bincount(expert_idx[keep_ref], minlength=E))
+        assert token_idx.numel() == T * k                 # all assignments; the kept ones first
+        token_idx, w = token_idx[:int(sizes.sum())], w[:int(sizes.sum())]
         # rows grouped by expert, each kept assignment exactly once, with its gate
         rows = sorted(zip(token_idx.tolist(), w.tolist()))
         want = sorted((t, gates[t, j].item()) for t in range(T) for j in range(k) if keep_ref[t, j])
@@ -224,7 +226,7 @@ def test_router_counts_dropped_and_padding():
     assert plan.requested.tolist() == [4, 1] and plan.expert_counts.tolist() == [3, 1]
     assert plan.keep.flatten().tolist() == [True, True, True, False, True, False]
     torch.testing.assert_close(plan.dropped_fraction, torch.tensor(1 / 5))
-    assert plan.token_idx.tolist() == [0, 1, 2, 4]
+    assert plan.token_idx.tolist()[:4] == [0, 1, 2, 4] and sorted(plan.token_idx.tolist()[4:]) == [3, 5]
 
 
 def test_router_group_size_must_divide():

@@ -235,3 +235,13 @@ def test_adafactor_per_expert_equals_torch_per_slice_and_names_bad_args():
     for bad, name in ((dict(lr=-1.0), "lr"), (dict(d=-1.0), "d"), (dict(weight_decay=-0.1), "weight_decay")):
         with pytest.raises(ValueError, match=name):
             Adafactor([torch.zeros(2, requires_grad=True)], **bad)
+
+
+def test_bench_train_cli_prints_ratio_rows(capsys):
+    from flanmoe_nb import bench
+    assert bench.main(["train", "--quick", "--reps", "1", "--experts", "4"]) == 0
+    out = capsys.readouterr().out
+    row = [l for l in out.splitlines() if l.strip().startswith("4 |")]
+    assert row, out
+    ours, hf, ratio = (c.strip() for c in row[0].split("|")[1:])
+    assert int(ours) > 0 and int(hf) > 0 and float(ratio.rstrip("x")) > 0

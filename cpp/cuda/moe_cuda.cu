@@ -1,6 +1,6 @@
 // CUDA kernels of the flanmoe ops (fp32 / bf16 / fp16, and fp64 for gradcheck).
 // No host synchronisation anywhere: group sizes, offsets and counts stay on the device. Values that
-// the CPU kernels reject (expert or token indices out of range, group sizes that do not sum to the
+// the CPU kernels reject (expert or token indices out of range, group sizes that sum to more than the
 // rows) cannot be checked here without a sync; the kernels clamp instead and never read or write out
 // of bounds: an out-of-range expert index is treated like an invalid token (never kept), an
 // out-of-range token index reads zeros / is skipped, group offsets are clamped to the buffer.
