@@ -212,15 +212,17 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
     return rows
 
 # %% ../nbs/10_bench.ipynb #896ddf2c
-def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool = False) -> list[dict]:
+def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool = False,
+                    compile_ours: bool = False) -> list[dict]:
     "Print and return one `bench_train` row per expert count."
     from flanmoe_nb.train import bench_train
     print(f"Tiny-preset training tokens/s, fwd+bwd+{'fused ' if fused_adamw else ''}AdamW step, "
-          f"{torch.get_num_threads()} threads; ours vs HF SwitchTransformersForConditionalGeneration")
+          f"{torch.get_num_threads()} threads; ours{' (torch.compile)' if compile_ours else ''} vs HF "
+          "SwitchTransformersForConditionalGeneration (eager)")
     print(f"{'E':>4} | {'ours tok/s':>10} | {'HF tok/s':>10} | ratio"); print("-" * 38)
     rows = []
     for E in experts:
-        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw)
+        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw, compile_ours=compile_ours)
         print(f"{E:>4} | {r['ours_tokens_per_s']:>10} | {r['hf_tokens_per_s']:>10} | {r['ratio']:.2f}x", flush=True)
         rows.append(r)
     return rows
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--fused-adamw", action="store_true", help="train: AdamW(fused=True) for both models")
+    p.add_argument("--compile", action="store_true", help="train: torch.compile our model (~1 min per expert count)")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(list(argv) if argv is not None else sys.argv[1:])
     ints = lambda v: tuple(int(x) for x in v.split(","))
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     q = a.quick
     if a.what == "train":
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
-                               steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw)
+                               steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw,
+                               compile_ours=a.compile)
         if a.json:
             with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
         return 0

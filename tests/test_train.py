@@ -245,3 +245,16 @@ def test_bench_train_cli_prints_ratio_rows(capsys):
     assert row, out
     ours, hf, ratio = (c.strip() for c in row[0].split("|")[1:])
     assert int(ours) > 0 and int(hf) > 0 and float(ratio.rstrip("x")) > 0
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    "TrainConfig(compile=True): the model runs as one torch.compile graph; losses equal eager training."
+    def run(compile_, sub):
+        torch.manual_seed(0)
+        mcfg = W.tiny(capacity_factor=1.0)
+        cfg = TrainConfig(steps=3, optimizer="adamw", lr=1e-3, out_dir=str(tmp_path / sub), progress=False,
+                          compile=compile_)
+        return train(EncoderDecoder(mcfg), W.batches(3), cfg).losses
+    torch.testing.assert_close(torch.tensor(run(True, "c")), torch.tensor(run(False, "e")), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile=True, engine="deepspeed")
