@@ -26,8 +26,8 @@ from .moe import MoELayer
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing',
            'set_expert_dropout', 'param_groups', 'build_optimizer', 'lr_lambda', 'Batches', 'as_stream', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
-           'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config', 'deepspeed_engine', 'export_hf',
-           'run_stage', 'bench_train']
+           'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config', 'deepspeed_engine',
+           'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -395,13 +395,15 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
     if env.is_main: out.mkdir(parents=True, exist_ok=True)
     step, skipped, losses, engine, resumed_from = 0, 0, [], None, None
     if cfg.resume and (last := latest_checkpoint(ckpts)) is not None:
-        ds = cfg.engine == "deepspeed"                       # DeepSpeed: weights, schedule, data, RNG (not optimizer)
+        ds = cfg.engine == "deepspeed"                       # DeepSpeed: its optimizer state after the engine exists
         st = load_checkpoint(last, model, None if ds else opt, sched, env)
         step, skipped, losses = st["step"], st.get("skipped", 0), st.get("losses", [])
         stream.load_state_dict(st["data"]); resumed_from = step
         if env.is_main: _truncate_metrics(out / "metrics.jsonl", step)
     elif env.is_main: (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.engine == "deepspeed": engine, opt, sched = deepspeed_engine(model, opt, sched, cfg, env)
+    if cfg.engine == "deepspeed":
+        engine, opt, sched = deepspeed_engine(model, opt, sched, cfg, env)
+        if resumed_from is not None: load_deepspeed_optimizer(last, opt, env)
     _barrier(env)
     bc, zc = _coefs(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -430,7 +432,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
         bar.update(1)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            ck = save_checkpoint(ckpts, step, model, None if engine else opt, sched, stream.state_dict(),
+            ck = save_checkpoint(ckpts, step, model, opt, sched, stream.state_dict(),
                                  dict(skipped=skipped, losses=losses, train_cfg=asdict(cfg)), env, cfg.keep_checkpoints)
     bar.close()
     if log: log.close()
@@ -506,6 +508,16 @@ def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  config=deepspeed_config(cfg, env.world_size))
     return engine, opt, sched
+
+def load_deepspeed_optimizer(path, opt, env):
+    "Restore the engine's optimizer from checkpoint `path`: ZeRO 1/2 takes every rank's partition, others their own."
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    path = Path(path)
+    sds = [torch.load(path / f"rank{r}.pt", map_location="cpu", weights_only=False)["optimizer"]
+           for r in range(env.world_size)]
+    if any(sd is None for sd in sds): raise ValueError(f"checkpoint has no optimizer state (got path={str(path)!r})")
+    if isinstance(opt, DeepSpeedZeroOptimizer): opt.load_state_dict(sds)
+    else: opt.load_state_dict(sds[env.rank])
 
 def _train_step_deepspeed(engine, stream, cfg, bc, zc, env) -> dict:
     "One optimizer step on the DeepSpeed engine (it accumulates, all-reduces, clips and steps the schedule)."

@@ -112,9 +112,24 @@ def ds_run(out, stage):
     if rank == 0: print("DONE", json.dumps(res.losses), flush=True)
 
 
+def ds_resume_run(out, steps, resume):
+    "ZeRO-2 AdamW run over 2 processes, checkpoint every 2 steps; `--resume` continues from the latest."
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(0)
+    model = EncoderDecoder(tiny())
+    ds = os.path.join(os.path.dirname(__file__), "..", "papermill_runs", "deepspeed", "tiny.json")
+    ds = {**json.load(open(ds)), "zero_optimization": {"stage": 2}}
+    cfg = TrainConfig(steps=steps, optimizer="adamw", lr=3e-3, batch_size=4, out_dir=out, progress=False,
+                      engine="deepspeed", deepspeed_config=ds, ckpt_every=2, keep_checkpoints=0, resume=resume)
+    res = train(model, batches(4, seed=rank), cfg)
+    if rank == 0:
+        print("RESUMED_FROM", res.resumed_from, flush=True); print("DONE", json.dumps(res.losses), flush=True)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "resume": resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)
     elif mode == "ep": ep_run(out)
     elif mode == "ds": ds_run(out, sys.argv[3])
+    elif mode == "ds_resume": ds_resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)
     elif mode == "ep_resume": ep_resume_run(out, int(sys.argv[3]), "--resume" in sys.argv)

@@ -191,6 +191,25 @@ def test_deepspeed_zero2_two_processes_match_one_process(tmp_path):
     assert len(open(tmp_path / "deepspeed/metrics.jsonl").readlines()) == 3
 
 
+def test_deepspeed_zero2_resume_restores_optimizer_state(tmp_path):
+    "A ZeRO-2 run stopped after its step-2 checkpoint and resumed gives the uninterrupted run's later losses."
+    pytest.importorskip("deepspeed")
+    import socket
+    def launch(out, steps, *flags):
+        with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = str(s.getsockname()[1])
+        torchrun = Path(sys.executable).parent / "torchrun"
+        r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(ROOT / "tests/_dist_worker.py"),
+                            "ds_resume", str(out), str(steps), *flags],
+                           capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.split("RESUMED_FROM ", 1)[1].split()[0], json.loads(r.stdout.split("DONE", 1)[1])
+    _, full = launch(tmp_path / "full", 4)
+    launch(tmp_path / "cut", 2)
+    resumed_from, rest = launch(tmp_path / "cut", 4, "--resume")
+    assert resumed_from == "2" and len(rest) == 4
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full), rtol=1e-5, atol=1e-6)
+
+
 def test_eval_fn_bf16_and_hf_export(tmp_path):
     torch.manual_seed(0)
     from flanmoe_nb.model import ModelConfig
