@@ -316,7 +316,7 @@ EXPERIMENT_DEFAULTS = dict(
     capacity_factor=1.25, eval_capacity_factor=2.0, balance_coef=0.01, z_coef=0.0, sparse_step=2,
     dropout=0.1, freeze="none", expert_dropout=None, seed=0, data_seed=0, held_out_clusters=["logic"],
     task="syllogism", init_checkpoint="", steps=100, batch_size=16, lr=1e-3, optimizer="adafactor",
-    schedule="constant", warmup_steps=0, bf16=False, launcher="local", nproc=2, ep_size=1,
+    schedule="constant", warmup_steps=0, bf16=False, torch_compile=False, launcher="local", nproc=2, ep_size=1,
     model_overrides={}, data_overrides={}, eval_per_task=20, shots=2, max_new_tokens=16,
     eval_batch_size=32, out_dir="runs/experiment", run_id="", deepspeed_config="")
 
@@ -404,7 +404,7 @@ def train_config(p: dict):
                          balance_coef=p["balance_coef"], z_coef=p["z_coef"], freeze=p["freeze"],
                          expert_dropout=p["expert_dropout"], out_dir=p["out_dir"], ep_size=p["ep_size"],
                          engine="deepspeed" if p["launcher"] == "deepspeed" else "torch", deepspeed_config=_ds_config(p),
-                         progress=False)
+                         compile=bool(p["torch_compile"]), progress=False)
 
 # %% ../nbs/09_runs.ipynb #4ec197ad
 def _train_here(p: dict) -> dict:

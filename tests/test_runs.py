@@ -113,4 +113,6 @@ def test_experiment_notebooks_have_parameters_cells():
     assert p["num_experts"] == 8 and p["held_out_clusters"] == ["logic"]
     with pytest.raises(ValueError, match="init_checkpoint"): runs.experiment_params(setup=3)
     with pytest.raises(ValueError, match="unknown experiment parameter"): runs.experiment_params(nope=1)
+    assert runs.train_config(runs.experiment_params(torch_compile=True)).compile
+    assert not runs.train_config(runs.experiment_params()).compile
     with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="slurm")
