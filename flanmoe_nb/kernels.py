@@ -374,7 +374,8 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
     if _op("grouped_mm") is None or _op("permute") is None:
         return expert_ffn_reference(x, token_idx, group_sizes, weights, w_in, w_out, activation, dropout_p, training)
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
-    h = activate(h, activation)
+    # relu in place: h is ours and grouped_mm's backward does not keep it, so no second [S, f] buffer
+    h = h.relu_() if activation == "relu" else activate(h, activation)
     if dropout_p and training: h = F.dropout(h, dropout_p, True)
     return unpermute(grouped_mm(h, w_out, group_sizes), token_idx, weights, x.shape[0])
 

@@ -138,7 +138,8 @@ class RoutingPlan:
 def top_k_gates(probs: torch.Tensor, top_k: int, renormalize: bool | None = None, policy: str = "all",
                 threshold: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Top-k experts per token -> `(gates [T,k], expert_idx [T,k], active bool [T,k])`."
-    gates, expert_idx = (v[:, :top_k] for v in probs.sort(dim=-1, descending=True, stable=True))  # ties: lower index
+    if top_k == 1: gates, expert_idx = probs.max(dim=-1, keepdim=True)        # ties: the first (lower) index
+    else: gates, expert_idx = (v[:, :top_k] for v in probs.sort(dim=-1, descending=True, stable=True))  # ties: lower index
     norm = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
     if renormalize if renormalize is not None else top_k > 1: gates = norm
     active = torch.ones_like(expert_idx, dtype=torch.bool)
@@ -197,7 +198,7 @@ def balance_loss(probs: torch.Tensor, first_idx: torch.Tensor, valid: torch.Tens
     Lg = group_size or T or 1
     w = (torch.ones(T, device=probs.device) if valid is None else valid.float()).view(-1, Lg)
     n = w.sum(1)
-    f = (F.one_hot(first_idx, E).float().view(-1, Lg, E) * w[..., None]).sum(1) / n.clamp_min(1)[:, None]
+    f = w.new_zeros(w.shape[0], E).scatter_add_(1, first_idx.view(-1, Lg), w) / n.clamp_min(1)[:, None]
     P = (probs.float().view(-1, Lg, E) * w[..., None]).sum(1) / n.clamp_min(1)[:, None]
     per_group = E * (f * P).sum(-1)
     has = (n > 0).float()
