@@ -7,7 +7,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/bench.html.md"""
 
 # %% ../nbs/10_bench.ipynb #a7fa077c
 from __future__ import annotations
-import argparse, json, subprocess, sys, time
+import argparse, contextlib, json, subprocess, sys, time
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from . import kernels as K
 
 # %% auto #0
-__all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_dense', 'build_hf', 'build_einsum',
-           'build_torch_gmm', 'check_agreement', 'time_methods', 'peak_memory', 'run_moe_bench', 'run_train_bench',
-           'main']
+__all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas', 'build_dense',
+           'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement', 'time_methods', 'peak_memory',
+           'run_moe_bench', 'run_train_bench', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -38,15 +38,17 @@ def make_inputs(s: Shape, seed: int = 0) -> dict:
                 w2=r(s.k * s.f, s.d, scale=s.f ** -0.5))
 
 def _step(fn, params):
-    "A method: `fn(*params) -> y` with fresh leaf copies of `params` (all differentiated)."
+    "A method: `fn(*params) -> y` with fresh leaf copies of `params` (all differentiated); an optional third item is a context factory."
     return fn, [p.detach().requires_grad_() for p in params]
 
 def runner(case):
-    "One forward + backward step of a method, w.r.t. every param (no `.grad` accumulation)."
-    fn, params = case
+    "One forward + backward step of a method, w.r.t. every param (no `.grad` accumulation), inside its context if it has one."
+    fn, params = case[:2]
+    ctx = case[2] if len(case) > 2 else contextlib.nullcontext
     def run():
-        y = fn(*params)
-        torch.autograd.grad(y, params, torch.ones_like(y))
+        with ctx():
+            y = fn(*params)
+            torch.autograd.grad(y, params, torch.ones_like(y))
     return run
 
 def _route(x, router, k):
@@ -60,6 +62,11 @@ def build_flanmoe(s, inp):
     def fn(x, router, w_in, w_out):
         return K.moe_ffn(x, x.float() @ router.float().T, w_in, w_out, top_k=s.k)[0]
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
+
+def build_flanmoe_blas(s, inp):
+    "`flanmoe` with the AVX-512 small-row GEMMs switched off: every expert product goes to BLAS (CPUs with AVX-512 only)."
+    if inp["x"].device.type != "cpu" or not K.small_gemm_info()["supported"]: return None
+    return (*build_flanmoe(s, inp), lambda: K.use_small_gemm(False))
 
 def build_dense(s, inp):
     "The limit: one dense FFN with the same active FLOPs (d_ff = k*f), plain torch matmuls."
@@ -112,7 +119,7 @@ def build_torch_gmm(s, inp):
     except (RuntimeError, NotImplementedError): return None
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
-METHODS = {"flanmoe": build_flanmoe, "dense": build_dense, "hf_switch": build_hf,
+METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "dense": build_dense, "hf_switch": build_hf,
            "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm}
 
 # %% ../nbs/10_bench.ipynb #74501a57
@@ -121,9 +128,10 @@ def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
     inp = make_inputs(s)
     outs = {}
     with torch.no_grad():
-        for name in ("flanmoe", "hf_switch", "gshard_einsum", "torch_grouped_mm"):
+        for name in ("flanmoe", "flanmoe_blas", "hf_switch", "gshard_einsum", "torch_grouped_mm"):
             case = METHODS[name](s, inp)
-            if case is not None: outs[name] = case[0](*case[1])
+            if case is None: continue
+            with (case[2] if len(case) > 2 else contextlib.nullcontext)(): outs[name] = case[0](*case[1])
     return {n: float((o.float() - outs["flanmoe"].float()).abs().max()) for n, o in outs.items() if n != "flanmoe"}
 
 # %% ../nbs/10_bench.ipynb #8259146a
@@ -152,11 +160,13 @@ def _peak_worker(argv):
     torch.set_num_threads(int(argv[2]))
     case = METHODS[method](shape, make_inputs(shape))
     if case is None: print("null"); return 0
-    fn, params = case
+    fn, params = case[:2]
+    ctx = case[2] if len(case) > 2 else contextlib.nullcontext
     for w in params[1:]: w.requires_grad_(False)   # only the input's gradient: no weight gradients at all
     def run():
-        y = fn(*params)
-        torch.autograd.grad(y, params[:1], torch.ones_like(y))
+        with ctx():
+            y = fn(*params)
+            torch.autograd.grad(y, params[:1], torch.ones_like(y))
     base = _status_kib("VmRSS")        # inputs allocated, nothing run yet
     run()                              # warm-up: lazy init; memory it keeps stays in VmRSS and counts
     with open("/proc/self/clear_refs", "w") as fh: fh.write("5")   # reset the peak (VmHWM) to now

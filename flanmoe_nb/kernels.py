@@ -15,8 +15,9 @@ import torch
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info', 'cpu_cache_info',
            'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm',
-           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
-           'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+           'small_gemm_info', 'set_small_gemm', 'use_small_gemm', 'RoutePlan', 'route_plan_reference',
+           'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference',
+           'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -70,9 +71,10 @@ def require_extension():
     if _C is None: raise ExtensionError(_LOAD_ERROR)
 
 def extension_info() -> dict:
-    "What was compiled: torch version, CUDA kernels, intra-op threads."
+    "What was compiled: torch version, CUDA kernels, intra-op threads, whether the AVX-512 small-row GEMMs run."
     require_extension()
-    return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads())
+    small = _C.small_gemm_enabled() if hasattr(_C, "small_gemm_enabled") else False
+    return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads(), avx512_small_gemm=small)
 
 # %% ../nbs/01_kernels.ipynb #bf118c46
 def cpu_cache_info() -> dict:
@@ -169,6 +171,30 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, tran
     require_extension()
     _same_device("grouped_mm", "a", a, b=b, group_sizes=group_sizes)
     return torch.ops.flanmoe.grouped_mm(a, b, group_sizes, trans_b)
+
+# %% ../nbs/01_kernels.ipynb #f3a35b26
+import contextlib
+
+def small_gemm_info() -> dict:
+    "Whether this CPU has the AVX-512 small-row GEMMs (`supported`) and whether `grouped_mm` uses them (`enabled`)."
+    require_extension()
+    return dict(supported=_C.small_gemm_supported(), enabled=_C.small_gemm_enabled())
+
+def set_small_gemm(enabled: bool) -> bool:
+    "Switch the AVX-512 small-row GEMMs on or off (process-wide); returns the previous setting."
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False (got enabled={enabled!r})")
+    require_extension()
+    before = _C.small_gemm_enabled()
+    _C.set_small_gemm(enabled)
+    return before
+
+@contextlib.contextmanager
+def use_small_gemm(enabled: bool):
+    "Context manager: the AVX-512 small-row GEMMs on or off inside the block, the previous setting after it."
+    prev = set_small_gemm(enabled)
+    try: yield
+    finally: _C.set_small_gemm(prev)
 
 # %% ../nbs/01_kernels.ipynb #cfd3961a
 from typing import NamedTuple

@@ -156,6 +156,60 @@ def test_grouped_mm_big_groups_split_over_threads():
                                atol=1e-3, rtol=1e-4)
 
 
+# ---------------------------------------------------------------- AVX-512 small-row GEMMs vs BLAS
+needs_small = pytest.mark.skipif(not (K.extension_available() and K.small_gemm_info()["supported"]),
+                                 reason="needs the extension on a CPU with AVX-512F")
+
+
+@pytest.mark.parametrize("small", [True, False])
+@HYP
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 11, 12, 13, 16, 31, 32, 33, 64, 65, 96, 97, 255, 257]),
+                      min_size=1, max_size=5),
+       Kd=st.integers(1, 70), M=st.integers(1, 70), trans_b=st.booleans(), pad=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_grouped_mm_small_kernels_and_blas_equal_reference(small, sizes, Kd, M, trans_b, pad, seed):
+    """fp32 row blocks on both sides of every kernel's row limit (64 / 96 / 256), odd K and M (masked
+    columns, partial tiles), empty groups and padding rows: the AVX-512 kernels and BLAS both equal the
+    reference in the product, the input gradient and the weight gradient."""
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.tensor(sizes, dtype=torch.long)
+    N, G = sum(sizes) + pad, len(sizes)
+    a = torch.randn(N, Kd, generator=g).requires_grad_()
+    b = torch.randn(G, *((M, Kd) if trans_b else (Kd, M)), generator=g).requires_grad_()
+    dy = torch.randn(N, M, generator=g)
+    with K.use_small_gemm(small):
+        out = K.grouped_mm(a, b, gs, trans_b)
+        da, db = torch.autograd.grad((out * dy).sum(), (a, b))
+    ref = K.grouped_mm_reference(a.double(), b.double(), gs, trans_b)
+    da_ref, db_ref = torch.autograd.grad((ref * dy.double()).sum(), (a, b))
+    tol = dict(atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(da, da_ref, **tol); torch.testing.assert_close(db, db_ref, **tol)
+
+
+@needs_small
+def test_small_gemm_switch_and_nonfinite_values():
+    "The switch is process-wide and restored; NaN and inf propagate exactly as in BLAS; bad input is named."
+    before = K.small_gemm_info()["enabled"]
+    with K.use_small_gemm(False):
+        assert K.small_gemm_info() == dict(supported=True, enabled=False)
+    assert K.small_gemm_info()["enabled"] == before
+    g = torch.Generator().manual_seed(0)
+    a, b, dy = torch.randn(40, 24, generator=g), torch.randn(2, 24, 33, generator=g), torch.randn(40, 33, generator=g)
+    a[3, 5], b[1, 2, 7], dy[30, 4] = float("nan"), float("inf"), float("-inf")
+    gs = torch.tensor([16, 24])
+    res = {}
+    for on in (True, False):
+        with K.use_small_gemm(on):
+            res[on] = (ops.grouped_mm(a, b, gs, False), ops.grouped_mm(dy, b, gs, True), ops.grouped_mm_wgrad(a, dy, gs))
+    for x, y in zip(res[True], res[False]):
+        assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.isinf(), y.isinf())
+        fin = x.isfinite()
+        torch.testing.assert_close(x[fin], y[fin], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="enabled"):
+        K.set_small_gemm(1)
+
+
 def test_cpu_cache_reuses_blocks_and_never_leaks_their_contents():
     """Large outputs come from the host cache: a second call of the same size is a hit, and a reused
     (dirty) block is fully overwritten: empty groups get zero weight gradients, tokens without rows zeros."""
