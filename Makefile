@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 KERNEL_NAME ?= flanmoe_nb
 STAMP := $(VENV)/.flanmoe-installed
-CPP_SOURCES := $(wildcard cpp/*.cpp cpp/*.h cpp/cuda/*.cu cpp/cuda/*.cuh)
+CPP_SOURCES := $(wildcard cpp/*.cpp cpp/*.h cpp/*.inc cpp/cuda/*.cu cpp/cuda/*.cuh)
 PYTEST_ARGS ?=
 
 .PHONY: FORCE install system-deps run test test-py test-nbs docs lab export clean-nbs check-sync bench clean

@@ -1,6 +1,6 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
-// Each group's product goes to the AVX-512 small-row kernels of sgemm_small.cpp (fp32, row blocks of up to
-// 64-256 rows: the shapes of 32-128 experts) or to ATen's BLAS (MKL / oneDNN via at::mm_out), never a naive loop.
+// Each group's product goes to the small-row kernels of sgemm_small.cpp (fp32 row blocks of up to 32-256
+// rows, the shapes of 32-128 experts; AVX-512 or AVX2) or to ATen's BLAS (MKL / oneDNN via at::mm_out).
 // Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
@@ -94,17 +94,17 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
   auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());
-  const bool small = a.scalar_type() == at::kFloat && sgemm_small_enabled();
-  const int64_t small_rows = trans_b ? kSmallRowsNT : kSmallRowsNN;
+  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? small_gemm_active() : SmallGemmIsa::none;
+  const int64_t small_rows = trans_b ? small_gemm_rows(isa).nt : small_gemm_rows(isa).nn;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     if (it.hi == it.lo) return;
     const int64_t r0 = off[it.g] + it.lo, n = it.hi - it.lo;
-    if (small && n <= small_rows) {
+    if (n <= small_rows) {
       const float* A = a.const_data_ptr<float>() + r0 * K;
       const float* B = b.const_data_ptr<float>() + it.g * K * M;
       float* C = out.data_ptr<float>() + r0 * M;
-      if (trans_b) sgemm_small_nt(n, M, K, A, K, B, K, C, M);
-      else sgemm_small_nn(n, M, K, A, K, B, M, C, M);
+      if (trans_b) sgemm_small_nt(isa, n, M, K, A, K, B, K, C, M);
+      else sgemm_small_nn(isa, n, M, K, A, K, B, M, C, M);
       return;
     }
     auto bg = trans_b ? b.select(0, it.g).t() : b.select(0, it.g);
@@ -134,11 +134,12 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const
   std::vector<double> work(G);
   for (int64_t g = 0; g < G; ++g) { cols[g] = M; work[g] = double(K) * std::max<int64_t>(off[g + 1] - off[g], 1); }
   auto items = make_items(cols, work, at::get_num_threads());
-  const bool small = a.scalar_type() == at::kFloat && sgemm_small_enabled();
+  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? small_gemm_active() : SmallGemmIsa::none;
+  const int64_t small_rows = small_gemm_rows(isa).tn;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     const int64_t n = off[it.g + 1] - off[it.g];
-    if (small && n <= kSmallRowsTN && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
-      sgemm_small_tn(n, K, it.hi - it.lo, a.const_data_ptr<float>() + off[it.g] * K, K,
+    if (isa != SmallGemmIsa::none && n <= small_rows && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
+      sgemm_small_tn(isa, n, K, it.hi - it.lo, a.const_data_ptr<float>() + off[it.g] * K, K,
                      dy.const_data_ptr<float>() + off[it.g] * M + it.lo, M,
                      out.data_ptr<float>() + it.g * K * M + it.lo, M);
       return;

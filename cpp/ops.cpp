@@ -43,8 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "host cache of large CPU outputs: [cached bytes, bytes in use, limit bytes, hits, misses]");
   mod.def("empty_cpu_cache", &flanmoe::empty_cpu_cache, "return the host cache's free blocks to the OS");
   mod.def("set_cpu_cache_limit", &flanmoe::set_cpu_cache_limit, "bound the host cache (bytes; 0 disables)");
-  mod.def("small_gemm_supported", &flanmoe::sgemm_small_supported, "whether the CPU has the AVX-512 small-row GEMMs");
-  mod.def("small_gemm_enabled", &flanmoe::sgemm_small_enabled, "whether grouped_mm uses the AVX-512 small-row GEMMs");
-  mod.def("set_small_gemm", &flanmoe::set_small_gemm, "switch the AVX-512 small-row GEMMs on or off");
+  mod.def("small_gemm_supported", &flanmoe::small_gemm_supported, "ISAs of the small-row GEMMs this CPU can run");
+  mod.def("small_gemm_active", []() { return flanmoe::small_gemm_name(flanmoe::small_gemm_active()); },
+          "which small-row GEMMs grouped_mm uses now ('off': BLAS only)");
+  mod.def("set_small_gemm", &flanmoe::set_small_gemm,
+          "choose the small-row GEMMs: 'off', 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
   mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
 }

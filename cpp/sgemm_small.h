@@ -1,31 +1,42 @@
-// fp32 GEMMs for the shapes of an MoE expert block: few rows (tokens of one expert, <= kSmallRows),
-// wide weights. Row-major, leading dimensions in elements, C overwritten (not accumulated).
+// fp32 GEMMs for the shapes of an MoE expert block: few rows (the tokens of one expert), wide weights.
+// Row-major, leading dimensions in elements, C overwritten (not accumulated).
 //
-// Why not BLAS: per expert a [32, 512] x [512, 2048] product spends as long packing the 4 MiB weight
-// as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight once,
-// straight from its row-major layout, with AVX-512 register tiles. They exist only where AVX-512F is
-// (checked at run time); `sgemm_small_enabled()` says whether to call them, BLAS is used otherwise.
-// The kernel file includes no torch header: its AVX-512 code never leaks into shared inline functions.
+// Why not BLAS: per expert a [32, 512] x [512, 2048] product spends about as long packing the 4 MiB weight
+// as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight in one
+// sequential pass (NN) or in place (NT, TN) with register tiles, in an AVX-512F and an AVX2+FMA copy
+// picked at run time. `grouped_mm` uses them for fp32 row blocks up to `sgemm_small_rows()` and BLAS
+// for everything else. The kernel file includes no torch header: ISA code never leaks into shared
+// inline functions.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace flanmoe {
 
-// Largest row block each kernel takes (beyond it BLAS is as fast or faster; measured on AMD Zen 5).
-constexpr int64_t kSmallRowsNN = 256, kSmallRowsNT = 64, kSmallRowsTN = 96;
+enum class SmallGemmIsa { none, avx2, avx512 };
 
-bool sgemm_small_supported();          // the CPU has AVX-512F
-bool sgemm_small_enabled();            // supported, and not switched off (FLANMOE_SMALL_GEMM=0 or set_small_gemm)
-void set_small_gemm(bool on);          // switch the kernels on or off at run time (benchmarks, tests)
+SmallGemmIsa small_gemm_best();                 // the widest ISA this CPU has (none: neither)
+SmallGemmIsa small_gemm_active();               // what grouped_mm uses now (none: BLAS only)
+// Choose: "off" (= "blas"), "avx2", "avx512" or "auto" (the best). False when the CPU lacks it or the name
+// is unknown.
+// The start value comes from FLANMOE_SMALL_GEMM (same names; default auto).
+bool set_small_gemm(const std::string& mode);
+std::string small_gemm_name(SmallGemmIsa isa);
+std::vector<std::string> small_gemm_supported();
 
-// C[M, N] = A[M, K] @ B[K, N]                (M <= kSmallRowsNN)
-void sgemm_small_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc);
-// C[M, N] = A[M, K] @ B[N, K]^T              (M <= kSmallRowsNT)
-void sgemm_small_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc);
-// C[P, N] = A[M, P]^T @ D[M, N]              (M, the depth, <= kSmallRowsTN; the weight-gradient shape)
-void sgemm_small_tn(int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D, int64_t ldd,
-                    float* C, int64_t ldc);
+// Largest row block each kernel takes for `isa` (beyond it BLAS is as fast or faster).
+struct SmallRows { int64_t nn, nt, tn; };
+SmallRows small_gemm_rows(SmallGemmIsa isa);
+
+// C[M, N] = A[M, K] @ B[K, N]
+void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc);
+// C[M, N] = A[M, K] @ B[N, K]^T
+void sgemm_small_nt(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc);
+// C[P, N] = A[M, P]^T @ D[M, N]   (M, the depth, is the expert's rows: the weight-gradient shape)
+void sgemm_small_tn(SmallGemmIsa isa, int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D,
+                    int64_t ldd, float* C, int64_t ldc);
 
 }  // namespace flanmoe

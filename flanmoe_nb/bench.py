@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from . import kernels as K
 
 # %% auto #0
-__all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas', 'build_dense',
-           'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement', 'time_methods', 'peak_memory',
-           'run_moe_bench', 'run_train_bench', 'main']
+__all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas', 'build_dense_gmm',
+           'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement', 'time_methods',
+           'peak_memory', 'run_moe_bench', 'run_train_bench', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -64,9 +64,16 @@ def build_flanmoe(s, inp):
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
 def build_flanmoe_blas(s, inp):
-    "`flanmoe` with the AVX-512 small-row GEMMs switched off: every expert product goes to BLAS (CPUs with AVX-512 only)."
-    if inp["x"].device.type != "cpu" or not K.small_gemm_info()["supported"]: return None
-    return (*build_flanmoe(s, inp), lambda: K.use_small_gemm(False))
+    "`flanmoe` with its CPU expert GEMMs switched off: every expert product goes to BLAS (CPU only; n/a where they never run)."
+    if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"]: return None
+    return (*build_flanmoe(s, inp), lambda: K.use_cpu_gemm("blas"))
+
+def build_dense_gmm(s, inp):
+    "The same dense FFN as `dense` through this project's `grouped_mm` with one group: the limit for its own kernels."
+    one = torch.tensor([s.T])
+    def fn(x, w1, w2):
+        return K.grouped_mm(F.relu(K.grouped_mm(x, w1[None], one)), w2[None], one)
+    return _step(fn, [inp["x"], inp["w1"], inp["w2"]])
 
 def build_dense(s, inp):
     "The limit: one dense FFN with the same active FLOPs (d_ff = k*f), plain torch matmuls."
@@ -119,7 +126,7 @@ def build_torch_gmm(s, inp):
     except (RuntimeError, NotImplementedError): return None
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
-METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "dense": build_dense, "hf_switch": build_hf,
+METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "dense": build_dense, "dense_gmm": build_dense_gmm, "hf_switch": build_hf,
            "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm}
 
 # %% ../nbs/10_bench.ipynb #74501a57

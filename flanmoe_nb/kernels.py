@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info', 'cpu_cache_info',
-           'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm',
-           'small_gemm_info', 'set_small_gemm', 'use_small_gemm', 'RoutePlan', 'route_plan_reference',
-           'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference',
-           'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+__all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
+           'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
+           'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'RoutePlan',
+           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
+           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -71,10 +71,10 @@ def require_extension():
     if _C is None: raise ExtensionError(_LOAD_ERROR)
 
 def extension_info() -> dict:
-    "What was compiled: torch version, CUDA kernels, intra-op threads, whether the AVX-512 small-row GEMMs run."
+    "What was compiled: torch version, CUDA kernels, intra-op threads, which CPU expert-GEMM kernels run."
     require_extension()
-    small = _C.small_gemm_enabled() if hasattr(_C, "small_gemm_enabled") else False
-    return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads(), avx512_small_gemm=small)
+    return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads(),
+                cpu_gemm=_C.small_gemm_active().replace("off", "blas"))
 
 # %% ../nbs/01_kernels.ipynb #bf118c46
 def cpu_cache_info() -> dict:
@@ -175,26 +175,39 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, tran
 # %% ../nbs/01_kernels.ipynb #f3a35b26
 import contextlib
 
-def small_gemm_info() -> dict:
-    "Whether this CPU has the AVX-512 small-row GEMMs (`supported`) and whether `grouped_mm` uses them (`enabled`)."
-    require_extension()
-    return dict(supported=_C.small_gemm_supported(), enabled=_C.small_gemm_enabled())
+CPU_GEMMS = ("auto", "avx512", "avx2", "blas")
 
-def set_small_gemm(enabled: bool) -> bool:
-    "Switch the AVX-512 small-row GEMMs on or off (process-wide); returns the previous setting."
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled must be True or False (got enabled={enabled!r})")
+def cpu_gemm_info() -> dict:
+    "The CPU expert-GEMM kernels this CPU can run (`supported`) and the ones `grouped_mm` uses now (`active`; 'blas': none)."
     require_extension()
-    before = _C.small_gemm_enabled()
-    _C.set_small_gemm(enabled)
+    return dict(supported=list(_C.small_gemm_supported()), active=_C.small_gemm_active().replace("off", "blas"))
+
+def set_cpu_gemm(mode: str) -> str:
+    "Choose the fp32 CPU expert GEMMs: one of `CPU_GEMMS` ('auto': the widest this CPU has); returns the previous mode."
+    if mode not in CPU_GEMMS:
+        raise ValueError(f"mode must be one of {CPU_GEMMS} (got mode={mode!r})")
+    require_extension()
+    before = cpu_gemm_info()["active"]
+    if not _C.set_small_gemm("off" if mode == "blas" else mode):
+        raise ValueError(f"mode={mode!r} needs a CPU with {mode.upper()}; this one supports {cpu_gemm_info()['supported'] or 'neither'}")
     return before
 
+def _check_gemm_env():
+    "Warn when FLANMOE_SMALL_GEMM names a mode that does not exist or this CPU cannot run (the kernels then use BLAS)."
+    import os
+    mode = os.environ.get("FLANMOE_SMALL_GEMM")
+    if _C is None or mode is None or mode in ("auto", "off", "0") or mode in _C.small_gemm_supported() + ["blas"]: return
+    warnings.warn(f"FLANMOE_SMALL_GEMM={mode!r} is not one of {CPU_GEMMS} this CPU supports "
+                  f"({_C.small_gemm_supported() or 'neither ISA'}); the CPU expert GEMMs use BLAS")
+
+_check_gemm_env()
+
 @contextlib.contextmanager
-def use_small_gemm(enabled: bool):
-    "Context manager: the AVX-512 small-row GEMMs on or off inside the block, the previous setting after it."
-    prev = set_small_gemm(enabled)
+def use_cpu_gemm(mode: str):
+    "Context manager: `set_cpu_gemm(mode)` inside the block, the previous mode after it."
+    prev = set_cpu_gemm(mode)
     try: yield
-    finally: _C.set_small_gemm(prev)
+    finally: set_cpu_gemm(prev)
 
 # %% ../nbs/01_kernels.ipynb #cfd3961a
 from typing import NamedTuple
