@@ -2,7 +2,12 @@
 // sgemm_small_isa.inc: AVX-512F and AVX2+FMA, picked at run time by what the CPU has. Only functions
 // marked with an ISA's target attribute contain its instructions; this file includes no torch header.
 #include "sgemm_small.h"
+#if defined(__x86_64__) || defined(__i386__)
+#define FLANMOE_X86 1
 #include <immintrin.h>
+#else
+#define FLANMOE_X86 0                                      // e.g. aarch64: no kernels here, BLAS throughout
+#endif
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -22,6 +27,7 @@ float* scratch(size_t n) {                                 // per-thread packing
   return buf.data();
 }
 
+#if FLANMOE_X86
 #define ISA_NS avx512
 #define ISA_TARGET __attribute__((target("avx512f,fma")))
 #define ISA_AVX512 1
@@ -44,6 +50,9 @@ SmallGemmIsa detect() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SmallGemmIsa::avx2;
   return SmallGemmIsa::none;
 }
+#else
+SmallGemmIsa detect() { return SmallGemmIsa::none; }
+#endif
 
 bool parse(const std::string& mode, SmallGemmIsa* out) {
   const SmallGemmIsa best = small_gemm_best();
@@ -105,8 +114,12 @@ SmallRows small_gemm_rows(SmallGemmIsa isa) {
   return {0, 0, 0};
 }
 
+#if FLANMOE_X86
 #define FLANMOE_DISPATCH(fn, ...) \
   (isa == SmallGemmIsa::avx512 ? avx512::fn(__VA_ARGS__) : avx2::fn(__VA_ARGS__))
+#else   // never called: small_gemm_active() is always none here
+#define FLANMOE_DISPATCH(fn, ...) (void)isa
+#endif
 
 void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                     int64_t ldb, float* C, int64_t ldc) {
