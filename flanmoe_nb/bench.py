@@ -18,7 +18,7 @@ from . import kernels as K
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas', 'build_dense_gmm',
            'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement', 'time_methods',
-           'peak_memory', 'run_moe_bench', 'run_train_bench', 'main']
+           'peak_memory', 'run_moe_bench', 'run_gmm_bench', 'run_train_bench', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -26,7 +26,7 @@ class Shape:
     "One benchmark point."
     T: int = 4096; d: int = 512; f: int = 2048; E: int = 8; k: int = 1; dtype: str = "fp32"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}   # fp16: CUDA only
 
 def make_inputs(s: Shape, seed: int = 0) -> dict:
     "Shared inputs: tokens, router and expert weights (and a dense FFN of width k*f)."
@@ -228,6 +228,51 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 print_fn(f"{1:>2} {E:>4} {TT:>6} | " + " | ".join(f"{_fmt(mem.get(m), '16.1f'):>16}" for m in methods))
     return rows
 
+# %% ../nbs/10_bench.ipynb #fdcd6995
+def _timer(device: str):
+    "A function `t(fn, reps) -> best seconds` for the device (CUDA events on GPU)."
+    if device.startswith("cuda"):
+        def t(fn, reps):
+            fn(); torch.cuda.synchronize(); best = float("inf")
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(); fn(); b.record(); torch.cuda.synchronize(); best = min(best, a.elapsed_time(b) / 1e3)
+            return best
+        return t
+    def t(fn, reps):
+        fn(); best = float("inf")
+        for _ in range(reps): t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+        return best
+    return t
+
+def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=("fp32",), device="cpu",
+                  reps=5, print_fn=print) -> list[dict]:
+    "TFLOP/s of `grouped_mm` vs one dense GEMM of equal FLOPs vs `torch._grouped_mm`; rows of the printed table."
+    timer, rows = _timer(device), []
+    print_fn(f"grouped_mm [T*k={T * k}, d={d}] x [E, d, f={f}] on {device}; TFLOP/s (fraction of the dense GEMM)")
+    print_fn(f"{'dtype':5} {'E':>4} | {'flanmoe':>15} | {'dense mm':>15} | {'torch._grouped_mm':>17}")
+    for dt in dtypes:
+        for E in experts:
+            g = torch.Generator().manual_seed(E)
+            idx = torch.randint(0, E, (T * k,), generator=g)
+            sizes = torch.bincount(idx, minlength=E).to(device)
+            a = torch.randn(T * k, d, generator=g).to(device, DTYPES[dt])
+            w = (torch.randn(E, d, f, generator=g) * d ** -0.5).to(device, DTYPES[dt])
+            flops = 2.0 * T * k * d * f
+            res = {"flanmoe": timer(lambda: K.grouped_mm(a, w, sizes), reps),
+                   "dense": timer(lambda: a @ w[0], reps)}
+            if hasattr(torch, "_grouped_mm"):
+                offs = torch.cumsum(sizes, 0).to(torch.int32)
+                try: res["torch_grouped_mm"] = timer(lambda: torch._grouped_mm(a, w, offs=offs), reps)
+                except (RuntimeError, NotImplementedError): pass
+            tf = {m: flops / s / 1e12 for m, s in res.items()}
+            row = dict(dtype=dt, E=E, device=device, **{f"{m}_tflops": v for m, v in tf.items()},
+                       **{f"{m}_vs_dense": v / tf["dense"] for m, v in tf.items()})
+            rows.append(row)
+            cell = lambda m, w_: f"{tf[m]:7.3f} ({row[m + '_vs_dense']:4.2f})".rjust(w_) if m in tf else "n/a".rjust(w_)
+            print_fn(f"{dt:5} {E:>4} | {cell('flanmoe', 15)} | {cell('dense', 15)} | {cell('torch_grouped_mm', 17)}")
+    return rows
+
 # %% ../nbs/10_bench.ipynb #896ddf2c
 def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool = False,
                     compile_ours: bool = False) -> list[dict]:
@@ -246,10 +291,10 @@ def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_
 
 # %% ../nbs/10_bench.ipynb #efcbd050
 def main(argv: list[str] | None = None) -> int:
-    "`flanmoe bench moe|train [--quick] [...]`: print the MoE FFN or the training-throughput benchmark table."
+    "`flanmoe bench moe|gmm|train [--quick] [...]`: print the MoE FFN, grouped-GEMM or training-throughput table."
     p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks: `moe` (the compiled MoE FFN against "
                                 "dense and peers), `train` (tiny-preset training tokens/s against HF Switch Transformers).")
-    p.add_argument("what", nargs="?", default="moe", choices=["moe", "train"])
+    p.add_argument("what", nargs="?", default="moe", choices=["moe", "gmm", "train"])
     p.add_argument("--quick", action="store_true", help="small shapes, finishes in well under a minute")
     p.add_argument("--tokens", type=int); p.add_argument("--d-model", type=int); p.add_argument("--d-ff", type=int)
     p.add_argument("--experts", help="comma-separated, e.g. 8,32,64,128")
@@ -260,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--fused-adamw", action="store_true", help="train: AdamW(fused=True) for both models")
     p.add_argument("--compile", action="store_true", help="train: torch.compile our model (~1 min per expert count)")
+    p.add_argument("--device", default="cpu", help="gmm: cpu or cuda")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(list(argv) if argv is not None else sys.argv[1:])
     ints = lambda v: tuple(int(x) for x in v.split(","))
@@ -269,6 +315,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
                                steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw,
                                compile_ours=a.compile)
+        if a.json:
+            with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
+        return 0
+    if a.what == "gmm":
+        K.require_extension()
+        if a.device.startswith("cuda") and not torch.cuda.is_available(): p.error("--device cuda: torch sees no GPU")
+        rows = run_gmm_bench(T=a.tokens or (1024 if q else 4096), d=a.d_model or (128 if q else 512),
+                             f=a.d_ff or (512 if q else 2048), experts=ints(a.experts) if a.experts else (8, 32, 64, 128),
+                             k=ints(a.top_k)[0] if a.top_k else 1, dtypes=tuple(a.dtype.split(",")), device=a.device,
+                             reps=a.reps or 5)
         if a.json:
             with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
         return 0

@@ -472,3 +472,91 @@ def test_cuda_ops_equal_reference(dtype):
         y_ref, plan_ref = K.moe_ffn_reference(x, logits, w_in, w_out, top_k=k, capacity=cap)
         for a, b in zip(plan, plan_ref): assert torch.equal(a, b)
         torch.testing.assert_close(y, y_ref, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- CUDA: every op against the CPU op / reference
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_TOL_CUDA = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=6e-2, rtol=3e-2),
+             torch.float16: dict(atol=1e-2, rtol=1e-2), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("sizes", [[0], [1], [5, 0, 17, 64], [130, 0, 0, 3, 300], [0] * 7 + [513]])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cuda_grouped_mm_and_wgrad_equal_reference(dtype, sizes, trans_b):
+    "Empty groups, one row, odd sizes, one big group, padding rows; product, both gradients, wgrad op."
+    g = torch.Generator().manual_seed(len(sizes))
+    gs = torch.tensor(sizes)
+    N, G, Kd, M = sum(sizes) + 3, len(sizes), 72, 40
+    a = torch.randn(N, Kd, generator=g)
+    b = torch.randn(G, *((M, Kd) if trans_b else (Kd, M)), generator=g) / Kd ** 0.5
+    dy = torch.randn(N, M, generator=g)
+    ac, bc = a.cuda().to(dtype).requires_grad_(), b.cuda().to(dtype).requires_grad_()
+    out = K.grouped_mm(ac, bc, gs.cuda(), trans_b)
+    da, db = torch.autograd.grad(out, (ac, bc), dy.cuda().to(dtype))
+    ar, br = a.double().requires_grad_(), b.double().requires_grad_()
+    ref = K.grouped_mm_reference(ar, br, gs, trans_b)
+    da_r, db_r = torch.autograd.grad(ref, (ar, br), dy.double())
+    for got, want in ((out, ref), (da, da_r), (db, db_r)):
+        torch.testing.assert_close(got.double().cpu(), want, **_TOL_CUDA[dtype])
+    assert out[sum(sizes):].abs().max() == 0                   # padding rows stay zero
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cap", [None, 0, 1, 5])
+def test_cuda_route_plan_permute_unpermute_equal_cpu(cap):
+    "Integer ops bit-equal to the CPU kernels (incl. priorities and invalid tokens); permute/unpermute/gather_dot close."
+    g = torch.Generator().manual_seed(7)
+    T, k, E, d = 300, 2, 16, 24
+    eidx = torch.randint(0, E, (T, k), generator=g)
+    eidx[:50] = 3                                              # one overloaded expert
+    prio, valid = torch.rand(T, k, generator=g).round(decimals=1), torch.rand(T, generator=g) > 0.1
+    cpu = K.route_plan(eidx, E, cap, prio, valid)
+    gpu = K.route_plan(eidx.cuda(), E, cap, prio.cuda(), valid.cuda())
+    for name, x, y in zip(K.RoutePlan._fields, cpu, gpu):
+        assert torch.equal(x, y.cpu()), name
+    x, w = torch.randn(T, d, generator=g), torch.rand(T * k, generator=g)
+    y = ops.permute(x, cpu.token_idx, w)
+    torch.testing.assert_close(ops.permute(x.cuda(), gpu.token_idx, w.cuda()).cpu(), y)
+    torch.testing.assert_close(ops.unpermute(y.cuda(), gpu.token_idx, w.cuda(), T).cpu(),
+                               ops.unpermute(y, cpu.token_idx, w, T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.gather_dot(x.cuda(), gpu.token_idx, y.cuda()).cpu(),
+                               ops.gather_dot(x, cpu.token_idx, y), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_moe_ffn_has_no_host_sync_and_compiles():
+    "Dropless and capacity-limited MoE FFN fwd+bwd run with CUDA sync debug mode 'error' (no host sync), and under torch.compile."
+    torch.manual_seed(0)
+    T, d, f, E = 256, 64, 128, 8
+    x = torch.randn(T, d, device="cuda", requires_grad=True)
+    logits = torch.randn(T, E, device="cuda")
+    w_in = (torch.randn(E, d, f, device="cuda") / 8).requires_grad_()
+    w_out = (torch.randn(E, f, d, device="cuda") / 8).requires_grad_()
+    gates, eidx = torch.softmax(logits, -1).topk(2, -1)
+    K.route_plan(eidx, E, 40, trim=False)                      # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for cap in (None, 40):
+            p = K.route_plan(eidx, E, cap, trim=False)        # dropped rows kept as padding: no host read
+            y = K.expert_ffn(x, p.token_idx, p.group_sizes, gates.reshape(-1)[p.assign_idx], w_in, w_out, "relu")
+            torch.autograd.grad(y.square().sum(), (x, w_in, w_out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    fn = torch.compile(lambda x, wi, wo: K.moe_ffn(x, logits, wi, wo, top_k=2)[0], fullgraph=True)
+    torch.testing.assert_close(fn(x, w_in, w_out), K.moe_ffn_reference(x, logits, w_in, w_out, top_k=2)[0],
+                               atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("case", range(8))
+def test_cuda_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(ops, name), args)
