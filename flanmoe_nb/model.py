@@ -132,6 +132,23 @@ class ModelConfig:
         return cls(**kw, moe=moe, decoder_moe=decoder_moe)
 
 # %% ../nbs/04_model.ipynb #ea339d51
+class _RMSNormFn(torch.autograd.Function):
+    "fp32 T5 layer norm with a hand-written backward: the composite formula's values in fewer ops."
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
+        xh = x * r
+        ctx.save_for_backward(xh, r, weight)
+        return xh * weight
+
+    @staticmethod
+    def backward(ctx, g):
+        xh, r, w = ctx.saved_tensors
+        gw = g * w
+        dx = (gw - xh * (gw * xh).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
+        dw = (g * xh).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
 class RMSNorm(nn.Module):
     "T5 layer norm: `x / sqrt(mean(x^2) + eps) * weight`, statistics in fp32."
     def __init__(self, d: int, eps: float = 1e-6):
@@ -139,6 +156,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return _RMSNormFn.apply(x, self.weight, self.eps)       # eager fp32: same values, fewer ops
         var = x.float().pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
 
@@ -164,14 +183,45 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_buckets, num_heads)
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self._onehot = {}   # (q_len, k_len, offset, device, dtype) -> one-hot buckets [num_buckets, q_len*k_len]
 
-    def forward(self, q_len: int, k_len: int, offset: int = 0):
+    def buckets(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        "Bucket of each (query, key) pair `[q_len, k_len]`."
         q = torch.arange(offset, offset + q_len, device=self.embedding.weight.device)
         k = torch.arange(k_len, device=q.device)
-        b = relative_position_bucket(k[None] - q[:, None], self.bidirectional, self.num_buckets, self.max_distance)
-        return self.embedding(b).permute(2, 0, 1).unsqueeze(0)
+        return relative_position_bucket(k[None] - q[:, None], self.bidirectional, self.num_buckets, self.max_distance)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0):
+        w = self.embedding.weight
+        if not (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            return self.embedding(self.buckets(q_len, k_len, offset)).permute(2, 0, 1).unsqueeze(0)
+        key = (q_len, k_len, offset, w.device, w.dtype)
+        oh = self._onehot.get(key)
+        if oh is None:   # cached per shape: an exact one-hot matmul, whose backward is one small GEMM (no embedding scatter)
+            if len(self._onehot) >= 16: self._onehot.clear()
+            b = self.buckets(q_len, k_len, offset).flatten()
+            oh = self._onehot[key] = F.one_hot(b, self.num_buckets).T.to(w.dtype).contiguous()
+        return (w.T @ oh).view(1, -1, q_len, k_len)
 
 # %% ../nbs/04_model.ipynb #ffbd72ea
+def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
+    "`softmax(q k^T + bias) v` per head (T5: no 1/sqrt(d_kv)); q/k/v `[B, H, L, d_kv]`, `bias` broadcasting to the scores."
+    if q.is_cuda or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # fused SDPA (its CPU flash kernel gives no bias gradient; the math fallback costs more than the three ops below)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                              dropout_p=dropout if training else 0.0, scale=1.0)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    q3, kt = q.reshape(B * H, Lq, D), k.reshape(B * H, Lk, D).transpose(1, 2)
+    if bias is not None and q.dtype == bias.dtype and bias.shape == (B, H, Lq, Lk):
+        s = torch.baddbmm(bias.reshape(B * H, Lq, Lk), q3, kt)          # scores + bias in one GEMM
+    else:
+        s = torch.bmm(q3, kt).view(B, H, Lq, Lk)
+        if bias is not None: s = s + bias.to(q.dtype)
+    p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(q.dtype)
+    if training and dropout: p = F.dropout(p, dropout, True)
+    return torch.bmm(p.view(B * H, Lq, Lk), v.reshape(B * H, Lk, D)).view(B, H, Lq, D)
+
 class Attention(nn.Module):
     "Multi-head attention, T5 layout (no biases, no 1/sqrt(d_kv)), optional KV cache."
     def __init__(self, cfg: ModelConfig):
@@ -183,23 +233,30 @@ class Attention(nn.Module):
 
     def _heads(self, x): return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
 
-    def forward(self, x, bias=None, source=None, cache: dict | None = None):
-        "x [B, Lq, d]; `source` [B, Lk, d] for cross attention; `bias` additive [B|1, H, Lq, Lk]."
-        q = self._heads(self.q(x))
-        if source is not None and cache is not None and "k" in cache:  # cross attention, cached
-            k, v = cache["k"], cache["v"]
+    def forward(self, x, bias=None, source=None, cache: dict | None = None, kv=None):
+        "x [B, Lq, d]; `source` [B, Lk, d] for cross attention (`kv`: its k, v heads, computed by the caller); `bias` additive [B|1, H, Lq, Lk]."
+        B, L = x.shape[:2]
+        if source is None and cache is None:   # self attention: one GEMM for q|k|v
+            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+            q, k, v = qkv.view(B, L, 3, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            src = x if source is None else source
-            k, v = self._heads(self.k(src)), self._heads(self.v(src))
-            if cache is not None:
-                if source is None and "k" in cache:
-                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                           dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+            q = self._heads(self.q(x))
+            if kv is not None: k, v = kv
+            elif source is not None and cache is not None and "k" in cache:  # cross attention, cached
+                k, v = cache["k"], cache["v"]
+            else:
+                src = x if source is None else source
+                k, v = self._heads(self.k(src)), self._heads(self.v(src))
+                if cache is not None:
+                    if source is None and "k" in cache:
+                        k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                    cache["k"], cache["v"] = k, v
+        y = _attend(q, k, v, bias, self.dropout, self.training)
+        return self.o(y.transpose(1, 2).reshape(B, L, -1))
 
 # %% ../nbs/04_model.ipynb #65542c8c
+def _identity(x): return x
+
 class Block(nn.Module):
     "One T5 layer: self attention, cross attention (decoder), dense or MoE FFN; pre-norm residuals."
     def __init__(self, cfg: ModelConfig, is_decoder: bool, moe: MoEConfig | None):
@@ -211,21 +268,22 @@ class Block(nn.Module):
         self.is_moe, self.is_decoder = moe is not None, is_decoder
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, bias, mask=None, source=None, cross_bias=None, cache=None):
-        "Returns `(x, aux)`; aux is the `MoEAux` of an MoE FFN, else None."
-        c = cache or {}
-        x = x + self.drop(self.self_attn(self.norm_self(x), bias, cache=c.get("self")))
+    def forward(self, x, bias, mask=None, source=None, cross_bias=None, cache=None, cross_kv=None):
+        "Returns `(x, aux)`; aux is the `MoEAux` of an MoE FFN, else None. `cross_kv`: precomputed cross-attention k, v."
+        c, drop = cache or {}, self.drop if self.drop.p else _identity
+        x = x + drop(self.self_attn(self.norm_self(x), bias, cache=c.get("self")))
         if self.is_decoder:
-            x = x + self.drop(self.cross_attn(self.norm_cross(x), cross_bias, source=source, cache=c.get("cross")))
+            x = x + drop(self.cross_attn(self.norm_cross(x), cross_bias, source=source, cache=c.get("cross"),
+                                              kv=cross_kv))
         h, aux = self.norm_ffn(x), None
         if self.is_moe: h, aux = self.ffn(h, mask)
         else: h = self.ffn(h)
-        return x + self.drop(h), aux
+        return x + drop(h), aux
 
 # %% ../nbs/04_model.ipynb #1e2b2906
 def _additive(allowed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     "Bool mask (True = may attend) -> additive float mask (0 or most negative)."
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)
 
 class Stack(nn.Module):
     "Encoder or decoder stack of T5 blocks with one shared relative position bias."
@@ -240,23 +298,33 @@ class Stack(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.drop, self.is_decoder = nn.Dropout(cfg.dropout), is_decoder
 
+    def _cross_kv(self, source):
+        "Cross-attention k, v heads of every block from one GEMM over `source` (it is the same for all blocks)."
+        attn = [blk.cross_attn for blk in self.blocks]
+        B, S, H, D = source.shape[0], source.shape[1], attn[0].num_heads, attn[0].d_kv
+        w = torch.cat([p for a in attn for p in (a.k.weight, a.v.weight)])
+        kv = F.linear(source, w).view(B, S, 2 * len(attn), H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(len(attn))]
+
     def forward(self, x, mask=None, source=None, source_mask=None, cache=None, offset=0):
         "x: embedded tokens [B, L, d]; mask [B, L] (True = real); returns `(hidden, [MoEAux, ...])`."
         B, L, _ = x.shape
         k_len = offset + L
-        allowed = torch.ones(B, 1, L, k_len, dtype=torch.bool, device=x.device)
-        if mask is not None: allowed = allowed & mask[:, None, None, :k_len].bool()
+        allowed = None if mask is None else mask[:, None, None, :k_len].bool()       # [B, 1, 1, K]
         if self.is_decoder:
-            q = torch.arange(offset, k_len, device=x.device)
-            allowed = allowed & (torch.arange(k_len, device=x.device)[None] <= q[:, None])
-        bias = self.rel_bias(L, k_len, offset) + _additive(allowed)
+            causal = torch.arange(k_len, device=x.device)[None] <= torch.arange(offset, k_len, device=x.device)[:, None]
+            allowed = causal if allowed is None else allowed & causal
+        bias = self.rel_bias(L, k_len, offset)
+        if allowed is not None: bias = bias + _additive(allowed)
+        if cache is None and bias.shape[0] != B: bias = bias.expand(B, -1, -1, -1).contiguous()  # once, not per layer
         cross_bias = None
         if source is not None and source_mask is not None:
             cross_bias = _additive(source_mask[:, None, None, :].bool())
+        cross_kv = self._cross_kv(source) if source is not None and cache is None and self.blocks else [None] * len(self.blocks)
         moe_mask = None if mask is None else mask[:, offset:k_len].bool()
         h, auxes = self.drop(x), []
         for i, blk in enumerate(self.blocks):
-            h, aux = blk(h, bias, moe_mask, source, cross_bias, None if cache is None else cache[i])
+            h, aux = blk(h, bias, moe_mask, source, cross_bias, None if cache is None else cache[i], cross_kv[i])
             if aux is not None: auxes.append(aux)
         return self.drop(self.final_norm(h)), auxes
 
@@ -323,8 +391,8 @@ class EncoderDecoder(nn.Module):
         logits, dec_aux = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask)
         aux = enc_aux + dec_aux
         zero = logits.new_zeros((), dtype=torch.float32)
-        bal = sum((a.balance_loss for a in aux), zero)
-        z = sum((a.z_loss for a in aux), zero)
+        bal = torch.stack([a.balance_loss for a in aux]).sum() if aux else zero
+        z = torch.stack([a.z_loss for a in aux]).sum() if aux else zero
         out = Seq2SeqOutput(logits, balance_loss=bal, z_loss=z, aux=aux, encoder_hidden=enc)
         if labels is not None:
             out.ce_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -25,11 +25,13 @@ __all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'ro
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float32, jitter_eps: float = 0.0, training: bool = False) -> torch.Tensor:
     "Router logits `x @ weight.T (+ bias)` computed in `dtype`, with multiplicative input jitter in training."
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dtype)
-        if training and jitter_eps > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
-        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    if torch.is_autocast_enabled(x.device.type):   # (entering the context costs more than the GEMM at small sizes)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return router_logits(x, weight, bias, dtype, jitter_eps, training)
+    x = x.to(dtype)
+    if training and jitter_eps > 0:
+        x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
 
 # %% ../nbs/02_routing.ipynb #2a9c272e
 def compute_capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor: float | None = 1.25,
@@ -140,10 +142,12 @@ def top_k_gates(probs: torch.Tensor, top_k: int, renormalize: bool | None = None
     "Top-k experts per token -> `(gates [T,k], expert_idx [T,k], active bool [T,k])`."
     if top_k == 1: gates, expert_idx = probs.max(dim=-1, keepdim=True)        # ties: the first (lower) index
     else: gates, expert_idx = (v[:, :top_k] for v in probs.sort(dim=-1, descending=True, stable=True))  # ties: lower index
-    norm = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-    if renormalize if renormalize is not None else top_k > 1: gates = norm
+    renorm = renormalize if renormalize is not None else top_k > 1
+    later = top_k > 1 and policy != "all"
+    if renorm or later: norm = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+    if renorm: gates = norm
     active = torch.ones_like(expert_idx, dtype=torch.bool)
-    if top_k > 1 and policy != "all":
+    if later:
         g = norm[:, 1:].detach()
         later = 2 * g > torch.rand_like(g) if policy == "random" else g > threshold
         active = torch.cat([active[:, :1], later], 1)
@@ -153,6 +157,18 @@ def top_k_gates(probs: torch.Tensor, top_k: int, renormalize: bool | None = None
 def _route_plan(use_kernels: bool):
     return kernels.route_plan if use_kernels else kernels.route_plan_reference
 
+_GROUP_OF = {}   # (T, group_size, device) -> capacity group of each token, int64 [T, 1]
+
+def _group_of(T: int, Lg: int, device) -> torch.Tensor:
+    "Capacity group `t // Lg` of each token `[T, 1]` (cached per shape in eager mode)."
+    if torch.compiler.is_compiling(): return (torch.arange(T, device=device) // Lg)[:, None]
+    key = (T, Lg, device)
+    g = _GROUP_OF.get(key)
+    if g is None:
+        if len(_GROUP_OF) >= 32: _GROUP_OF.clear()
+        g = _GROUP_OF[key] = (torch.arange(T, device=device) // Lg)[:, None]
+    return g
+
 def token_choice_plan(expert_idx: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int | None,
                       active: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                       group_size: int | None = None, batch_prioritized: bool = False, use_kernels: bool = True):
@@ -160,18 +176,19 @@ def token_choice_plan(expert_idx: torch.Tensor, gates: torch.Tensor, num_experts
     T, k = expert_idx.shape
     dev, E = expert_idx.device, num_experts
     G = T // group_size if group_size else 1
-    t = torch.arange(T, device=dev)
     ok = torch.ones(T, k, dtype=torch.bool, device=dev) if active is None else active
     if valid is not None: ok = ok & valid[:, None]
-    bucket = expert_idx * G + (t // (T // G))[:, None]                  # expert-major, then capacity group
+    bucket = expert_idx * G + _group_of(T, T // G, dev) if G > 1 else expert_idx   # expert-major, then capacity group
     j = torch.arange(k, device=dev)
     if batch_prioritized: prio = (k - j).float() * 2 + gates.detach()[:, :1].float()   # rank, then top-1 gate
-    else: prio = -(j * T + t[:, None]).float()                           # rank, then token order
-    plan = _route_plan(use_kernels)(bucket.reshape(-1, 1), E * G, capacity, prio.reshape(-1, 1), ok.reshape(-1),
-                                    trim=False)                          # fixed T*k rows: no host read on CUDA
+    elif k == 1: prio = None                                             # token order: the op's default (counting sort)
+    else: prio = -(j * T + torch.arange(T, device=dev)[:, None]).float()   # rank, then token order
+    plan = _route_plan(use_kernels)(bucket.reshape(-1, 1), E * G, capacity, None if prio is None else prio.reshape(-1, 1),
+                                    ok.reshape(-1), trim=False)          # fixed T*k rows: no host read on CUDA
     a = plan.token_idx                                                   # flat assignment index t*k + j
-    return (a // k, gates.reshape(-1)[a], plan.group_sizes.view(E, G).sum(1),
-            plan.requested.view(E, G).sum(1), plan.keep.view(T, k))
+    sizes, requested = plan.group_sizes, plan.requested
+    if G > 1: sizes, requested = sizes.view(E, G).sum(1), requested.view(E, G).sum(1)
+    return (a // k if k > 1 else a, gates.reshape(-1)[a], sizes, requested, plan.keep.view(T, k))
 
 # %% ../nbs/02_routing.ipynb #3eb478b7
 def expert_choice_plan(probs: torch.Tensor, capacity: int, valid: torch.Tensor | None = None,
@@ -196,19 +213,28 @@ def balance_loss(probs: torch.Tensor, first_idx: torch.Tensor, valid: torch.Tens
     "Switch load-balancing loss `E * sum_e f_e P_e` (fp32), per capacity group, averaged over groups."
     T, E = probs.shape
     Lg = group_size or T or 1
-    w = (torch.ones(T, device=probs.device) if valid is None else valid.float()).view(-1, Lg)
-    n = w.sum(1)
-    f = w.new_zeros(w.shape[0], E).scatter_add_(1, first_idx.view(-1, Lg), w) / n.clamp_min(1)[:, None]
-    P = (probs.float().view(-1, Lg, E) * w[..., None]).sum(1) / n.clamp_min(1)[:, None]
-    per_group = E * (f * P).sum(-1)
-    has = (n > 0).float()
-    return (per_group * has).sum() / has.sum().clamp_min(1)
+    G = T // Lg
+    p = probs.float().view(G, Lg, E)
+    idx = first_idx.view(G, Lg)
+    if valid is None:   # every group full: n = Lg
+        f = p.new_zeros(G, E).scatter_add_(1, idx, p.new_ones(1, 1).expand(G, Lg)) / Lg
+        return (E * (f * (p.sum(1) / Lg)).sum(-1)).sum() / max(G, 1)
+    w = valid.float().view(G, Lg)
+    n = w.sum(1, keepdim=True)
+    nc = n.clamp_min(1)
+    f = w.new_zeros(G, E).scatter_add_(1, idx, w) / nc
+    P = torch.bmm(w[:, None], p).view(G, E) / nc                       # sum_t w_t p_t per group, one GEMM
+    has = (n > 0).float().view(G)
+    return (E * (f * P).sum(-1) * has).sum() / has.sum().clamp_min(1)
 
-def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    "Router z-loss `mean_t logsumexp(logits_t)^2` over valid tokens (fp32)."
-    z = torch.logsumexp(logits.float(), dim=-1).square()
+def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None, probs: torch.Tensor | None = None,
+           top: torch.Tensor | None = None) -> torch.Tensor:
+    "Router z-loss `mean_t logsumexp(logits_t)^2` over valid tokens (fp32); with `probs` (softmax of `logits`) and `top` (argmax `[T, 1]`), logsumexp is `logit - log p` at the argmax (two gathers, not a reduction over E)."
+    if probs is None: lse = torch.logsumexp(logits.float(), dim=-1)
+    else: lse = (logits.float().gather(1, top) - probs.gather(1, top).log()).view(-1)
+    z = lse.square()
     if valid is None: return z.mean()
-    return (z * valid.float()).sum() / valid.sum().clamp_min(1)
+    return z.dot(valid.float()) / valid.sum().clamp_min(1)
 
 # %% ../nbs/02_routing.ipynb #00c586e8
 class Router(nn.Module):
@@ -233,8 +259,8 @@ class Router(nn.Module):
         logits = router_logits(x, self.weight, self.bias, c.dtype, c.jitter_eps, self.training)
         probs = logits.float().softmax(-1)
         cap = c.capacity(Lg, self.training)
-        n_valid = torch.tensor(float(T), device=x.device) if valid is None else valid.sum().float()
         if c.router == "expert_choice":
+            n_valid = torch.tensor(float(T), device=x.device) if valid is None else valid.sum().float()
             token_idx, w, sizes, chosen = expert_choice_plan(probs, cap, valid, group_size)
             gates, expert_idx = probs.max(-1, keepdim=True)
             keep, requested = chosen[:, None], sizes.clone()
@@ -243,7 +269,9 @@ class Router(nn.Module):
             gates, expert_idx, active = top_k_gates(probs, c.top_k, c.renormalize, c.policy(self.training), c.second_threshold)
             token_idx, w, sizes, requested, keep = token_choice_plan(
                 expert_idx, gates, c.num_experts, cap, active, valid, group_size, c.batch_prioritized, c.use_kernels)
-            dropped = (requested.sum() - sizes.sum()).float() / requested.sum().clamp_min(1).float()
+            req = requested.sum()
+            dropped = ((req - sizes.sum()) / req.clamp_min(1)).float()
         return RoutingPlan(token_idx, w.to(logits.dtype), sizes, expert_idx, gates, keep, requested, probs, logits,
-                           balance_loss(probs, probs.argmax(-1), valid, group_size), z_loss(logits, valid),
+                           balance_loss(probs, expert_idx[:, 0], valid, group_size),     # expert_idx[:, 0] = argmax
+                           z_loss(logits, valid, probs, expert_idx[:, :1]),
                            dropped, cap)
