@@ -193,7 +193,8 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, q_len: int, k_len: int, offset: int = 0):
         w = self.embedding.weight
-        if not (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        if (not (torch.is_grad_enabled() and w.requires_grad) or torch.is_autocast_enabled(w.device.type)
+                or torch.compiler.is_compiling()):   # (autocast would round a GEMM's output, not a lookup's)
             return self.embedding(self.buckets(q_len, k_len, offset)).permute(2, 0, 1).unsqueeze(0)
         key = (q_len, k_len, offset, w.device, w.dtype)
         oh = self._onehot.get(key)
@@ -206,19 +207,20 @@ class RelativePositionBias(nn.Module):
 # %% ../nbs/04_model.ipynb #ffbd72ea
 def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
     "`softmax(q k^T + bias) v` per head (T5: no 1/sqrt(d_kv)); q/k/v `[B, H, L, d_kv]`, `bias` broadcasting to the scores."
-    if q.is_cuda or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        # fused SDPA (its CPU flash kernel gives no bias gradient; the math fallback costs more than the three ops below)
+    if q.is_cuda or q.dtype != torch.float32 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # fused SDPA (on CPU its flash kernel gives no bias gradient, and the math fallback costs more than the
+        # three ops below in fp32; in bf16/fp16 that fallback computes in fp32, which is kept)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                               dropout_p=dropout if training else 0.0, scale=1.0)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     q3, kt = q.reshape(B * H, Lq, D), k.reshape(B * H, Lk, D).transpose(1, 2)
-    if bias is not None and q.dtype == bias.dtype and bias.shape == (B, H, Lq, Lk):
+    if bias is not None and bias.dtype == q.dtype and bias.shape == (B, H, Lq, Lk):
         s = torch.baddbmm(bias.reshape(B * H, Lq, Lk), q3, kt)          # scores + bias in one GEMM
     else:
         s = torch.bmm(q3, kt).view(B, H, Lq, Lk)
         if bias is not None: s = s + bias.to(q.dtype)
-    p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(q.dtype)
+    p = s.softmax(-1)
     if training and dropout: p = F.dropout(p, dropout, True)
     return torch.bmm(p.view(B * H, Lq, Lk), v.reshape(B * H, Lk, D)).view(B, H, Lq, D)
 
