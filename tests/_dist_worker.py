@@ -29,6 +29,14 @@ def batches(n, bs=4, L=10, seed=0):
 def resume_run(out, steps, resume):
     torch.manual_seed(0)
     model = EncoderDecoder(tiny(dropout=0.1, expert_dropout=0.2))
+    slow_from = int(os.environ.get("SLOW_FROM_STEP", "0"))   # test hook: the forward of later steps waits
+    if slow_from:                                          # (so a kill after step N lands before step N+1)
+        import time
+        calls = [0]
+        def wait(module, args, kwargs):
+            calls[0] += 1
+            if calls[0] > slow_from: time.sleep(5)
+        model.register_forward_pre_hook(wait, with_kwargs=True)
     cfg = TrainConfig(steps=steps, lr=3e-3, ckpt_every=3, out_dir=out, resume=resume, progress=False,
                       schedule="inverse_sqrt", warmup_steps=2, keep_checkpoints=0)
     res = train(model, batches(5), cfg)

@@ -146,8 +146,8 @@ def reference_losses(tmp_path_factory):
 
 def test_sigkill_mid_run_and_during_checkpoint_write_resume_exactly(tmp_path, reference_losses):
     assert len(reference_losses) == STEPS
-    # 1) kill between checkpoints (after step 5; last checkpoint is step 3)
-    p = _run(tmp_path)
+    # 1) kill between checkpoints (after step 5; last checkpoint is step 3; step 6 waits 5 s for the kill)
+    p = _run(tmp_path, env={"SLOW_FROM_STEP": "5"})
     _wait(lambda: (tmp_path / "metrics.jsonl").exists() and len(_losses(tmp_path)) >= 5, p)
     os.kill(p.pid, signal.SIGKILL); p.wait()
     last = latest_checkpoint(tmp_path / "checkpoints")
