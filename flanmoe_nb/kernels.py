@@ -15,9 +15,9 @@ import torch
 # %% auto #0
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
-           'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'RoutePlan',
-           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
-           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+           'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
+           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
+           'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -163,7 +163,19 @@ def _register_python_parts():
 
     torch.library.register_autograd("flanmoe::grouped_mm_wgrad", _wgrad_backward, setup_context=_wgrad_setup)
 
-if _op("grouped_mm") is not None: _register_python_parts()
+def _register_flop_formulas():
+    "`torch.utils.flop_counter.FlopCounterMode` (and MFU estimates) count both grouped ops: 2*N*K*M, N the rows given (padding included)."
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    ops = torch.ops.flanmoe
+    if ops.grouped_mm in flop_registry: return    # (the notebook and the module both register)
+    @register_flop_formula(ops.grouped_mm)
+    def _(a_shape, b_shape, gs_shape, trans_b=False, *args, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * (b_shape[1] if trans_b else b_shape[2])
+    @register_flop_formula(ops.grouped_mm_wgrad)
+    def _(a_shape, dy_shape, gs_shape, *args, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * dy_shape[1]
+
+if _op("grouped_mm") is not None: _register_python_parts(); _register_flop_formulas()
 
 # %% ../nbs/01_kernels.ipynb #073c2717
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
@@ -176,6 +188,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, tran
 import contextlib
 
 CPU_GEMMS = ("auto", "avx512", "avx2", "blas")
+_CPU_GEMM = {"active": _C.small_gemm_active().replace("off", "blas") if _C is not None and hasattr(_C, "small_gemm_active") else "blas"}
 
 def cpu_gemm_info() -> dict:
     "The CPU expert-GEMM kernels this CPU can run (`supported`) and the ones `grouped_mm` uses now (`active`; 'blas': none)."
@@ -190,6 +203,7 @@ def set_cpu_gemm(mode: str) -> str:
     before = cpu_gemm_info()["active"]
     if not _C.set_small_gemm("off" if mode == "blas" else mode):
         raise ValueError(f"mode={mode!r} needs a CPU with {mode.upper()}; this one supports {cpu_gemm_info()['supported'] or 'neither'}")
+    _CPU_GEMM["active"] = cpu_gemm_info()["active"]
     return before
 
 def _check_gemm_env():
@@ -208,6 +222,28 @@ def use_cpu_gemm(mode: str):
     prev = set_cpu_gemm(mode)
     try: yield
     finally: set_cpu_gemm(prev)
+
+# %% ../nbs/01_kernels.ipynb #39b33ae2
+_ONE_GROUP: dict[int, torch.Tensor] = {}
+
+def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor) -> bool:
+    "True when `dense_mm` should use the compiled kernels (CPU fp32 with the AVX-512 ones active)."
+    return (_C is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
+            and _CPU_GEMM["active"] == "avx512")   # a dict read, not a call into _C: no graph break under compile
+
+def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
+    "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."
+    if not _dense_kernels_pay(x, w): return x @ (w.t() if trans_w else w)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous(): x2 = x2.contiguous()
+    M = x2.shape[0]
+    if torch.compiler.is_compiling(): gs = torch.full((1,), M, dtype=torch.long)   # traced into the graph
+    else:
+        gs = _ONE_GROUP.get(M)
+        if gs is None: gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
+    out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
+    return out.view(*lead, out.shape[-1])
 
 # %% ../nbs/01_kernels.ipynb #cfd3961a
 from typing import NamedTuple

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .kernels import ACTIVATIONS
 from .moe import MoEConfig, MoELayer, DenseFFN, ACTIVATION_ALIASES, is_gated
 
@@ -239,22 +240,22 @@ class Attention(nn.Module):
         "x [B, Lq, d]; `source` [B, Lk, d] for cross attention (`kv`: its k, v heads, computed by the caller); `bias` additive [B|1, H, Lq, Lk]."
         B, L = x.shape[:2]
         if source is None and cache is None:   # self attention: one GEMM for q|k|v
-            qkv = F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]))
+            qkv = kernels.dense_mm(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), trans_w=True)
             q, k, v = qkv.view(B, L, 3, self.num_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q = self._heads(self.q(x))
+            q = self._heads(kernels.dense_mm(x, self.q.weight, trans_w=True))
             if kv is not None: k, v = kv
             elif source is not None and cache is not None and "k" in cache:  # cross attention, cached
                 k, v = cache["k"], cache["v"]
             else:
                 src = x if source is None else source
-                k, v = self._heads(self.k(src)), self._heads(self.v(src))
+                k, v = (self._heads(kernels.dense_mm(src, m.weight, trans_w=True)) for m in (self.k, self.v))
                 if cache is not None:
                     if source is None and "k" in cache:
                         k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                     cache["k"], cache["v"] = k, v
         y = _attend(q, k, v, bias, self.dropout, self.training)
-        return self.o(y.transpose(1, 2).reshape(B, L, -1))
+        return kernels.dense_mm(y.transpose(1, 2).reshape(B, L, -1), self.o.weight, trans_w=True)
 
 # %% ../nbs/04_model.ipynb #65542c8c
 def _identity(x): return x
@@ -305,7 +306,7 @@ class Stack(nn.Module):
         attn = [blk.cross_attn for blk in self.blocks]
         B, S, H, D = source.shape[0], source.shape[1], attn[0].num_heads, attn[0].d_kv
         w = torch.cat([p for a in attn for p in (a.k.weight, a.v.weight)])
-        kv = F.linear(source, w).view(B, S, 2 * len(attn), H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        kv = kernels.dense_mm(source, w, trans_w=True).view(B, S, 2 * len(attn), H, D).permute(2, 0, 3, 1, 4).unbind(0)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(len(attn))]
 
     def forward(self, x, mask=None, source=None, source_mask=None, cache=None, offset=0):
@@ -380,7 +381,7 @@ class EncoderDecoder(nn.Module):
         h, aux = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, enc, attention_mask,
                               cache=cache, offset=offset)
         if self.cfg.scales_output: h = h * self.cfg.d_model ** -0.5
-        logits = F.linear(h, self.shared.weight) if self.lm_head is None else self.lm_head(h)
+        logits = kernels.dense_mm(h, (self.shared if self.lm_head is None else self.lm_head).weight, trans_w=True)
         return logits, aux
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None,
