@@ -102,11 +102,11 @@ std::vector<std::string> small_gemm_supported() {
 }
 
 // Measured single-threaded on expert-shaped products ([rows, 512] x [512, 2048] and its two backward
-// products, weights not in cache) on an AMD Zen 5 against MKL, which runs AVX2 code there (~106 GFLOP/s
-// at best): the AVX-512 kernels win at every row count (NN 107-216, NT 130-147, TN 133-197 GFLOP/s)
-// except TN at depth 4096 (41), so they take everything but weight gradients over > 1024 rows. The AVX2
-// copy beats MKL only in NT (97-102 vs 72-105 up to 128 rows); its NN (58-117) and TN (~70) do not, so
-// on AVX2-only CPUs those stay with BLAS.
+// products, weights not in cache) on an AMD Zen 5 against MKL, which runs AVX2 code there (76-106 GFLOP/s):
+// the AVX-512 kernels win at every row count (NN 107-216; NT 152-162 in place up to 64 rows, 168-226
+// with B transposed into the NN panels above; TN 133-197) except TN at depth 4096 (41), so they take
+// everything but weight gradients over > 1024 rows. The AVX2 copy beats MKL only in NT (97-102 vs
+// 72-105 up to 128 rows); its NN (65-117) and TN (~70) do not, so on AVX2-only CPUs those stay with BLAS.
 SmallRows small_gemm_rows(SmallGemmIsa isa) {
   constexpr int64_t all = std::numeric_limits<int64_t>::max();
   if (isa == SmallGemmIsa::avx512) return {all, all, 1024};
