@@ -227,9 +227,10 @@ def use_cpu_gemm(mode: str):
 _ONE_GROUP: dict[int, torch.Tensor] = {}
 
 def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor) -> bool:
-    "True when `dense_mm` should use the compiled kernels (CPU fp32 with the AVX-512 ones active)."
+    "True when `dense_mm` should use the compiled kernels (CPU fp32 with the AVX-512 ones active, no CPU autocast)."
     return (_C is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
-            and _CPU_GEMM["active"] == "avx512")   # a dict read, not a call into _C: no graph break under compile
+            and _CPU_GEMM["active"] == "avx512"    # a dict read, not a call into _C: no graph break under compile
+            and not torch.is_autocast_enabled("cpu"))   # autocast casts matmul to bf16; it would not cast our op
 
 def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."

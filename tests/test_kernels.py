@@ -560,3 +560,27 @@ def test_cuda_opcheck(case):
     name, args = _opcheck_cases()[case]
     args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(getattr(ops, name), args)
+
+
+# ---------------------------------------------------------------- dense_mm (the model's dense layers)
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("trans_w", [False, True])
+def test_dense_mm_equals_matmul_with_grads(mode, trans_w):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 70, 33, generator=g, requires_grad=True)
+    w = (torch.randn(*((47, 33) if trans_w else (33, 47)), generator=g) / 6).requires_grad_()
+    with K.use_cpu_gemm(mode):
+        y = K.dense_mm(x, w, trans_w)
+        got = torch.autograd.grad(y.square().sum(), (x, w))
+    y_ref = x @ (w.t() if trans_w else w)
+    want = torch.autograd.grad(y_ref.square().sum(), (x, w))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_dense_mm_keeps_autocast_and_compiles():
+    x, w = torch.randn(16, 8), torch.randn(12, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert K.dense_mm(x, w, True).dtype == torch.bfloat16          # matmul under autocast, as F.linear
+    fn = torch.compile(lambda x, w: K.dense_mm(x, w, True), fullgraph=True)
+    torch.testing.assert_close(fn(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
