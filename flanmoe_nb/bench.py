@@ -193,11 +193,14 @@ def peak_memory(s: Shape, methods: list[str]) -> dict:
     return res
 
 # %% ../nbs/10_bench.ipynb #102e2727
+def _print_now(*args): print(*args, flush=True)   # rows appear as they are measured, also through a pipe
+
 def _fmt(v, spec): return "n/a" if v is None else format(v, spec)
 
 def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2), dtypes=("fp32",),
-                  methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=print) -> list[dict]:
+                  methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=None) -> list[dict]:
     "Time every method at every (dtype, k, E); print a table with ratios vs dense; return the rows."
+    print_fn = print_fn or _print_now
     rows = []
     hdr = f"{'dtype':5} {'k':>2} {'E':>4} | " + " | ".join(f"{m:>16}" for m in methods)
     print_fn(f"MoE FFN fwd+bwd, T={T} d_model={d} d_ff={f}, {torch.get_num_threads()} threads; "
@@ -246,8 +249,9 @@ def _timer(device: str):
     return t
 
 def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=("fp32",), device="cpu",
-                  reps=5, print_fn=print) -> list[dict]:
+                  reps=5, print_fn=None) -> list[dict]:
     "TFLOP/s of `grouped_mm` vs one dense GEMM of equal FLOPs vs `torch._grouped_mm`; rows of the printed table."
+    print_fn = print_fn or _print_now
     timer, rows = _timer(device), []
     print_fn(f"grouped_mm [T*k={T * k}, d={d}] x [E, d, f={f}] on {device}; TFLOP/s (fraction of the dense GEMM)")
     print_fn(f"{'dtype':5} {'E':>4} | {'flanmoe':>15} | {'dense mm':>15} | {'torch._grouped_mm':>17}")
