@@ -195,7 +195,8 @@ class RelativePositionBias(nn.Module):
     def forward(self, q_len: int, k_len: int, offset: int = 0):
         w = self.embedding.weight
         if (not (torch.is_grad_enabled() and w.requires_grad) or torch.is_autocast_enabled(w.device.type)
-                or torch.compiler.is_compiling()):   # (autocast would round a GEMM's output, not a lookup's)
+                or torch.compiler.is_compiling()    # (autocast would round a GEMM's output, not a lookup's)
+                or q_len * k_len > 65536):           # one-hot caches stay <= num_buckets * 256 KiB each
             return self.embedding(self.buckets(q_len, k_len, offset)).permute(2, 0, 1).unsqueeze(0)
         key = (q_len, k_len, offset, w.device, w.dtype)
         oh = self._onehot.get(key)

@@ -283,3 +283,17 @@ def test_tiny_moe_overfits_fixed_batch():
         first = first if first is not None else out.ce_loss.item()
         opt.zero_grad(); out.loss.backward(); opt.step()
     assert first > 3.0 and out.ce_loss.item() < 0.1
+
+
+def test_relative_bias_onehot_cache_equals_lookup_and_stays_bounded():
+    from flanmoe_nb.model import RelativePositionBias
+    rb = RelativePositionBias(32, 128, 4, bidirectional=True)
+    with torch.no_grad():
+        ref = rb.embedding(rb.buckets(20, 30, 0)).permute(2, 0, 1).unsqueeze(0)
+    got = rb(20, 30)                                          # grad enabled: the cached one-hot GEMM
+    assert torch.equal(got, ref) and len(rb._onehot) == 1
+    big = rb(300, 300)                                        # > 65536 pairs: the lookup, nothing cached
+    assert big.shape == (1, 4, 300, 300) and len(rb._onehot) == 1
+    g1, = torch.autograd.grad(got.square().sum(), rb.embedding.weight)
+    g2, = torch.autograd.grad(rb.embedding(rb.buckets(20, 30, 0)).permute(2, 0, 1).square().sum(), rb.embedding.weight)
+    torch.testing.assert_close(g1, g2)
