@@ -242,7 +242,9 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
     if torch.compiler.is_compiling(): gs = torch.full((1,), M, dtype=torch.long)   # traced into the graph
     else:
         gs = _ONE_GROUP.get(M)
-        if gs is None: gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
+        if gs is None:
+            if len(_ONE_GROUP) >= 1024: _ONE_GROUP.clear()   # one tiny tensor per row count, bounded
+            gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
     out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
     return out.view(*lead, out.shape[-1])
 
