@@ -1,6 +1,6 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
-// Each group's product goes to the small-row kernels of sgemm_small.cpp (fp32 row blocks of up to 32-256
-// rows, the shapes of 32-128 experts; AVX-512 or AVX2) or to ATen's BLAS (MKL / oneDNN via at::mm_out).
+// Each group's product goes to the register-tiled fp32 kernels of sgemm_small.cpp (AVX-512 or AVX2, for the
+// row counts small_gemm_rows() gives them) or to ATen's BLAS (MKL / oneDNN via at::mm_out).
 // Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
@@ -108,8 +108,8 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
       return;
     }
     auto bg = trans_b ? b.select(0, it.g).t() : b.select(0, it.g);
-    auto o = out.narrow(0, off[it.g] + it.lo, it.hi - it.lo);
-    at::mm_out(o, a.narrow(0, off[it.g] + it.lo, it.hi - it.lo), bg);
+    auto o = out.narrow(0, r0, n);
+    at::mm_out(o, a.narrow(0, r0, n), bg);
   });
   return out;
 }

@@ -45,8 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_cpu_cache_limit", &flanmoe::set_cpu_cache_limit, "bound the host cache (bytes; 0 disables)");
   mod.def("small_gemm_supported", &flanmoe::small_gemm_supported, "ISAs of the small-row GEMMs this CPU can run");
   mod.def("small_gemm_active", []() { return flanmoe::small_gemm_name(flanmoe::small_gemm_active()); },
-          "which small-row GEMMs grouped_mm uses now ('off': BLAS only)");
+          "which small-row GEMMs grouped_mm uses now ('blas': none)");
   mod.def("set_small_gemm", &flanmoe::set_small_gemm,
-          "choose the small-row GEMMs: 'off', 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
+          "choose the small-row GEMMs: 'blas' (off), 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
   mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
 }

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -91,7 +90,7 @@ bool set_small_gemm(const std::string& mode) {
 }
 
 std::string small_gemm_name(SmallGemmIsa isa) {
-  return isa == SmallGemmIsa::avx512 ? "avx512" : isa == SmallGemmIsa::avx2 ? "avx2" : "off";
+  return isa == SmallGemmIsa::avx512 ? "avx512" : isa == SmallGemmIsa::avx2 ? "avx2" : "blas";
 }
 
 std::vector<std::string> small_gemm_supported() {

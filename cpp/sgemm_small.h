@@ -4,7 +4,7 @@
 // Why not BLAS: per expert a [32, 512] x [512, 2048] product spends about as long packing the 4 MiB weight
 // as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight in one
 // sequential pass (NN) or in place (NT, TN) with register tiles, in an AVX-512F and an AVX2+FMA copy
-// picked at run time. `grouped_mm` uses them for fp32 row blocks up to `sgemm_small_rows()` and BLAS
+// picked at run time. `grouped_mm` uses them for fp32 row blocks up to `small_gemm_rows()` and BLAS
 // for everything else. The kernel file includes no torch header: ISA code never leaks into shared
 // inline functions.
 #pragma once
@@ -22,7 +22,7 @@ SmallGemmIsa small_gemm_active();               // what grouped_mm uses now (non
 // is unknown.
 // The start value comes from FLANMOE_SMALL_GEMM (same names; default auto).
 bool set_small_gemm(const std::string& mode);
-std::string small_gemm_name(SmallGemmIsa isa);
+std::string small_gemm_name(SmallGemmIsa isa);   // "avx512", "avx2" or "blas" (none)
 std::vector<std::string> small_gemm_supported();
 
 // Largest row block each kernel takes for `isa` (beyond it BLAS is as fast or faster).

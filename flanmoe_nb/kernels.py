@@ -74,7 +74,7 @@ def extension_info() -> dict:
     "What was compiled: torch version, CUDA kernels, intra-op threads, which CPU expert-GEMM kernels run."
     require_extension()
     return dict(torch=_C.torch_version(), cuda_kernels=_C.with_cuda(), threads=_C.openmp_threads(),
-                cpu_gemm=_C.small_gemm_active().replace("off", "blas"))
+                cpu_gemm=_C.small_gemm_active())
 
 # %% ../nbs/01_kernels.ipynb #bf118c46
 def cpu_cache_info() -> dict:
@@ -188,12 +188,13 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, tran
 import contextlib
 
 CPU_GEMMS = ("auto", "avx512", "avx2", "blas")
-_CPU_GEMM = {"active": _C.small_gemm_active().replace("off", "blas") if _C is not None and hasattr(_C, "small_gemm_active") else "blas"}
+# What grouped_mm uses now, mirrored in Python so that dense_mm can read it under torch.compile without a call into _C.
+_CPU_GEMM = {"active": _C.small_gemm_active() if _C is not None and hasattr(_C, "small_gemm_active") else "blas"}
 
 def cpu_gemm_info() -> dict:
     "The CPU expert-GEMM kernels this CPU can run (`supported`) and the ones `grouped_mm` uses now (`active`; 'blas': none)."
     require_extension()
-    return dict(supported=list(_C.small_gemm_supported()), active=_C.small_gemm_active().replace("off", "blas"))
+    return dict(supported=list(_C.small_gemm_supported()), active=_C.small_gemm_active())
 
 def set_cpu_gemm(mode: str) -> str:
     "Choose the fp32 CPU expert GEMMs: one of `CPU_GEMMS` ('auto': the widest this CPU has); returns the previous mode."
@@ -201,9 +202,9 @@ def set_cpu_gemm(mode: str) -> str:
         raise ValueError(f"mode must be one of {CPU_GEMMS} (got mode={mode!r})")
     require_extension()
     before = cpu_gemm_info()["active"]
-    if not _C.set_small_gemm("off" if mode == "blas" else mode):
+    if not _C.set_small_gemm(mode):
         raise ValueError(f"mode={mode!r} needs a CPU with {mode.upper()}; this one supports {cpu_gemm_info()['supported'] or 'neither'}")
-    _CPU_GEMM["active"] = cpu_gemm_info()["active"]
+    _CPU_GEMM["active"] = _C.small_gemm_active()
     return before
 
 def _check_gemm_env():
