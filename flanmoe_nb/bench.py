@@ -38,15 +38,18 @@ def make_inputs(s: Shape, seed: int = 0) -> dict:
                 w2=r(s.k * s.f, s.d, scale=s.f ** -0.5))
 
 def _step(fn, params):
-    "A method: `fn(*params) -> y` with fresh leaf copies of `params` (all differentiated); an optional third item is a context factory."
+    "A method: `fn(*params) -> y` with fresh leaf copies of `params` (all differentiated)."
     return fn, [p.detach().requires_grad_() for p in params]
+
+def _case_ctx(case):
+    "A method's context for running it (an optional third item of its case, e.g. `use_cpu_gemm('blas')`)."
+    return case[2]() if len(case) > 2 else contextlib.nullcontext()
 
 def runner(case):
     "One forward + backward step of a method, w.r.t. every param (no `.grad` accumulation), inside its context if it has one."
     fn, params = case[:2]
-    ctx = case[2] if len(case) > 2 else contextlib.nullcontext
     def run():
-        with ctx():
+        with _case_ctx(case):
             y = fn(*params)
             torch.autograd.grad(y, params, torch.ones_like(y))
     return run
@@ -138,7 +141,7 @@ def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
         for name in ("flanmoe", "flanmoe_blas", "hf_switch", "gshard_einsum", "torch_grouped_mm"):
             case = METHODS[name](s, inp)
             if case is None: continue
-            with (case[2] if len(case) > 2 else contextlib.nullcontext)(): outs[name] = case[0](*case[1])
+            with _case_ctx(case): outs[name] = case[0](*case[1])
     return {n: float((o.float() - outs["flanmoe"].float()).abs().max()) for n, o in outs.items() if n != "flanmoe"}
 
 # %% ../nbs/10_bench.ipynb #8259146a
@@ -168,10 +171,9 @@ def _peak_worker(argv):
     case = METHODS[method](shape, make_inputs(shape))
     if case is None: print("null"); return 0
     fn, params = case[:2]
-    ctx = case[2] if len(case) > 2 else contextlib.nullcontext
     for w in params[1:]: w.requires_grad_(False)   # only the input's gradient: no weight gradients at all
     def run():
-        with ctx():
+        with _case_ctx(case):
             y = fn(*params)
             torch.autograd.grad(y, params[:1], torch.ones_like(y))
     base = _status_kib("VmRSS")        # inputs allocated, nothing run yet
@@ -313,15 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(list(argv) if argv is not None else sys.argv[1:])
     ints = lambda v: tuple(int(x) for x in v.split(","))
+    def done(rows):
+        if a.json:
+            with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
+        return 0
     if a.threads: torch.set_num_threads(a.threads)
     q = a.quick
     if a.what == "train":
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
                                steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw,
                                compile_ours=a.compile)
-        if a.json:
-            with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
-        return 0
+        return done(rows)
     if a.what == "gmm":
         K.require_extension()
         if a.device.startswith("cuda") and not torch.cuda.is_available(): p.error("--device cuda: torch sees no GPU")
@@ -329,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                              f=a.d_ff or (512 if q else 2048), experts=ints(a.experts) if a.experts else (8, 32, 64, 128),
                              k=ints(a.top_k)[0] if a.top_k else 1, dtypes=tuple(a.dtype.split(",")), device=a.device,
                              reps=a.reps or 5)
-        if a.json:
-            with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
-        return 0
+        return done(rows)
     kw = dict(T=a.tokens or (512 if q else 4096), d=a.d_model or (128 if q else 512), f=a.d_ff or (512 if q else 2048),
               experts=ints(a.experts) if a.experts else ((8, 32) if q else (8, 32, 64, 128)),
               top_ks=ints(a.top_k) if a.top_k else (1, 2), dtypes=tuple(a.dtype.split(",")),
@@ -340,7 +342,4 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in kw["methods"] if m not in METHODS] + [d for d in kw["dtypes"] if d not in DTYPES]
     if bad: p.error(f"unknown method or dtype: {bad}")
     K.require_extension()
-    rows = run_moe_bench(**kw)
-    if a.json:
-        with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
-    return 0
+    return done(run_moe_bench(**kw))
