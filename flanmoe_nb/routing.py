@@ -143,11 +143,11 @@ def top_k_gates(probs: torch.Tensor, top_k: int, renormalize: bool | None = None
     if top_k == 1: gates, expert_idx = probs.max(dim=-1, keepdim=True)        # ties: the first (lower) index
     else: gates, expert_idx = (v[:, :top_k] for v in probs.sort(dim=-1, descending=True, stable=True))  # ties: lower index
     renorm = renormalize if renormalize is not None else top_k > 1
-    later = top_k > 1 and policy != "all"
-    if renorm or later: norm = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+    second_policy = top_k > 1 and policy != "all"       # later choices kept by a random or threshold test
+    if renorm or second_policy: norm = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
     if renorm: gates = norm
     active = torch.ones_like(expert_idx, dtype=torch.bool)
-    if later:
+    if second_policy:
         g = norm[:, 1:].detach()
         later = 2 * g > torch.rand_like(g) if policy == "random" else g > threshold
         active = torch.cat([active[:, :1], later], 1)
