@@ -562,6 +562,139 @@ def test_cuda_opcheck(case):
     torch.library.opcheck(getattr(ops, name), args)
 
 
+# ---------------------------------------------------------------- CUDA grouped GEMM: the tensor-core path's shape classes
+def _clamped(sizes, N):
+    "Group sizes as the CUDA kernels see them: negatives as 0, the running sum clamped to the N rows."
+    out, acc = [], 0
+    for v in sizes:
+        nxt = min(acc + max(v, 0), N)
+        out.append(nxt - acc)
+        acc = nxt
+    return out
+
+
+def _poisoned(shape, dtype):
+    "Free a NaN block of this size first, so an uninitialised output from the caching allocator would show."
+    torch.empty(shape, device="cuda", dtype=dtype).fill_(float("nan"))
+
+
+def _gemm_inputs(sizes, N, Kd, M, trans_b, dtype, seed=0, a_offset=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(N, Kd, generator=g).to(dtype)
+    b = (torch.randn(len(sizes), *((M, Kd) if trans_b else (Kd, M)), generator=g) / max(Kd, 1) ** 0.5).to(dtype)
+    dy = (torch.randn(N, M, generator=g) / max(N, 1) ** 0.5).to(dtype)
+    ac = a.cuda()
+    if a_offset:      # same values at a data pointer `a_offset` elements past a 16-byte boundary
+        ac = torch.empty(N * Kd + a_offset, device="cuda", dtype=dtype)[a_offset:].view(N, Kd).copy_(ac)
+    return a.double(), b.double(), dy.double(), ac, b.cuda(), dy.cuda()
+
+
+def _check_gemm_ops(sizes, N, Kd, M, trans_b, dtype, a_offset=0):
+    a, b, dy, ac, bc, dyc = _gemm_inputs(sizes, N, Kd, M, trans_b, dtype, a_offset=a_offset)
+    eff = torch.tensor(_clamped(sizes, N))
+    gs = torch.tensor(sizes, device="cuda")
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    _poisoned((N, M), dtype)
+    out = ops.grouped_mm(ac, bc, gs, trans_b)
+    torch.testing.assert_close(out.double().cpu(), K.grouped_mm_reference(a, b, eff, trans_b), **tol)
+    if int(eff.sum()) < N:
+        assert out[int(eff.sum()):].abs().max().item() == 0                            # padding rows are zeros
+    _poisoned((len(sizes), Kd, M), dtype)
+    w = ops.grouped_mm_wgrad(ac, dyc, gs)
+    torch.testing.assert_close(w.double().cpu(), K.grouped_mm_wgrad_reference(a, dy, eff), **tol)
+
+
+# (group sizes, N, K, M): which tile / fallback each one is for
+_TC_SHAPES = [
+    ([32] * 8, 256, 256, 256),                 # 32-row groups -> 64-row tiles; M, K multiples of 128
+    ([1400, 0, 733], 2200, 512, 1024),         # 128-row tiles (>= 132 of them); 16 k slices round the 4-stage ring;
+                                               # 67 padding rows
+    ([700, 0, 333], 1100, 1024, 256),          # few 128-row tiles -> 64-row tiles; 32 k slices; 67 padding rows
+    ([90, 41], 131, 64, 2048),                 # K = 64: fewer k slices than stages; 16 column tiles
+    ([300, 1, 0, 299], 900, 136, 136),         # K, M = 8 (mod 128): partial slices and tiles; 300 padding rows
+    ([17, 0, 30], 50, 72, 37),                 # odd M: NT on tensor cores with scalar stores, NN / wgrad on SIMT
+    ([5, 64, 3], 80, 70, 48),                  # K = 70: not 16-byte rows -> SIMT for every product
+    ([1, 2, 3], 6, 8, 8),                      # tiny: one partial 8-wide slice
+    ([-4, 7, 10**15], 40, 64, 64),             # negative / oversized sizes: clamped to [0, 7, 33]
+    ([0] * 100 + [3] + [0] * 27, 10, 64, 64),  # many empty groups around one; 7 padding rows
+]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(_TC_SHAPES)))
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cuda_grouped_gemm_shapes_equal_reference(dtype, case, trans_b):
+    "grouped_mm and grouped_mm_wgrad on the shape classes the tensor-core kernels special-case, vs float64."
+    _check_gemm_ops(*_TC_SHAPES[case], trans_b, dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cuda_grouped_gemm_unaligned_pointer_equal_reference(trans_b):
+    "a at a data pointer 2 bytes past a 16-byte boundary: the SIMT fallback, same results."
+    _check_gemm_ops([40, 0, 77], 130, 128, 128, trans_b, torch.bfloat16, a_offset=1)
+
+
+def _kernel_names(fn):
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA device of compute capability >= 8.0")
+def test_cuda_grouped_gemm_path_selection():
+    "bf16/fp16 with 16-byte rows run the tensor-core kernel; fp32, K = 70 and a misaligned pointer run SIMT."
+    gs = torch.tensor([50, 0, 14], device="cuda")
+    def names(dtype, Kd, M, offset=0, trans_b=False):
+        a = torch.randn(64 * Kd + offset, device="cuda").to(dtype)[offset:].view(64, Kd)
+        b = torch.randn(3, *((M, Kd) if trans_b else (Kd, M)), device="cuda").to(dtype)
+        dy = torch.randn(64, M, device="cuda").to(dtype)
+        return _kernel_names(lambda: (ops.grouped_mm(a, b, gs, trans_b), ops.grouped_mm_wgrad(a, dy, gs)))
+    for dtype in (torch.bfloat16, torch.float16):
+        n = names(dtype, 64, 48)
+        assert "tc_gemm_kernel" in n and "grouped_mm_kernel" not in n and "grouped_wgrad_kernel" not in n, n
+    for n in (names(torch.float32, 64, 48), names(torch.bfloat16, 70, 48), names(torch.bfloat16, 64, 48, offset=1)):
+        assert "tc_gemm_kernel" not in n and "grouped_mm_kernel" in n and "grouped_wgrad_kernel" in n, n
+    n = names(torch.bfloat16, 64, 37, trans_b=True)                # NT needs only K % 8; wgrad needs M % 8 too
+    assert "tc_gemm_kernel" in n and "grouped_wgrad_kernel" in n, n
+
+
+_ENV_SCRIPT = """
+import sys, torch, flanmoe_nb.kernels as K
+g = torch.Generator().manual_seed(3)
+a, b = torch.randn(300, 128, generator=g).cuda().bfloat16(), (torch.randn(4, 128, 256, generator=g) / 12).cuda().bfloat16()
+dy, gs = torch.randn(300, 256, generator=g).cuda().bfloat16(), torch.tensor([100, 0, 150, 40]).cuda()
+out, w = torch.ops.flanmoe.grouped_mm(a, b, gs, False), torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs)
+torch.save((out.cpu(), w.cpu()), sys.argv[1])
+"""
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_gemm_env_switch(tmp_path):
+    "FLANMOE_CUDA_GEMM=simt (read at the first call) runs the SIMT kernels with the same results; a bad value is named."
+    import os, subprocess, sys
+    outs = {}
+    for mode in ("auto", "simt"):
+        f = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, "-c", _ENV_SCRIPT, str(f)], check=True, timeout=300,
+                       env={**os.environ, "FLANMOE_CUDA_GEMM": mode})
+        outs[mode] = torch.load(f)
+    for x, y in zip(outs["auto"], outs["simt"]):
+        torch.testing.assert_close(x.double(), y.double(), atol=3e-2, rtol=1e-2)
+    r = subprocess.run([sys.executable, "-c", _ENV_SCRIPT, str(tmp_path / "bad.pt")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "FLANMOE_CUDA_GEMM": "fast"})
+    assert r.returncode != 0 and "FLANMOE_CUDA_GEMM" in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------- dense_mm (the model's dense layers)
 @pytest.mark.parametrize("mode", GEMM_MODES)
 @pytest.mark.parametrize("trans_w", [False, True])
