@@ -16,8 +16,9 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
-           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
-           'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+           'attention_reference', 'attention_kernel_pays', 'attention', 'rms_norm_reference', 'rms_norm', 'RoutePlan',
+           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
+           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -233,6 +234,32 @@ def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor) -> bool:
             and _CPU_GEMM["active"] == "avx512"    # a dict read, not a call into _C: no graph break under compile
             and not torch.is_autocast_enabled("cpu"))   # autocast casts matmul to bf16; it would not cast our op
 
+def _one_group(M: int) -> torch.Tensor:
+    "`tensor([M])`, cached per row count (one tiny tensor each, bounded)."
+    gs = _ONE_GROUP.get(M)
+    if gs is None:
+        if len(_ONE_GROUP) >= 1024: _ONE_GROUP.clear()
+        gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
+    return gs
+
+class _DenseMM(torch.autograd.Function):
+    "Eager `x2 @ w` / `x2 @ w.T` on the grouped kernels with a lean backward (the op's registered autograd costs ~20 us more per call)."
+    @staticmethod
+    def forward(ctx, x2, w, trans_w):
+        ctx.save_for_backward(x2, w)
+        ctx.trans_w = trans_w
+        return torch.ops.flanmoe.grouped_mm(x2, w[None], _one_group(x2.shape[0]), trans_w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        gs, g = _one_group(x2.shape[0]), g.contiguous()
+        dx = torch.ops.flanmoe.grouped_mm(g, w[None], gs, not ctx.trans_w) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (torch.ops.flanmoe.grouped_mm_wgrad(g, x2, gs) if ctx.trans_w else torch.ops.flanmoe.grouped_mm_wgrad(x2, g, gs))[0]
+        return dx, dw, None
+
 def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."
     if not _dense_kernels_pay(x, w): return x @ (w.t() if trans_w else w)
@@ -240,14 +267,116 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous(): x2 = x2.contiguous()
     M = x2.shape[0]
-    if torch.compiler.is_compiling(): gs = torch.full((1,), M, dtype=torch.long)   # traced into the graph
+    if torch.compiler.is_compiling():   # the op and its registered autograd, traced into the graph
+        out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], torch.full((1,), M, dtype=torch.long), trans_w)
+    elif torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad):
+        out = _DenseMM.apply(x2, w.contiguous(), trans_w)
     else:
-        gs = _ONE_GROUP.get(M)
-        if gs is None:
-            if len(_ONE_GROUP) >= 1024: _ONE_GROUP.clear()   # one tiny tensor per row count, bounded
-            gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
-    out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
+        out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], _one_group(M), trans_w)
     return out.view(*lead, out.shape[-1])
+
+
+# %% ../nbs/01_kernels.ipynb #333d12a1
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    "Pure-PyTorch twin of `attention`: `softmax(q k^T + bias) v` per head; q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
+    s = torch.einsum("bihd,bjhd->bhij", q, k)
+    if bias is not None: s = s + bias
+    return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
+
+def _register_attention_parts():
+    "Fake kernels and the autograd formula of the attention op (when the build has it)."
+    if _op("attention") is None: return
+    @torch.library.register_fake("flanmoe::attention")
+    def _(q, k, v, bias=None):
+        B, Lq, H, D = q.shape
+        return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, k.shape[1])
+
+    @torch.library.register_fake("flanmoe::attention_backward")
+    def _(dout, q, k, v, probs, bias_grad):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                q.new_empty(probs.shape) if bias_grad else q.new_empty(0))
+
+    def _setup(ctx, inputs, output):
+        q, k, v, bias = inputs
+        ctx.save_for_backward(q, k, v, output[1])
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.mark_non_differentiable(output[1])     # the probabilities are kept for the backward only
+        ctx.set_materialize_grads(False)            # (no zero tensor for its gradient each step)
+
+    def _bwd(ctx, dout, _dprobs):
+        if dout is None: return None, None, None, None      # (grads are not materialised: no gradient reached the output)
+        q, k, v, probs = ctx.saved_tensors
+        bias_grad = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, db = torch.ops.flanmoe.attention_backward(dout.contiguous(), q, k, v, probs, bias_grad)
+        return dq, dk, dv, db.sum_to_size(ctx.bias_shape) if bias_grad else None
+
+    torch.library.register_autograd("flanmoe::attention", _bwd, setup_context=_setup)
+
+_register_attention_parts()
+
+def attention_kernel_pays(q: torch.Tensor) -> bool:
+    "True when `attention` runs the compiled op (CPU float32/float64 without autocast, extension loaded)."
+    return (_op("attention") is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    "`softmax(q k^T + bias) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`; returns `[B, Lq, H, D]`."
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, D] (got {getattr(t, 'shape', type(t))})")
+    if bias is not None:
+        if bias.dim() > 4: raise ValueError(f"attention: bias must broadcast to [B, H, Lq, Lk] (got shape {tuple(bias.shape)})")
+        bias = bias.to(q.dtype)
+        if bias.dim() < 4: bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    _same_device("attention", "q", q, k=k, v=v, bias=bias)
+    if not attention_kernel_pays(q):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=bias, scale=1.0).transpose(1, 2)
+    q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if bias is not None and bias.shape[-1] != k.shape[1]: bias = bias.expand(*bias.shape[:3], k.shape[1])
+    if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
+    return torch.ops.flanmoe.attention(q, k, v, bias)[0]
+
+
+# %% ../nbs/01_kernels.ipynb #e90588aa
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    "Pure-PyTorch twin of `rms_norm`."
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+def _register_norm_parts():
+    "Fake kernels and the autograd formula of the RMS-norm op (when the build has it)."
+    if _op("rms_norm") is None: return
+    @torch.library.register_fake("flanmoe::rms_norm")
+    def _(x, weight, eps): return x.new_empty(x.shape), x.new_empty(x.shape[:-1])
+
+    @torch.library.register_fake("flanmoe::rms_norm_backward")
+    def _(dy, x, weight, rstd, need_dx, need_dweight):
+        return x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dweight else (0,))
+
+    def _setup(ctx, inputs, output):
+        x, weight, _eps = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])     # rstd is kept for the backward only
+        ctx.set_materialize_grads(False)            # (no zero tensor for its gradient each step)
+
+    def _bwd(ctx, dy, _drstd):
+        if dy is None: return None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dw = torch.ops.flanmoe.rms_norm_backward(dy.contiguous(), x, weight, rstd, need_dx, need_dw)
+        return dx if need_dx else None, dw if need_dw else None, None
+
+    torch.library.register_autograd("flanmoe::rms_norm", _bwd, setup_context=_setup)
+
+_register_norm_parts()
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    "`x * rsqrt(mean(x^2, -1) + eps) * weight`: one compiled pass each way on CPU float32/float64, the composite elsewhere."
+    if (_op("rms_norm") is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")):
+        return rms_norm_reference(x, weight, eps)
+    return torch.ops.flanmoe.rms_norm(x.contiguous(), weight.contiguous(), eps)[0]
+
 
 # %% ../nbs/01_kernels.ipynb #cfd3961a
 from typing import NamedTuple

@@ -1,0 +1,232 @@
+// CPU flanmoe::attention / flanmoe::attention_backward: `softmax(q k^T + bias) v` per (batch, head) with
+// q, k, v in [B, L, H, D] (any strides with a contiguous last dimension, e.g. the views of one fused qkv
+// projection) and an additive bias broadcasting to [B, H, Lq, Lk] (T5's position bias plus masks; no
+// 1/sqrt(D) scaling). The forward also returns the probabilities the backward needs. float32 runs the
+// vectorised kernels of attention_kernels.cpp; float64 (gradcheck) a plain loop of the same formulas.
+#include "flanmoe.h"
+#include "attention_kernels.h"
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace flanmoe {
+namespace {
+
+struct Dims { int64_t B, H, Lq, Lk, D; };
+
+Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& bias, const char* op) {
+  check_rank(q, 4, op, "q");
+  check_rank(k, 4, op, "k");
+  check_rank(v, 4, op, "v");
+  FLANMOE_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+                ": q must be float32 or float64 (got ", q.scalar_type(), ")");
+  check_device_of(q, op, "q", false);
+  const at::Tensor* others[] = {&k, &v};
+  const char* names[] = {"k", "v"};
+  for (int i = 0; i < 2; ++i) {
+    FLANMOE_CHECK(others[i]->scalar_type() == q.scalar_type(), op, ": ", names[i], " must have the dtype of q (q is ",
+                  q.scalar_type(), ", ", names[i], " is ", others[i]->scalar_type(), ")");
+    check_same_device(*others[i], q, op, names[i], "q");
+  }
+  const Dims d{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3)};
+  FLANMOE_CHECK(k.size(0) == d.B && k.size(2) == d.H && k.size(3) == d.D, op,
+                ": k must be [B, Lk, H, D] with B, H, D of q [B, Lq, H, D] (q is ", shape_str(q), ", k is ",
+                shape_str(k), ")");
+  FLANMOE_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k (k is ", shape_str(k), ", v is ",
+                shape_str(v), ")");
+  const at::Tensor* qkv[] = {&q, &k, &v};
+  const char* qkv_names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i)
+    FLANMOE_CHECK(qkv[i]->size(3) <= 1 || qkv[i]->stride(3) == 1, op, ": ", qkv_names[i],
+                  " must have a contiguous last dimension (got shape ", shape_str(*qkv[i]), " with strides ",
+                  qkv[i]->strides(), ")");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_rank(b, 4, op, "bias");
+    FLANMOE_CHECK(b.scalar_type() == q.scalar_type(), op, ": bias must have the dtype of q (q is ", q.scalar_type(),
+                  ", bias is ", b.scalar_type(), ")");
+    check_same_device(b, q, op, "bias", "q");
+    const int64_t want[] = {d.B, d.H, d.Lq, d.Lk};
+    for (int i = 0; i < 3; ++i)
+      FLANMOE_CHECK(b.size(i) == want[i] || b.size(i) == 1, op, ": bias must broadcast to [B, H, Lq, Lk] = [",
+                    d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk, "] (got ", shape_str(b), ")");
+    FLANMOE_CHECK(b.size(3) == d.Lk && (d.Lk <= 1 || b.stride(3) == 1), op,
+                  ": bias must have Lk = ", d.Lk, " columns with stride 1 (got shape ", shape_str(b),
+                  " with strides ", b.strides(), ")");
+  }
+  return d;
+}
+
+int64_t bstride(const at::Tensor& b, int i) { return b.size(i) == 1 ? 0 : b.stride(i); }
+
+int64_t head_grain(const Dims& d) {     // heads per task: ~64k multiply-adds at least
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.Lq * d.Lk * d.D));
+}
+
+// ---- float64: the same formulas as plain loops (for gradcheck and opcheck) ----
+template <typename T>
+struct View4 {      // element (b, l, h, d) of a [B, L, H, D] tensor
+  const T* p; int64_t sb, sl, sh;
+  const T* row(int64_t b, int64_t l, int64_t h) const { return p + b * sb + l * sl + h * sh; }
+};
+
+template <typename T>
+View4<T> view4(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename T>
+void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const std::optional<at::Tensor>& bias, T* probs, T* out) {
+  const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
+  at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<T> s(d.Lk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H;
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        const T* qi = Q.row(b, i, h);
+        T mx = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < d.Lk; ++j) {
+          T acc = bias ? bias->data_ptr<T>()[b * bstride(*bias, 0) + h * bstride(*bias, 1) + i * bstride(*bias, 2) + j] : T(0);
+          const T* kj = K.row(b, j, h);
+          for (int64_t x = 0; x < d.D; ++x) acc += qi[x] * kj[x];
+          s[j] = acc;
+          mx = std::max(mx, acc);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j < d.Lk; ++j) { s[j] = std::exp(s[j] - mx); sum += s[j]; }
+        T* p = probs + (bh * d.Lq + i) * d.Lk;
+        for (int64_t j = 0; j < d.Lk; ++j) p[j] = s[j] / sum;
+        T* o = out + ((b * d.Lq + i) * d.H + h) * d.D;
+        for (int64_t x = 0; x < d.D; ++x) {
+          T acc = 0;
+          for (int64_t j = 0; j < d.Lk; ++j) acc += p[j] * V.row(b, j, h)[x];
+          o[x] = acc;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const T* probs, T* dq, T* dk, T* dv, T* dscores) {
+  const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
+  const int64_t HD = d.H * d.D;
+  at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<T> ds(d.Lq * d.Lk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H;
+      const T* P = probs + bh * d.Lq * d.Lk;
+      for (int64_t i = 0; i < d.Lq; ++i) {
+        const T* go = dout + (b * d.Lq + i) * HD + h * d.D;
+        T delta = 0;
+        for (int64_t j = 0; j < d.Lk; ++j) {
+          T dp = 0;
+          for (int64_t x = 0; x < d.D; ++x) dp += go[x] * V.row(b, j, h)[x];
+          ds[i * d.Lk + j] = dp;
+          delta += P[i * d.Lk + j] * dp;
+        }
+        for (int64_t j = 0; j < d.Lk; ++j) ds[i * d.Lk + j] = P[i * d.Lk + j] * (ds[i * d.Lk + j] - delta);
+      }
+      if (dscores) std::copy(ds.begin(), ds.end(), dscores + bh * d.Lq * d.Lk);
+      for (int64_t i = 0; i < d.Lq; ++i)
+        for (int64_t x = 0; x < d.D; ++x) {
+          T acc = 0;
+          for (int64_t j = 0; j < d.Lk; ++j) acc += ds[i * d.Lk + j] * K.row(b, j, h)[x];
+          dq[(b * d.Lq + i) * HD + h * d.D + x] = acc;
+        }
+      for (int64_t j = 0; j < d.Lk; ++j)
+        for (int64_t x = 0; x < d.D; ++x) {
+          T ak = 0, av = 0;
+          for (int64_t i = 0; i < d.Lq; ++i) {
+            ak += ds[i * d.Lk + j] * Q.row(b, i, h)[x];
+            av += P[i * d.Lk + j] * dout[(b * d.Lq + i) * HD + h * d.D + x];
+          }
+          dk[(b * d.Lk + j) * HD + h * d.D + x] = ak;
+          dv[(b * d.Lk + j) * HD + h * d.D + x] = av;
+        }
+    }
+  });
+}
+
+AttnArgs f32_args(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  AttnArgs a{};
+  a.B = d.B; a.H = d.H; a.Lq = d.Lq; a.Lk = d.Lk; a.D = d.D;
+  a.q = q.data_ptr<float>(); a.q_b = q.stride(0); a.q_l = q.stride(1); a.q_h = q.stride(2);
+  a.k = k.data_ptr<float>(); a.k_b = k.stride(0); a.k_l = k.stride(1); a.k_h = k.stride(2);
+  a.v = v.data_ptr<float>(); a.v_b = v.stride(0); a.v_l = v.stride(1); a.v_h = v.stride(2);
+  return a;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& bias) {
+  const char* op = "flanmoe::attention";
+  const Dims d = check_attention_args(q, k, v, bias, op);
+  auto out = at::empty({d.B, d.Lq, d.H, d.D}, q.options());
+  auto probs = at::empty({d.B, d.H, d.Lq, d.Lk}, q.options());
+  if (out.numel() == 0) return {out, probs};
+  if (d.Lk == 0) { out.zero_(); return {out, probs}; }
+  if (q.scalar_type() == at::kDouble) {
+    fwd_loops<double>(d, q, k, v, bias, probs.data_ptr<double>(), out.data_ptr<double>());
+    return {out, probs};
+  }
+  AttnArgs a = f32_args(d, q, k, v);
+  if (bias.has_value()) {
+    a.bias = bias->data_ptr<float>();
+    a.bias_b = bstride(*bias, 0); a.bias_h = bstride(*bias, 1); a.bias_i = bstride(*bias, 2);
+  }
+  a.probs = probs.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  const SmallGemmIsa isa = small_gemm_active();
+  at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t b, int64_t e) { attention_fwd_f32(isa, a, b, e); });
+  return {out, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+    bool bias_grad) {
+  const char* op = "flanmoe::attention_backward";
+  const Dims d = check_attention_args(q, k, v, std::nullopt, op);
+  FLANMOE_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), op,
+                ": dout must have the shape and dtype of q (q is ", shape_str(q), " ", q.scalar_type(), ", dout is ",
+                shape_str(dout), " ", dout.scalar_type(), ")");
+  const std::vector<int64_t> pshape{d.B, d.H, d.Lq, d.Lk};
+  FLANMOE_CHECK(probs.sizes() == at::IntArrayRef(pshape) && probs.scalar_type() == q.scalar_type(), op,
+                ": probs must be the [B, H, Lq, Lk] probabilities from attention (got ", shape_str(probs), " ",
+                probs.scalar_type(), ")");
+  check_same_device(dout, q, op, "dout", "q");
+  check_same_device(probs, q, op, "probs", "q");
+  const auto go = dout.contiguous(), p = probs.contiguous();
+  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous), dk = at::empty_like(k, at::MemoryFormat::Contiguous),
+       dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  auto dbias = bias_grad ? at::empty(pshape, q.options()) : at::empty({0}, q.options());
+  if (d.B * d.H == 0) return {dq, dk, dv, dbias};
+  if (d.Lq == 0 || d.Lk == 0 || d.D == 0) {   // an empty contraction: every gradient is 0
+    dq.zero_(); dk.zero_(); dv.zero_(); dbias.zero_();
+    return {dq, dk, dv, dbias};
+  }
+  if (q.scalar_type() == at::kDouble) {
+    bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(), dq.data_ptr<double>(),
+                      dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? dbias.data_ptr<double>() : nullptr);
+    return {dq, dk, dv, dbias};
+  }
+  AttnArgs a = f32_args(d, q, k, v);
+  a.probs = const_cast<float*>(p.data_ptr<float>());
+  a.dout = go.data_ptr<float>();
+  a.dq = dq.data_ptr<float>(); a.dk = dk.data_ptr<float>(); a.dv = dv.data_ptr<float>();
+  a.dscores = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  const SmallGemmIsa isa = small_gemm_active();
+  at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t b, int64_t e) { attention_bwd_f32(isa, a, b, e); });
+  return {dq, dk, dv, dbias};
+}
+
+TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace flanmoe

@@ -1,0 +1,57 @@
+// The fp32 attention kernels (see attention_kernels.h), in three copies of attention_isa.inc: AVX-512F,
+// AVX2+FMA and the baseline ISA of the build. This file includes no torch header.
+#include "attention_kernels.h"
+#include <vector>
+
+// The vector helpers take and return 64-byte vectors; they are always inlined, so no call ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace flanmoe {
+namespace {
+
+float* scratch(size_t n) {                 // per-thread buffer: packed columns and score rows of one head
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define ISA_NS avx512
+#define ISA_TARGET __attribute__((target("avx512f,fma")))
+#include "attention_isa.inc"
+#undef ISA_NS
+#undef ISA_TARGET
+
+#define ISA_NS avx2
+#define ISA_TARGET __attribute__((target("avx2,fma")))
+#include "attention_isa.inc"
+#undef ISA_NS
+#undef ISA_TARGET
+#define FLANMOE_ATTN_X86 1
+#endif
+
+#define ISA_NS base
+#define ISA_TARGET
+#include "attention_isa.inc"
+#undef ISA_NS
+#undef ISA_TARGET
+
+}  // namespace
+
+#ifdef FLANMOE_ATTN_X86
+#define FLANMOE_ATTN_DISPATCH(fn)                                                   \
+  (isa == SmallGemmIsa::avx512 ? avx512::fn(a, begin, end)                          \
+   : isa == SmallGemmIsa::avx2 ? avx2::fn(a, begin, end) : base::fn(a, begin, end))
+#else
+#define FLANMOE_ATTN_DISPATCH(fn) ((void)isa, base::fn(a, begin, end))
+#endif
+
+void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
+  FLANMOE_ATTN_DISPATCH(fwd);
+}
+
+void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
+  FLANMOE_ATTN_DISPATCH(bwd);
+}
+
+}  // namespace flanmoe

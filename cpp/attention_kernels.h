@@ -1,0 +1,31 @@
+// fp32 attention `softmax(q k^T + bias) v` per (batch, head), forward and backward, for the short
+// sequences and small head sizes of T5 layers, where one batched-GEMM + softmax + batched-GEMM chain
+// (and its backward) costs more in copies and op overhead than in arithmetic. One pass per head keeps
+// its scores in cache; q/k/v are read in place in their [B, L, H, D] layout (the rows of a fused qkv
+// projection), outputs are written in [B, L, H, D] (ready for the output projection). No torch header
+// here (the kernels are compiled once per ISA with target attributes); attention_cpu.cpp is the op.
+#pragma once
+#include <cstdint>
+#include "sgemm_small.h"
+
+namespace flanmoe {
+
+struct AttnArgs {
+  int64_t B, H, Lq, Lk, D;
+  const float *q, *k, *v;            // element (b, l, h, d) at p[b*s_b + l*s_l + h*s_h + d]
+  int64_t q_b, q_l, q_h, k_b, k_l, k_h, v_b, v_l, v_h;
+  const float* bias;                 // nullable; (b, h, i, j) at bias[b*bias_b + h*bias_h + i*bias_i + j] (0 = broadcast)
+  int64_t bias_b, bias_h, bias_i;
+  float* probs;                      // [B, H, Lq, Lk]: written by the forward, read by the backward
+  float* out;                        // forward: [B, Lq, H, D]
+  const float* dout;                 // backward: [B, Lq, H, D] contiguous
+  float *dq, *dk, *dv;               // backward: [B, Lq|Lk, H, D] contiguous
+  float* dscores;                    // backward, nullable: [B, H, Lq, Lk] (the gradient of the bias)
+};
+
+// Heads [begin, end) of B*H (head bh = b*H + h); callers split that range over threads.
+// `isa` picks the AVX-512F, AVX2+FMA or baseline copy of the same code.
+void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);
+void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);
+
+}  // namespace flanmoe

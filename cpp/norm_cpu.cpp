@@ -1,0 +1,124 @@
+// CPU flanmoe::rms_norm / flanmoe::rms_norm_backward: T5's layer norm over the last dimension,
+//   y = x * r * weight,  r = 1 / sqrt(mean(x^2) + eps)   (per row; r is returned for the backward)
+//   dx = r * (g*w - xh * mean(g*w * xh)),  dweight = sum over rows of g * xh,  xh = x * r
+// in the input precision (float32 / float64), one pass over each row. The weight gradient is summed per
+// block of 256 rows, then over the blocks in order: the same bits for any thread count.
+#include "flanmoe.h"
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace flanmoe {
+namespace {
+
+constexpr int64_t kRowBlock = 256;
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  FLANMOE_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (got a 0-D tensor)");
+  FLANMOE_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                ": x must be float32 or float64 (got ", x.scalar_type(), ")");
+  check_device_of(x, op, "x", false);
+  check_contiguous(x, op, "x");
+  check_rank(weight, 1, op, "weight");
+  FLANMOE_CHECK(weight.size(0) == x.size(-1), op, ": weight must have one entry per feature of x (x is ", shape_str(x),
+                ", weight is ", shape_str(weight), ")");
+  FLANMOE_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (x is ", x.scalar_type(),
+                ", weight is ", weight.scalar_type(), ")");
+  check_same_device(weight, x, op, "weight", "x");
+  check_contiguous(weight, op, "weight");
+}
+
+template <typename T>
+void fwd(const T* x, const T* w, T eps, int64_t rows, int64_t d, T* y, T* rstd) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* xr = x + r * d;
+      T ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+      const T inv = T(1) / std::sqrt(ss / T(d) + eps);
+      T* yr = y + r * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * inv) * w[i];
+      rstd[r] = inv;
+    }
+  });
+}
+
+template <typename T>
+void bwd(const T* g, const T* x, const T* w, const T* rstd, int64_t rows, int64_t d, T* dx, T* dw, bool need_dx) {
+  const int64_t nblk = (rows + kRowBlock - 1) / kRowBlock;
+  std::vector<T> part(dw ? nblk * d : 0, T(0));
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      T* pw = dw ? part.data() + blk * d : nullptr;
+      for (int64_t r = blk * kRowBlock; r < std::min(rows, (blk + 1) * kRowBlock); ++r) {
+        const T* gr = g + r * d;
+        const T* xr = x + r * d;
+        const T inv = rstd[r];
+        if (need_dx) {
+          T m = 0;
+          for (int64_t i = 0; i < d; ++i) m += (gr[i] * w[i]) * (xr[i] * inv);
+          m /= T(d);
+          T* dxr = dx + r * d;
+          for (int64_t i = 0; i < d; ++i) dxr[i] = (gr[i] * w[i] - (xr[i] * inv) * m) * inv;
+        }
+        if (pw)
+          for (int64_t i = 0; i < d; ++i) pw[i] += gr[i] * (xr[i] * inv);
+      }
+    }
+  });
+  if (!dw) return;
+  for (int64_t i = 0; i < d; ++i) dw[i] = T(0);
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    for (int64_t i = 0; i < d; ++i) dw[i] += part[blk * d + i];
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const char* op = "flanmoe::rms_norm";
+  check_norm_args(x, weight, op);
+  FLANMOE_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0 (got eps=", eps, ")");
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  auto y = at::empty_like(x);
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options());
+  if (x.numel() == 0) return {y, rstd.fill_(std::nan(""))};   // (d = 0: the mean of nothing, as in torch)
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flanmoe_rms_norm", [&] {
+    fwd<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), scalar_t(eps), rows, d, y.data_ptr<scalar_t>(),
+                  rstd.data_ptr<scalar_t>());
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                         const at::Tensor& weight, const at::Tensor& rstd,
+                                                         bool need_dx, bool need_dweight) {
+  const char* op = "flanmoe::rms_norm_backward";
+  check_norm_args(x, weight, op);
+  FLANMOE_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op,
+                ": dy must have the shape and dtype of x (x is ", shape_str(x), ", dy is ", shape_str(dy), " ",
+                dy.scalar_type(), ")");
+  FLANMOE_CHECK(rstd.sizes() == x.sizes().slice(0, x.dim() - 1) && rstd.scalar_type() == x.scalar_type(), op,
+                ": rstd must be the per-row statistic from rms_norm, shape ", x.sizes().slice(0, x.dim() - 1),
+                " (got ", shape_str(rstd), " ", rstd.scalar_type(), ")");
+  check_same_device(dy, x, op, "dy", "x");
+  check_same_device(rstd, x, op, "rstd", "x");
+  const auto g = dy.contiguous(), r = rstd.contiguous();
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dw = need_dweight ? at::empty_like(weight) : at::empty({0}, x.options());
+  if (rows == 0) { if (need_dweight) dw.zero_(); return {dx, dw}; }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flanmoe_rms_norm_backward", [&] {
+    bwd<scalar_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+                  rows, d, need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                  need_dweight ? dw.data_ptr<scalar_t>() : nullptr, need_dx);
+  });
+  return {dx, dw};
+}
+
+TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+}  // namespace flanmoe

@@ -1,0 +1,264 @@
+"""The compiled dense-layer ops of the T5 blocks (fused attention, RMS norm, the eager dense_mm autograd) vs
+their pure-PyTorch twins: random shapes on every CPU kernel copy, gradcheck, opcheck, torch.compile, bad input,
+and the model with and without them."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import flanmoe_nb.kernels as K
+
+pytestmark = pytest.mark.skipif(not K.extension_available(), reason="flanmoe_nb._C not built")
+ops = torch.ops.flanmoe
+HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MODES = ["blas"] + (K.cpu_gemm_info()["supported"] if K.extension_available() else [])   # baseline, avx2, avx512
+MIN32 = torch.finfo(torch.float32).min
+
+
+def _qkv(B, Lq, Lk, H, D, dtype, seed, packed):
+    "q, k, v as [B, L, H, D]; with `packed` (Lq == Lk) strided views of one [B, L, 3, H, D] tensor, like a fused projection."
+    g = torch.Generator().manual_seed(seed)
+    if packed and Lq == Lk:
+        return torch.randn(B, Lq, 3, H, D, generator=g, dtype=dtype).unbind(2)
+    return (torch.randn(B, Lq, H, D, generator=g, dtype=dtype), torch.randn(B, Lk, H, D, generator=g, dtype=dtype),
+            torch.randn(B, Lk, H, D, generator=g, dtype=dtype))
+
+
+def _bias(kind, B, H, Lq, Lk, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 7)
+    if kind == "none": return None
+    if kind == "shared": return torch.randn(1, H, Lq, Lk, generator=g, dtype=dtype)      # T5 position bias
+    if kind == "keymask":                                                                 # cross-attention padding
+        return torch.where(torch.rand(B, 1, 1, Lk, generator=g) < 0.3, torch.finfo(dtype).min, 0.0).to(dtype)
+    b = torch.randn(B, H, Lq, Lk, generator=g, dtype=dtype)                              # bias + causal mask
+    return b + torch.triu(torch.full((Lq, Lk), torch.finfo(dtype).min, dtype=dtype), 1)
+
+
+def _grads(fn, q, k, v, bias, go):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    y = fn(*leaves, b)
+    gr = torch.autograd.grad(y, leaves + ([b] if b is not None else []), go)
+    return y.detach(), gr
+
+
+# ---------------------------------------------------------------- attention
+@HYP
+@given(B=st.integers(0, 3), H=st.integers(1, 4), Lq=st.integers(0, 70), Lk=st.integers(0, 70), D=st.integers(1, 40),
+       bias=st.sampled_from(["none", "shared", "keymask", "full"]), packed=st.booleans(), mode=st.sampled_from(MODES),
+       seed=st.integers(0, 2**16))
+def test_attention_equals_reference(B, H, Lq, Lk, D, bias, packed, mode, seed):
+    q, k, v = _qkv(B, Lq, Lk, H, D, torch.float32, seed, packed)
+    bb = _bias(bias, B, H, Lq, Lk, torch.float32, seed)
+    go = torch.randn(B, Lq, H, D, generator=torch.Generator().manual_seed(seed + 3))
+    with K.use_cpu_gemm(mode):
+        y, g = _grads(K.attention, q, k, v, bb, go)
+    y64, g64 = _grads(K.attention_reference, *(t.double() for t in (q, k, v)), None if bb is None else bb.double(), go.double())
+    assert y.shape == (B, Lq, H, D) and y.dtype == torch.float32
+    torch.testing.assert_close(y, y64.float(), atol=2e-5, rtol=1e-4)
+    for a, b in zip(g, g64):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b.float(), atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_float64_gradcheck(mode):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, L, 3, 5, dtype=torch.float64, requires_grad=True) for L in (4, 6, 6))
+    bias = torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    with K.use_cpu_gemm(mode):
+        assert torch.autograd.gradcheck(K.attention, (q, k, v, bias))
+        assert torch.autograd.gradcheck(lambda q, k, v: K.attention(q, k, v), (q, k, v))
+
+
+def test_attention_fully_masked_rows_and_nonfinite_values_like_the_composite():
+    q, k, v = _qkv(2, 5, 9, 2, 16, torch.float32, 0, False)
+    bias = torch.zeros(2, 2, 5, 9)
+    bias[0, :, 1] = MIN32                  # a row with every key masked: uniform, as softmax of equal scores
+    bias[1, 0, :, 3] = MIN32               # one key masked everywhere: weight exactly 0
+    qn = q.clone(); qn[1, 2, 1, 0] = float("nan")
+    for qq in (q, qn):
+        y = K.attention(qq, k, v, bias)
+        ref = K.attention_reference(qq, k, v, bias)
+        assert torch.equal(y.isnan(), ref.isnan())
+        torch.testing.assert_close(y.nan_to_num(), ref.nan_to_num(), atol=1e-5, rtol=1e-5)
+    _, probs = ops.attention(q, k, v, bias)
+    assert torch.equal(probs[1, 0, :, 3], torch.zeros(5))
+    torch.testing.assert_close(probs[0, :, 1], torch.full((2, 9), 1 / 9))
+
+
+def test_attention_probs_are_not_differentiable_and_backward_is_exact_op():
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 3, 4, 2, 8, torch.float32, 1, False))
+    out, probs = ops.attention(q, k, v, None)
+    assert out.requires_grad and not probs.requires_grad
+    dq, dk, dv, db = ops.attention_backward(torch.ones_like(out), q.detach(), k.detach(), v.detach(), probs, False)
+    assert db.numel() == 0
+    gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.equal(gq, dq) and torch.equal(gk, dk) and torch.equal(gv, dv)
+
+
+def test_attention_falls_back_to_sdpa_for_bf16_and_autocast():
+    q, k, v = _qkv(2, 6, 6, 2, 8, torch.float32, 2, True)
+    bias = _bias("shared", 2, 2, 6, 6, torch.float32, 2)
+    ref = K.attention_reference(q, k, v, bias)
+    y = K.attention(*(t.bfloat16() for t in (q, k, v)), bias)
+    assert y.dtype == torch.bfloat16 and not K.attention_kernel_pays(q.bfloat16())
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not K.attention_kernel_pays(q)
+
+
+def test_attention_bad_input_names_the_argument():
+    q, k, v = _qkv(2, 4, 5, 2, 8, torch.float32, 0, False)
+    bad = [
+        (lambda: ops.attention(q[0], k, v, None), "q must be a 4-D"),
+        (lambda: ops.attention(q.bfloat16(), k, v, None), "q must be float32 or float64"),
+        (lambda: ops.attention(q, k.double(), v, None), "k must have the dtype of q"),
+        (lambda: ops.attention(q, k[:, :, :1], v, None), "k must be [B, Lk, H, D]"),
+        (lambda: ops.attention(q, k, v[:, :3], None), "v must have the shape of k"),
+        (lambda: ops.attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, None), "q must have a contiguous last dimension"),
+        (lambda: ops.attention(q, k, v, torch.zeros(2, 3, 4, 5)), "bias must broadcast"),
+        (lambda: ops.attention(q, k, v, torch.zeros(2, 2, 4, 1)), "bias must have Lk = 5"),
+        (lambda: ops.attention(q, k, v, torch.zeros(2, 2, 4, 5, dtype=torch.float64)), "bias must have the dtype of q"),
+        (lambda: ops.attention_backward(torch.zeros(2, 4, 2, 8), q, k, v, torch.zeros(2, 2, 4, 4), True), "probs must be"),
+        (lambda: ops.attention_backward(torch.zeros(2, 4, 2, 7), q, k, v, torch.zeros(2, 2, 4, 5), True), "dout must have"),
+        (lambda: K.attention(q, k, v, torch.zeros(1, 1, 2, 4, 5)), "bias must broadcast"),
+        (lambda: K.attention(q, k[..., None], v), "k must be a 4-D tensor"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises((ValueError, RuntimeError), match=msg.replace("[", r"\[").replace("]", r"\]")):
+            fn()
+
+
+def test_attention_wrapper_broadcasts_bias_of_any_rank_and_layout():
+    q, k, v = _qkv(2, 4, 5, 3, 8, torch.float32, 4, False)
+    b2 = torch.randn(4, 5)
+    ref = K.attention_reference(q, k, v, b2)
+    torch.testing.assert_close(K.attention(q, k, v, b2), ref)
+    torch.testing.assert_close(K.attention(q, k, v, b2.T.contiguous().T), ref)          # column-major bias
+    torch.testing.assert_close(K.attention(q, k, v, torch.zeros(2, 1, 1, 1)), K.attention_reference(q, k, v))
+
+
+def test_attention_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(2, 6, 6, 2, 8, torch.float32, 5, True))
+    bias = torch.randn(1, 2, 6, 6, requires_grad=True)
+    fn = lambda q, k, v, b: K.attention(q, k, v, b).square().sum()
+    cfn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    g1 = torch.autograd.grad(cfn(q, k, v, bias), (q, k, v, bias))
+    g2 = torch.autograd.grad(fn(q, k, v, bias), (q, k, v, bias))
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- rms_norm
+@HYP
+@given(shape=st.sampled_from([(0, 8), (1, 1), (3, 7, 64), (257, 33), (600, 130), (5, 0, 16), (2, 300, 48)]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), need=st.sampled_from(["both", "x", "w"]),
+       seed=st.integers(0, 2**16))
+def test_rms_norm_equals_reference(shape, dtype, need, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype).requires_grad_(need != "w")
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g, dtype=dtype)).requires_grad_(need != "x")
+    go = torch.randn(shape, generator=g, dtype=dtype)
+    y, y_ref = K.rms_norm(x, w, 1e-6), K.rms_norm_reference(x, w, 1e-6)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, y_ref, **tol)
+    leaves = [t for t in (x, w) if t.requires_grad]
+    for a, b in zip(torch.autograd.grad(y, leaves, go), torch.autograd.grad(y_ref, leaves, go)):
+        torch.testing.assert_close(a, b, atol=tol["atol"] * max(1, shape[0]), rtol=tol["rtol"] * 10)
+
+
+def test_rms_norm_gradcheck_and_weight_gradient_bits_independent_of_threads():
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: K.rms_norm(x, w, 1e-3), (x, w))
+    x32, w32, g32 = torch.randn(1000, 64), torch.randn(64), torch.randn(1000, 64)
+    y, r = ops.rms_norm(x32, w32, 1e-6)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(ops.rms_norm_backward(g32, x32, w32, r, True, True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_rms_norm_bad_input_names_the_argument():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    bad = [
+        (lambda: ops.rms_norm(x.long(), w, 1e-6), "x must be float32 or float64"),
+        (lambda: ops.rms_norm(x, torch.ones(7), 1e-6), "weight must have one entry per feature"),
+        (lambda: ops.rms_norm(x, w.double(), 1e-6), "weight must have the dtype of x"),
+        (lambda: ops.rms_norm(x.T, torch.ones(4), 1e-6), "x must be contiguous"),
+        (lambda: ops.rms_norm(x, w, -1.0), "eps must be finite and >= 0"),
+        (lambda: ops.rms_norm_backward(x, x, w, torch.ones(3), True, True), "rstd must be"),
+        (lambda: ops.rms_norm_backward(x[:2], x, w, torch.ones(4), True, True), "dy must have"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises((ValueError, RuntimeError), match=msg):
+            fn()
+
+
+# ---------------------------------------------------------------- opcheck
+def _opcheck_cases():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, L, 3, 4) for L in (5, 6, 6))
+    cases = [("attention", (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.randn(1, 3, 5, 6, requires_grad=True))),
+             ("attention", (q.double(), k.double(), v.double(), None)),
+             ("rms_norm", (torch.randn(3, 5, 8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6)),
+             ("rms_norm", (torch.randn(4, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-5))]
+    _, p = ops.attention(q.detach(), k.detach(), v.detach(), None)
+    cases.append(("attention_backward", (torch.randn(2, 5, 3, 4), q.detach(), k.detach(), v.detach(), p, True)))
+    x, w = torch.randn(4, 8), torch.randn(8)
+    cases.append(("rms_norm_backward", (torch.randn(4, 8), x, w, ops.rms_norm(x, w, 1e-6)[1], True, True)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---------------------------------------------------------------- dense_mm's eager autograd
+def test_dense_mm_eager_function_matches_linear_with_double_backward():
+    if not K._dense_kernels_pay(torch.ones(1), torch.ones(1, 1)):
+        pytest.skip("dense_mm is torch.matmul on this CPU (no AVX-512 kernels)")
+    x = torch.randn(5, 7, 12, requires_grad=True, dtype=torch.float32)
+    w = torch.randn(9, 12, requires_grad=True)
+    y = K.dense_mm(x, w, trans_w=True)
+    assert "DenseMM" in type(y.grad_fn.next_functions[0][0]).__name__        # (under the view to x's leading dims)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w), create_graph=True)
+    rx, rw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w), create_graph=True)
+    torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-5); torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-5)
+    hx = torch.autograd.grad(gx.sum() + gw.sum(), x)[0]
+    torch.testing.assert_close(hx, torch.autograd.grad(rx.sum() + rw.sum(), x)[0], atol=1e-4, rtol=1e-5)
+    with torch.no_grad(): assert K.dense_mm(x, w, True).grad_fn is None
+
+
+# ---------------------------------------------------------------- the model with and without the fused ops
+def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
+    import flanmoe_nb.model as M
+    torch.manual_seed(0)
+    cfg = M.ModelConfig.preset("tiny", moe=dict(num_experts=4, top_k=2), dropout=0.0)
+    model = M.EncoderDecoder(cfg)
+    x = torch.randint(2, cfg.vocab_size, (3, 11)); y = torch.randint(2, cfg.vocab_size, (3, 6))
+    am = torch.ones_like(x); am[1, 8:] = 0                   # padding: key masks in self and cross attention
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=x, attention_mask=am, labels=y)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert M._fused_attention_pays(torch.ones(1, 1, 1, 1), 0.0, True)
+    fused = loss_and_grads()
+    monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
+    real_op = K._op
+    monkeypatch.setattr(K, "_op", lambda name: None if name == "rms_norm" else real_op(name))
+    plain = loss_and_grads()
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
+    assert fused[1].keys() == plain[1].keys()
+    for n in fused[1]: torch.testing.assert_close(fused[1][n], plain[1][n], atol=1e-5, rtol=1e-4, msg=n)
