@@ -280,11 +280,11 @@ def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=(
     return rows
 
 # %% ../nbs/10_bench.ipynb #896ddf2c
-def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool = False,
+def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool | None = None,
                     compile_ours: bool = False) -> list[dict]:
     "Print and return one `bench_train` row per expert count."
     from flanmoe_nb.train import bench_train
-    print(f"Tiny-preset training tokens/s, fwd+bwd+{'fused ' if fused_adamw else ''}AdamW step, "
+    print(f"Tiny-preset training tokens/s, fwd+bwd+{'per-tensor-loop ' if fused_adamw is False else 'fused '}AdamW step, "
           f"{torch.get_num_threads()} threads; ours{' (torch.compile)' if compile_ours else ''} vs HF "
           "SwitchTransformersForConditionalGeneration (eager)")
     print(f"{'E':>4} | {'ours tok/s':>10} | {'HF tok/s':>10} | ratio"); print("-" * 38)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {','.join(METHODS)}")
     p.add_argument("--reps", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--fused-adamw", action="store_true", help="train: AdamW(fused=True) for both models")
+    p.add_argument("--loop-adamw", action="store_true", help="train: torch's per-tensor AdamW loop for both models (default: fused, as the trainer)")
     p.add_argument("--compile", action="store_true", help="train: torch.compile our model (~1 min per expert count)")
     p.add_argument("--device", default="cpu", help="gmm: cpu or cuda")
     p.add_argument("--json", help="also write the rows to this file")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     q = a.quick
     if a.what == "train":
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
-                               steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=a.fused_adamw,
+                               steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=False if a.loop_adamw else None,
                                compile_ours=a.compile)
         return done(rows)
     if a.what == "gmm":

@@ -119,7 +119,7 @@ def grouped_mm_wgrad_reference(a: torch.Tensor, dy: torch.Tensor, group_sizes: t
 
 # %% ../nbs/01_kernels.ipynb #9131aa6a
 def _register_python_parts():
-    "Fake kernels and autograd formulas for the compiled ops (needs the op schemas from `_C`)."
+    "Fake kernels of the compiled GEMM ops (needs the op schemas from `_C`; their autograd is C++)."
     @torch.library.register_fake("flanmoe::grouped_mm")
     def _(a, b, group_sizes, trans_b=False):
         torch._check(a.dim() == 2, lambda: f"flanmoe::grouped_mm: a must be a 2-D tensor (got shape {tuple(a.shape)})")
@@ -130,39 +130,9 @@ def _register_python_parts():
     def _(a, dy, group_sizes):
         return a.new_empty(group_sizes.shape[0], a.shape[1], dy.shape[1])
 
-    def _gmm_setup(ctx, inputs, output):
-        a, b, group_sizes, trans_b = inputs
-        ctx.save_for_backward(a, b, group_sizes)
-        ctx.trans_b = trans_b
-
-    def _gmm_backward(ctx, dy):
-        a, b, group_sizes = ctx.saved_tensors
-        dy = dy.contiguous()
-        da = db = None
-        if ctx.needs_input_grad[0]:
-            da = torch.ops.flanmoe.grouped_mm(dy, b, group_sizes, not ctx.trans_b)
-        if ctx.needs_input_grad[1]:
-            db = (torch.ops.flanmoe.grouped_mm_wgrad(dy, a, group_sizes) if ctx.trans_b
-                  else torch.ops.flanmoe.grouped_mm_wgrad(a, dy, group_sizes))
-        return da, db, None, None
-
-    torch.library.register_autograd("flanmoe::grouped_mm", _gmm_backward, setup_context=_gmm_setup)
-
-    def _wgrad_setup(ctx, inputs, output):
-        a, dy, group_sizes = inputs
-        ctx.save_for_backward(a, dy, group_sizes)
-
-    def _wgrad_backward(ctx, dout):
-        a, dy, group_sizes = ctx.saved_tensors
-        dout = dout.contiguous()
-        da = ddy = None
-        if ctx.needs_input_grad[0]:   # out_g = a_g^T dy_g  ->  da_g = dy_g dout_g^T
-            da = torch.ops.flanmoe.grouped_mm(dy, dout, group_sizes, True)
-        if ctx.needs_input_grad[1]:   # ddy_g = a_g dout_g
-            ddy = torch.ops.flanmoe.grouped_mm(a, dout, group_sizes, False)
-        return da, ddy, None
-
-    torch.library.register_autograd("flanmoe::grouped_mm_wgrad", _wgrad_backward, setup_context=_wgrad_setup)
+    # Autograd of every differentiable op is registered in C++ (cpp/autograd.cpp): its backward is again these
+    # ops (grouped_mm: da = dy @ b[g]^T via grouped_mm, db via grouped_mm_wgrad; grouped_mm_wgrad: both operands
+    # via grouped_mm), with no Python on the way in either direction.
 
 def _register_flop_formulas():
     "`torch.utils.flop_counter.FlopCounterMode` (and MFU estimates) count both grouped ops: 2*N*K*M, N the rows given (padding included)."
@@ -242,24 +212,6 @@ def _one_group(M: int) -> torch.Tensor:
         gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
     return gs
 
-class _DenseMM(torch.autograd.Function):
-    "Eager `x2 @ w` / `x2 @ w.T` on the grouped kernels with a lean backward (the op's registered autograd costs ~20 us more per call)."
-    @staticmethod
-    def forward(ctx, x2, w, trans_w):
-        ctx.save_for_backward(x2, w)
-        ctx.trans_w = trans_w
-        return torch.ops.flanmoe.grouped_mm(x2, w[None], _one_group(x2.shape[0]), trans_w)
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, w = ctx.saved_tensors
-        gs, g = _one_group(x2.shape[0]), g.contiguous()
-        dx = torch.ops.flanmoe.grouped_mm(g, w[None], gs, not ctx.trans_w) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = (torch.ops.flanmoe.grouped_mm_wgrad(g, x2, gs) if ctx.trans_w else torch.ops.flanmoe.grouped_mm_wgrad(x2, g, gs))[0]
-        return dx, dw, None
-
 def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."
     if not _dense_kernels_pay(x, w): return x @ (w.t() if trans_w else w)
@@ -267,12 +219,8 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous(): x2 = x2.contiguous()
     M = x2.shape[0]
-    if torch.compiler.is_compiling():   # the op and its registered autograd, traced into the graph
-        out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], torch.full((1,), M, dtype=torch.long), trans_w)
-    elif torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad):
-        out = _DenseMM.apply(x2, w.contiguous(), trans_w)
-    else:
-        out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], _one_group(M), trans_w)
+    gs = torch.full((1,), M, dtype=torch.long) if torch.compiler.is_compiling() else _one_group(M)   # (traced into the graph)
+    out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
     return out.view(*lead, out.shape[-1])
 
 
@@ -284,7 +232,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
 
 def _register_attention_parts():
-    "Fake kernels and the autograd formula of the attention op (when the build has it)."
+    "Fake kernels of the attention ops (when the build has them; autograd is C++)."
     if _op("attention") is None: return
     @torch.library.register_fake("flanmoe::attention")
     def _(q, k, v, bias=None):
@@ -296,21 +244,8 @@ def _register_attention_parts():
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
                 q.new_empty(probs.shape) if bias_grad else q.new_empty(0))
 
-    def _setup(ctx, inputs, output):
-        q, k, v, bias = inputs
-        ctx.save_for_backward(q, k, v, output[1])
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.mark_non_differentiable(output[1])     # the probabilities are kept for the backward only
-        ctx.set_materialize_grads(False)            # (no zero tensor for its gradient each step)
-
-    def _bwd(ctx, dout, _dprobs):
-        if dout is None: return None, None, None, None      # (grads are not materialised: no gradient reached the output)
-        q, k, v, probs = ctx.saved_tensors
-        bias_grad = ctx.bias_shape is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, db = torch.ops.flanmoe.attention_backward(dout.contiguous(), q, k, v, probs, bias_grad)
-        return dq, dk, dv, db.sum_to_size(ctx.bias_shape) if bias_grad else None
-
-    torch.library.register_autograd("flanmoe::attention", _bwd, setup_context=_setup)
+    # autograd (C++): dq, dk, dv, dbias from attention_backward, the bias gradient summed to the bias's shape;
+    # the probabilities are an output for the backward only (not differentiable)
 
 _register_attention_parts()
 
@@ -344,7 +279,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
 
 def _register_norm_parts():
-    "Fake kernels and the autograd formula of the RMS-norm op (when the build has it)."
+    "Fake kernels of the RMS-norm ops (when the build has them; autograd is C++)."
     if _op("rms_norm") is None: return
     @torch.library.register_fake("flanmoe::rms_norm")
     def _(x, weight, eps): return x.new_empty(x.shape), x.new_empty(x.shape[:-1])
@@ -353,20 +288,7 @@ def _register_norm_parts():
     def _(dy, x, weight, rstd, need_dx, need_dweight):
         return x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dweight else (0,))
 
-    def _setup(ctx, inputs, output):
-        x, weight, _eps = inputs
-        ctx.save_for_backward(x, weight, output[1])
-        ctx.mark_non_differentiable(output[1])     # rstd is kept for the backward only
-        ctx.set_materialize_grads(False)            # (no zero tensor for its gradient each step)
-
-    def _bwd(ctx, dy, _drstd):
-        if dy is None: return None, None, None
-        x, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx, dw = torch.ops.flanmoe.rms_norm_backward(dy.contiguous(), x, weight, rstd, need_dx, need_dw)
-        return dx if need_dx else None, dw if need_dw else None, None
-
-    torch.library.register_autograd("flanmoe::rms_norm", _bwd, setup_context=_setup)
+    # autograd (C++): dx, dweight from rms_norm_backward; rstd is an output for the backward only
 
 _register_norm_parts()
 
@@ -494,7 +416,7 @@ def moe_ffn_reference(x, router_logits, w_in, w_out, top_k=1, capacity=None, act
 
 # %% ../nbs/01_kernels.ipynb #2a0b00f8
 def _register_routing_parts():
-    "Fake kernels and autograd formulas of route_plan / permute / unpermute / gather_dot (those the build has)."
+    "Fake kernels of route_plan / permute / unpermute / gather_dot (those the build has; autograd is C++)."
     ops = torch.ops.flanmoe
     if _op("route_plan") is not None:
         @torch.library.register_fake("flanmoe::route_plan")
@@ -514,34 +436,10 @@ def _register_routing_parts():
     @torch.library.register_fake("flanmoe::gather_dot")
     def _(x, token_idx, y): return x.new_empty(token_idx.shape[0])
 
-    def _setup(ctx, inputs, output):
-        ctx.num_rows = inputs[0].shape[0]
-        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in inputs[:3]))
-
-    def _permute_bwd(ctx, g):   # out[s] = x[idx[s]] * w[s]
-        x, idx, w = ctx.saved_tensors
-        g = g.contiguous()
-        dx = ops.unpermute(g, idx, w, ctx.num_rows) if ctx.needs_input_grad[0] else None
-        dw = ops.gather_dot(x, idx, g) if w is not None and ctx.needs_input_grad[2] else None
-        return dx, None, dw
-
-    def _unpermute_bwd(ctx, g):  # out[t] = sum_s w[s] y[s]
-        y, idx, w = ctx.saved_tensors
-        g = g.contiguous()
-        dy = ops.permute(g, idx, w) if ctx.needs_input_grad[0] else None
-        dw = ops.gather_dot(g, idx, y) if w is not None and ctx.needs_input_grad[2] else None
-        return dy, None, dw, None
-
-    def _gather_dot_bwd(ctx, g):  # out[s] = <x[idx[s]], y[s]>
-        x, idx, y = ctx.saved_tensors
-        g = g.contiguous()
-        dx = ops.unpermute(y, idx, g, ctx.num_rows) if ctx.needs_input_grad[0] else None
-        dy = ops.permute(x, idx, g) if ctx.needs_input_grad[2] else None
-        return dx, None, dy
-
-    torch.library.register_autograd("flanmoe::permute", _permute_bwd, setup_context=_setup)
-    torch.library.register_autograd("flanmoe::unpermute", _unpermute_bwd, setup_context=_setup)
-    torch.library.register_autograd("flanmoe::gather_dot", _gather_dot_bwd, setup_context=_setup)
+    # autograd (C++, cpp/autograd.cpp), each backward expressed with the same three ops:
+    #   permute    out[s] = x[idx[s]] * w[s]       dx = unpermute(g, idx, w)      dw = gather_dot(x, idx, g)
+    #   unpermute  out[t] = sum_s w[s] y[s]        dy = permute(g, idx, w)        dw = gather_dot(g, idx, y)
+    #   gather_dot out[s] = <x[idx[s]], y[s]>      dx = unpermute(y, idx, g)      dy = permute(x, idx, g)
 
 _register_routing_parts()
 

@@ -24,10 +24,10 @@ from .moe import MoELayer
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing',
-           'set_expert_dropout', 'param_groups', 'build_optimizer', 'lr_lambda', 'Batches', 'as_stream', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
-           'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config', 'deepspeed_engine',
-           'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
+           'set_expert_dropout', 'param_groups', 'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches',
+           'as_stream', 'rng_state', 'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
+           'load_model', 'TrainResult', 'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config',
+           'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -165,12 +165,21 @@ def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
               dict(params=experts, name="experts", moe=True, weight_decay=weight_decay)]
     return [g for g in groups if g["params"]]
 
+def adamw_fusable(params) -> bool:
+    "Whether torch's fused AdamW (one kernel over all tensors) takes `params`: float32/bf16 tensors on CPU or CUDA, all on one device."
+    ps = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return (bool(ps) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in ps)
+            and len({p.device for p in ps}) == 1)
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     "Adafactor (T5/FLAN; per expert in the experts' group) or AdamW over the trainable parameters only."
     groups = param_groups(model, cfg.weight_decay)
     if not groups: raise ValueError(f"no trainable parameters (got freeze={cfg.freeze!r})")
     if cfg.optimizer == "adafactor": return Adafactor(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    # Fused with the torch engine: the same update as the per-tensor loop (to fp32 rounding) in one kernel; on CPU
+    # torch's default is that loop, ~10 ops per tensor. (DeepSpeed wraps the optimizer itself, so it keeps the default.)
+    fused = True if cfg.engine == "torch" and adamw_fusable(groups) else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     "Multiplier of `cfg.lr` at step `s`: linear warmup, then constant, inverse-sqrt or cosine."
@@ -564,8 +573,8 @@ def run_stage(model, train_data, cfg: TrainConfig | None = None, eval_fn: Callab
 
 # %% ../nbs/07_train.ipynb #b7dcdfb5
 def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, tgt_len: int = 32, steps: int = 5,
-                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool = False) -> dict:
-    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`."
+                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool | None = None) -> dict:
+    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`; `fused_adamw=None`: the trainer's AdamW (fused where `adamw_fusable`), False: torch's per-tensor loop."
     from flanmoe_nb.model import EncoderDecoder, ModelConfig
     from flanmoe_nb.hf import to_hf
     torch.manual_seed(seed)
@@ -580,6 +589,7 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     tokens = batch_size * (src_len + tgt_len)
     fwd = torch.compile(ours) if compile_ours else ours      # ~1 minute of compilation on 2 CPU cores
     runs = {"ours": (ours, lambda: fwd(**batch).loss), "hf": (hf, lambda: hf(**batch, output_router_logits=True).loss)}
+    if fused_adamw is None: fused_adamw = adamw_fusable(list(ours.parameters()) + list(hf.parameters()))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused_adamw or None) for k, (m, _) in runs.items()}
     best = {k: float("inf") for k in runs}
     for r in range(rounds + 1):                              # round 0 warms up; rounds alternate to share the noise

@@ -277,3 +277,19 @@ def test_compiled_training_matches_eager(tmp_path):
     torch.testing.assert_close(torch.tensor(run(True, "c")), torch.tensor(run(False, "e")), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile=True, engine="deepspeed")
+
+
+def test_build_optimizer_fuses_adamw_for_the_torch_engine():
+    from flanmoe_nb.train import TrainConfig, adamw_fusable, build_optimizer
+    m = torch.nn.Linear(4, 3)
+    opt = build_optimizer(m, TrainConfig(optimizer="adamw"))
+    assert opt.param_groups[0]["fused"] is True
+    assert not adamw_fusable([torch.zeros(2, dtype=torch.float64)]) and adamw_fusable([torch.zeros(2)])
+    # the fused update equals torch's per-tensor loop to fp32 rounding
+    m2 = torch.nn.Linear(4, 3); m2.load_state_dict(m.state_dict())
+    ref = torch.optim.AdamW(m2.parameters(), lr=opt.param_groups[0]["lr"], betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for mod, o in ((m, opt), (m2, ref)):
+            o.zero_grad(); mod(x).square().sum().backward(); o.step()
+    for a, b in zip(m.parameters(), m2.parameters()): torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,239 @@
+// Autograd of the flanmoe ops, in C++ (TORCH_LIBRARY_IMPL(flanmoe, Autograd, m)): one torch::autograd::Function
+// per differentiable op, whose backward is again flanmoe ops called through the dispatcher (so it runs on any
+// device, records its own graph under create_graph, and traces under torch.compile). Written here rather than
+// with torch.library.register_autograd so that an eager step pays no Python per op in either direction: at the
+// small shapes of a T5 layer on CPU that overhead was larger than some of the kernels.
+#include <torch/autograd.h>
+#include "flanmoe.h"
+
+namespace flanmoe {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptT = std::optional<at::Tensor>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_of(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor gmm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gs, bool trans_b) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("flanmoe::grouped_mm");
+  return op.call(a, b, gs, trans_b);
+}
+at::Tensor wgrad(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& gs) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("flanmoe::grouped_mm_wgrad");
+  return op.call(a, dy, gs);
+}
+at::Tensor permute_op(const at::Tensor& x, const at::Tensor& idx, const OptT& w) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>("flanmoe::permute");
+  return op.call(x, idx, w);
+}
+at::Tensor unpermute_op(const at::Tensor& y, const at::Tensor& idx, const OptT& w, int64_t n) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, int64_t)>("flanmoe::unpermute");
+  return op.call(y, idx, w, n);
+}
+at::Tensor gather_dot_op(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& y) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("flanmoe::gather_dot");
+  return op.call(x, idx, y);
+}
+std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& b) {
+  static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&)>(
+      "flanmoe::attention");
+  return op.call(q, k, v, b);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& p, bool bg) {
+  static auto op = op_of<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>(
+      "flanmoe::attention_backward");
+  return op.call(dout, q, k, v, p, bg);
+}
+std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
+  static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>("flanmoe::rms_norm");
+  return op.call(x, w, eps);
+}
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                                        const at::Tensor& r, bool nx, bool nw) {
+  static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, bool, bool)>("flanmoe::rms_norm_backward");
+  return op.call(dy, x, w, r, nx, nw);
+}
+
+at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// ---- grouped_mm: out = a @ b[g] (b[g].T with trans_b); da = dy @ b[g].T, db = a.T @ dy (per group)
+struct GroupedMmFn : torch::autograd::Function<GroupedMmFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, const at::Tensor& gs,
+                            bool trans_b) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({a, b, gs});
+    ctx->saved_data["trans_b"] = trans_b;
+    return gmm(a, b, gs, trans_b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const bool trans_b = ctx->saved_data["trans_b"].toBool();
+    const at::Tensor dy = contig(grads[0]);
+    at::Tensor da, db;
+    if (ctx->needs_input_grad(0)) da = gmm(dy, s[1], s[2], !trans_b);
+    if (ctx->needs_input_grad(1)) db = trans_b ? wgrad(dy, s[0], s[2]) : wgrad(s[0], dy, s[2]);
+    return {da, db, at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---- grouped_mm_wgrad: out[g] = a_g^T dy_g; da_g = dy_g dout_g^T, ddy_g = a_g dout_g
+struct WgradFn : torch::autograd::Function<WgradFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& dy, const at::Tensor& gs) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({a, dy, gs});
+    return wgrad(a, dy, gs);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor dout = contig(grads[0]);
+    at::Tensor da, ddy;
+    if (ctx->needs_input_grad(0)) da = gmm(s[1], dout, s[2], true);
+    if (ctx->needs_input_grad(1)) ddy = gmm(s[0], dout, s[2], false);
+    return {da, ddy, at::Tensor()};
+  }
+};
+
+// ---- permute: out[s] = x[idx[s]] * w[s];  dx = unpermute(g, idx, w), dw = gather_dot(x, idx, g)
+struct PermuteFn : torch::autograd::Function<PermuteFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& idx, const OptT& w) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool has_w = w.has_value() && w->defined();
+    ctx->save_for_backward({x, idx, has_w ? *w : at::Tensor()});
+    ctx->saved_data["rows"] = x.size(0);
+    return permute_op(x, idx, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor g = contig(grads[0]);
+    const OptT w = s[2].defined() ? OptT(s[2]) : std::nullopt;
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = unpermute_op(g, s[1], w, ctx->saved_data["rows"].toInt());
+    if (w && ctx->needs_input_grad(2)) dw = gather_dot_op(s[0], s[1], g);
+    return {dx, at::Tensor(), dw};
+  }
+};
+
+// ---- unpermute: out[t] = sum_{s: idx[s]=t} w[s] y[s];  dy = permute(g, idx, w), dw = gather_dot(g, idx, y)
+struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& idx, const OptT& w,
+                            int64_t num_tokens) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool has_w = w.has_value() && w->defined();
+    ctx->save_for_backward({y, idx, has_w ? *w : at::Tensor()});
+    return unpermute_op(y, idx, w, num_tokens);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor g = contig(grads[0]);
+    const OptT w = s[2].defined() ? OptT(s[2]) : std::nullopt;
+    at::Tensor dy, dw;
+    if (ctx->needs_input_grad(0)) dy = permute_op(g, s[1], w);
+    if (w && ctx->needs_input_grad(2)) dw = gather_dot_op(g, s[1], s[0]);
+    return {dy, at::Tensor(), dw, at::Tensor()};
+  }
+};
+
+// ---- gather_dot: out[s] = <x[idx[s]], y[s]>;  dx = unpermute(y, idx, g), dy = permute(x, idx, g)
+struct GatherDotFn : torch::autograd::Function<GatherDotFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& idx, const at::Tensor& y) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, idx, y});
+    ctx->saved_data["rows"] = x.size(0);
+    return gather_dot_op(x, idx, y);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor g = contig(grads[0]);
+    at::Tensor dx, dy;
+    if (ctx->needs_input_grad(0)) dx = unpermute_op(s[2], s[1], g, ctx->saved_data["rows"].toInt());
+    if (ctx->needs_input_grad(2)) dy = permute_op(s[0], s[1], g);
+    return {dx, at::Tensor(), dy};
+  }
+};
+
+// ---- attention: (out, probs); probs are kept for the backward only (not differentiable)
+struct AttentionFn : torch::autograd::Function<AttentionFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const OptT& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, probs] = attention_op(q, k, v, bias);
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->save_for_backward({q, k, v, probs});
+    ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) ctx->saved_data["bias_shape"] = bias->sizes().vec();
+    ctx->mark_non_differentiable({probs});
+    ctx->set_materialize_grads(false);
+    return {out, probs};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const bool bias_grad = has_bias && ctx->needs_input_grad(3);
+    auto [dq, dk, dv, db] = attention_backward_op(contig(grads[0]), s[0], s[1], s[2], s[3], bias_grad);
+    if (bias_grad) db = db.sum_to_size(ctx->saved_data["bias_shape"].toIntVector());
+    return {ctx->needs_input_grad(0) ? dq : at::Tensor(), ctx->needs_input_grad(1) ? dk : at::Tensor(),
+            ctx->needs_input_grad(2) ? dv : at::Tensor(), bias_grad ? db : at::Tensor()};
+  }
+};
+
+// ---- rms_norm: (y, rstd); rstd is kept for the backward only
+struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, rstd] = rms_norm_op(x, w, eps);
+    ctx->save_for_backward({x, w, rstd});
+    ctx->mark_non_differentiable({rstd});
+    ctx->set_materialize_grads(false);
+    return {y, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
+    auto [dx, dw] = rms_norm_backward_op(contig(grads[0]), s[0], s[1], s[2], nx, nw);
+    return {nx ? dx : at::Tensor(), nw ? dw : at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor grouped_mm_ad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gs, bool trans_b) {
+  return GroupedMmFn::apply(a, b, gs, trans_b);
+}
+at::Tensor wgrad_ad(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& gs) { return WgradFn::apply(a, dy, gs); }
+at::Tensor permute_ad(const at::Tensor& x, const at::Tensor& idx, const OptT& w) { return PermuteFn::apply(x, idx, w); }
+at::Tensor unpermute_ad(const at::Tensor& y, const at::Tensor& idx, const OptT& w, int64_t n) {
+  return UnpermuteFn::apply(y, idx, w, n);
+}
+at::Tensor gather_dot_ad(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& y) {
+  return GatherDotFn::apply(x, idx, y);
+}
+std::tuple<at::Tensor, at::Tensor> attention_ad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const OptT& bias) {
+  auto r = AttentionFn::apply(q, k, v, bias);
+  return {r[0], r[1]};
+}
+std::tuple<at::Tensor, at::Tensor> rms_norm_ad(const at::Tensor& x, const at::Tensor& w, double eps) {
+  auto r = RmsNormFn::apply(x, w, eps);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
+  m.impl("grouped_mm", &grouped_mm_ad);
+  m.impl("grouped_mm_wgrad", &wgrad_ad);
+  m.impl("permute", &permute_ad);
+  m.impl("unpermute", &unpermute_ad);
+  m.impl("gather_dot", &gather_dot_ad);
+  m.impl("attention", &attention_ad);
+  m.impl("rms_norm", &rms_norm_ad);
+}
+
+}  // namespace flanmoe
