@@ -1,4 +1,4 @@
-// The fp32 attention kernels (see attention_kernels.h), in three copies of attention_isa.inc: AVX-512F,
+// The fp32 attention and cross-entropy kernels (see attention_kernels.h), in three copies of attention_isa.inc: AVX-512F,
 // AVX2+FMA and the baseline ISA of the build. This file includes no torch header.
 #include "attention_kernels.h"
 #include <vector>
@@ -52,6 +52,20 @@ void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64
 
 void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
   FLANMOE_ATTN_DISPATCH(bwd);
+}
+
+#ifdef FLANMOE_ATTN_X86
+#define FLANMOE_ISA_CALL(fn, ...)                                                          \
+  (isa == SmallGemmIsa::avx512 ? avx512::fn(__VA_ARGS__)                                 \
+   : isa == SmallGemmIsa::avx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define FLANMOE_ISA_CALL(fn, ...) ((void)isa, base::fn(__VA_ARGS__))
+#endif
+
+float row_logsumexp_f32(SmallGemmIsa isa, const float* x, int64_t V) { return FLANMOE_ISA_CALL(row_logsumexp, x, V); }
+
+void row_ce_grad_f32(SmallGemmIsa isa, const float* x, int64_t V, float lse, int64_t t, float g, float* dx) {
+  FLANMOE_ISA_CALL(row_ce_grad, x, V, lse, t, g, dx);
 }
 
 }  // namespace flanmoe

@@ -28,4 +28,8 @@ struct AttnArgs {
 void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);
 void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);
 
+// Cross-entropy rows (the same vectorised exp): logsumexp of x[0, V), and dx = (softmax(x) - onehot(t)) * g.
+float row_logsumexp_f32(SmallGemmIsa isa, const float* x, int64_t V);
+void row_ce_grad_f32(SmallGemmIsa isa, const float* x, int64_t V, float lse, int64_t t, float g, float* dx);
+
 }  // namespace flanmoe

@@ -61,6 +61,18 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_op(const at::Tensor& dy, co
   return op.call(dy, x, w, r, nx, nw);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_op(const at::Tensor& x, const at::Tensor& t, int64_t ignore) {
+  static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>(
+      "flanmoe::cross_entropy");
+  return op.call(x, t, ignore);
+}
+at::Tensor cross_entropy_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& t, const at::Tensor& lse,
+                                     int64_t ignore) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
+      "flanmoe::cross_entropy_backward");
+  return op.call(g, x, t, lse, ignore);
+}
+
 at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // ---- grouped_mm: out = a @ b[g] (b[g].T with trans_b); da = dy @ b[g].T, db = a.T @ dy (per group)
@@ -203,6 +215,26 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   }
 };
 
+// ---- cross_entropy: (loss, lse); lse is kept for the backward only
+struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, lse] = cross_entropy_op(logits, target, ignore_index);
+    ctx->save_for_backward({logits, target, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
+    return {loss, lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    return {cross_entropy_backward_op(grads[0], s[0], s[1], s[2], ctx->saved_data["ignore_index"].toInt()), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
 at::Tensor grouped_mm_ad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gs, bool trans_b) {
   return GroupedMmFn::apply(a, b, gs, trans_b);
 }
@@ -217,6 +249,10 @@ at::Tensor gather_dot_ad(const at::Tensor& x, const at::Tensor& idx, const at::T
 std::tuple<at::Tensor, at::Tensor> attention_ad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const OptT& bias) {
   auto r = AttentionFn::apply(q, k, v, bias);
+  return {r[0], r[1]};
+}
+std::tuple<at::Tensor, at::Tensor> cross_entropy_ad(const at::Tensor& x, const at::Tensor& t, int64_t ignore) {
+  auto r = CrossEntropyFn::apply(x, t, ignore);
   return {r[0], r[1]};
 }
 std::tuple<at::Tensor, at::Tensor> rms_norm_ad(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -234,6 +270,7 @@ TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
   m.impl("gather_dot", &gather_dot_ad);
   m.impl("attention", &attention_ad);
   m.impl("rms_norm", &rms_norm_ad);
+  m.impl("cross_entropy", &cross_entropy_ad);
 }
 
 }  // namespace flanmoe

@@ -30,19 +30,62 @@ void check_norm_args(const at::Tensor& x, const at::Tensor& weight, const char* 
   check_contiguous(weight, op, "weight");
 }
 
+// One row each way. The float copies are compiled for AVX-512F, AVX2+FMA and the baseline ISA and picked at
+// load time (GCC function multi-versioning); they call nothing but inlined arithmetic.
+template <typename T>
+inline T fwd_row(const T* xr, const T* w, T eps, int64_t d, T* yr) {
+  T ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+  const T inv = T(1) / std::sqrt(ss / T(d) + eps);
+  for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * inv) * w[i];
+  return inv;
+}
+
+template <typename T>
+inline void bwd_row(const T* gr, const T* xr, const T* w, T inv, int64_t d, T* dxr, T* pw) {
+  if (dxr) {
+    T m = 0;
+#pragma omp simd reduction(+ : m)
+    for (int64_t i = 0; i < d; ++i) m += (gr[i] * w[i]) * (xr[i] * inv);
+    m /= T(d);
+    for (int64_t i = 0; i < d; ++i) dxr[i] = (gr[i] * w[i] - (xr[i] * inv) * m) * inv;
+  }
+  if (pw)
+    for (int64_t i = 0; i < d; ++i) pw[i] += gr[i] * (xr[i] * inv);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FLANMOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLANMOE_CLONES
+#endif
+
+FLANMOE_CLONES float fwd_row_f32(const float* xr, const float* w, float eps, int64_t d, float* yr) {
+  return fwd_row<float>(xr, w, eps, d, yr);
+}
+FLANMOE_CLONES void bwd_row_f32(const float* gr, const float* xr, const float* w, float inv, int64_t d, float* dxr,
+                                float* pw) {
+  bwd_row<float>(gr, xr, w, inv, d, dxr, pw);
+}
+inline double fwd_row_any(const double* xr, const double* w, double eps, int64_t d, double* yr) {
+  return fwd_row<double>(xr, w, eps, d, yr);
+}
+inline float fwd_row_any(const float* xr, const float* w, float eps, int64_t d, float* yr) {
+  return fwd_row_f32(xr, w, eps, d, yr);
+}
+inline void bwd_row_any(const double* gr, const double* xr, const double* w, double inv, int64_t d, double* dxr,
+                        double* pw) {
+  bwd_row<double>(gr, xr, w, inv, d, dxr, pw);
+}
+inline void bwd_row_any(const float* gr, const float* xr, const float* w, float inv, int64_t d, float* dxr, float* pw) {
+  bwd_row_f32(gr, xr, w, inv, d, dxr, pw);
+}
+
 template <typename T>
 void fwd(const T* x, const T* w, T eps, int64_t rows, int64_t d, T* y, T* rstd) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* xr = x + r * d;
-      T ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-      const T inv = T(1) / std::sqrt(ss / T(d) + eps);
-      T* yr = y + r * d;
-      for (int64_t i = 0; i < d; ++i) yr[i] = (xr[i] * inv) * w[i];
-      rstd[r] = inv;
-    }
+    for (int64_t r = b; r < e; ++r) rstd[r] = fwd_row_any(x + r * d, w, eps, d, y + r * d);
   });
 }
 
@@ -53,21 +96,8 @@ void bwd(const T* g, const T* x, const T* w, const T* rstd, int64_t rows, int64_
   at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       T* pw = dw ? part.data() + blk * d : nullptr;
-      for (int64_t r = blk * kRowBlock; r < std::min(rows, (blk + 1) * kRowBlock); ++r) {
-        const T* gr = g + r * d;
-        const T* xr = x + r * d;
-        const T inv = rstd[r];
-        if (need_dx) {
-          T m = 0;
-#pragma omp simd reduction(+ : m)
-          for (int64_t i = 0; i < d; ++i) m += (gr[i] * w[i]) * (xr[i] * inv);
-          m /= T(d);
-          T* dxr = dx + r * d;
-          for (int64_t i = 0; i < d; ++i) dxr[i] = (gr[i] * w[i] - (xr[i] * inv) * m) * inv;
-        }
-        if (pw)
-          for (int64_t i = 0; i < d; ++i) pw[i] += gr[i] * (xr[i] * inv);
-      }
+      for (int64_t r = blk * kRowBlock; r < std::min(rows, (blk + 1) * kRowBlock); ++r)
+        bwd_row_any(g + r * d, x + r * d, w, rstd[r], d, need_dx ? dx + r * d : nullptr, pw);
     }
   });
   if (!dw) return;

@@ -37,6 +37,10 @@ TORCH_LIBRARY(flanmoe, m) {
   // Its gradients (dx, dweight); a gradient not asked for comes back as an empty [0] tensor.
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, bool need_dx, bool need_dweight) "
         "-> (Tensor, Tensor)");
+  // Mean cross-entropy of logits [N, V] against target [N] (ignore_index rows excluded): (loss [], lse [N]). CPU only.
+  m.def("cross_entropy(Tensor logits, Tensor target, int ignore_index=-100) -> (Tensor, Tensor)");
+  // Its gradient with respect to the logits for the scalar gradient `grad` of the loss.
+  m.def("cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor lse, int ignore_index) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -16,9 +16,10 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
-           'attention_reference', 'attention_kernel_pays', 'attention', 'rms_norm_reference', 'rms_norm', 'RoutePlan',
-           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
-           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+           'attention_reference', 'attention_kernel_pays', 'attention', 'rms_norm_reference', 'rms_norm',
+           'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference', 'permute_reference',
+           'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute',
+           'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -298,6 +299,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
             or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")):
         return rms_norm_reference(x, weight, eps)
     return torch.ops.flanmoe.rms_norm(x.contiguous(), weight.contiguous(), eps)[0]
+
+
+# %% ../nbs/01_kernels.ipynb #059347bd
+def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    "Pure-PyTorch twin of `cross_entropy`."
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+def _register_loss_parts():
+    "Fake kernels of the cross-entropy ops (when the build has them; autograd is C++)."
+    if _op("cross_entropy") is None: return
+    @torch.library.register_fake("flanmoe::cross_entropy")
+    def _(logits, target, ignore_index=-100): return logits.new_empty(()), logits.new_empty(logits.shape[0])
+
+    @torch.library.register_fake("flanmoe::cross_entropy_backward")
+    def _(grad, logits, target, lse, ignore_index): return logits.new_empty(logits.shape)
+
+_register_loss_parts()
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    "Mean cross-entropy of `logits [N, V]` against `target [N]` (`ignore_index` rows excluded): one compiled pass each way on CPU float32/float64."
+    if (_op("cross_entropy") is None or logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64)
+            or logits.dim() != 2 or torch.is_autocast_enabled("cpu")):
+        return cross_entropy_reference(logits, target, ignore_index)
+    return torch.ops.flanmoe.cross_entropy(logits.contiguous(), target.contiguous(), ignore_index)[0]
 
 
 # %% ../nbs/01_kernels.ipynb #cfd3961a

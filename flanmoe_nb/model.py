@@ -413,7 +413,9 @@ class EncoderDecoder(nn.Module):
         z = torch.stack([a.z_loss for a in aux]).sum() if aux else zero
         out = Seq2SeqOutput(logits, balance_loss=bal, z_loss=z, aux=aux, encoder_hidden=enc)
         if labels is not None:
-            out.ce_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            flat, tgt = logits.float().flatten(0, 1), labels.flatten()
+            out.ce_loss = (F.cross_entropy(flat, tgt, ignore_index=-100) if torch.compiler.is_compiling()  # (inductor fuses it)
+                           else kernels.cross_entropy(flat, tgt, ignore_index=-100))
             out.loss = out.ce_loss + self.cfg.balance_coef * bal + self.cfg.z_coef * z
         return out
 

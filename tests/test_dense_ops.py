@@ -1,4 +1,4 @@
-"""The compiled dense-layer ops of the T5 blocks (fused attention, RMS norm, the eager dense_mm autograd) vs
+"""The compiled dense-layer ops of the T5 model (fused attention, RMS norm, token cross-entropy, dense_mm) vs
 their pure-PyTorch twins: random shapes on every CPU kernel copy, gradcheck, opcheck, torch.compile, bad input,
 and the model with and without them."""
 import pytest
@@ -201,6 +201,42 @@ def test_rms_norm_bad_input_names_the_argument():
             fn()
 
 
+# ---------------------------------------------------------------- cross_entropy
+@HYP
+@given(N=st.integers(0, 300), V=st.integers(1, 600), dtype=st.sampled_from([torch.float32, torch.float64]),
+       ignored=st.sampled_from([0.0, 0.3, 1.0]), mode=st.sampled_from(MODES), seed=st.integers(0, 2**16))
+def test_cross_entropy_equals_torch(N, V, dtype, ignored, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(N, V, generator=g, dtype=dtype)).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < ignored] = -100
+    with K.use_cpu_gemm(mode):
+        loss = K.cross_entropy(x, t)
+        grad = torch.autograd.grad(loss, x)[0] if N else None
+    ref = F.cross_entropy(x, t, ignore_index=-100)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(loss, ref, equal_nan=True, **tol)      # every row ignored: NaN, like torch
+    if N and (t != -100).any(): torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0], **tol)
+
+
+def test_cross_entropy_gradcheck_nonfinite_and_bad_input():
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 6, 0, 3])
+    assert torch.autograd.gradcheck(lambda z: K.cross_entropy(z, t), (x,))
+    xn = torch.randn(3, 20); xn[1, 4] = float("nan")
+    assert K.cross_entropy(xn, torch.tensor([0, 1, 2])).isnan() and K.cross_entropy(xn, torch.tensor([0, -100, 2])).isfinite()
+    bad = [
+        (lambda: ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 5, 1]), -100), r"target must be in \[0, 5\)"),
+        (lambda: ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1]), -100), "one entry per row"),
+        (lambda: ops.cross_entropy(torch.randn(3, 5).bfloat16(), torch.tensor([0, 1, 2]), -100), "logits must be float32"),
+        (lambda: ops.cross_entropy(torch.randn(3, 5), torch.tensor([0., 1, 2]), -100), "target must be int64"),
+        (lambda: ops.cross_entropy(torch.randn(5, 3).T, torch.tensor([0, 1, 2]), -100), "logits must be contiguous"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises((ValueError, RuntimeError), match=msg):
+            fn()
+
+
 # ---------------------------------------------------------------- opcheck
 def _opcheck_cases():
     torch.manual_seed(0)
@@ -213,10 +249,13 @@ def _opcheck_cases():
     cases.append(("attention_backward", (torch.randn(2, 5, 3, 4), q.detach(), k.detach(), v.detach(), p, True)))
     x, w = torch.randn(4, 8), torch.randn(8)
     cases.append(("rms_norm_backward", (torch.randn(4, 8), x, w, ops.rms_norm(x, w, 1e-6)[1], True, True)))
+    logits, tgt = torch.randn(6, 9), torch.tensor([0, 3, -100, 8, 1, 1])
+    cases.append(("cross_entropy", (logits.requires_grad_(), tgt, -100)))
+    cases.append(("cross_entropy_backward", (torch.tensor(1.5), logits.detach(), tgt, logits.detach().logsumexp(-1), -100)))
     return cases
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
@@ -257,7 +296,7 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
     fused = loss_and_grads()
     monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
     real_op = K._op
-    monkeypatch.setattr(K, "_op", lambda name: None if name == "rms_norm" else real_op(name))
+    monkeypatch.setattr(K, "_op", lambda name: None if name in ("rms_norm", "cross_entropy") else real_op(name))
     plain = loss_and_grads()
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
     assert fused[1].keys() == plain[1].keys()
