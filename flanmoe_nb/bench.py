@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from . import kernels as K
 
 # %% auto #0
-__all__ = ['DTYPES', 'METHODS', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas', 'build_dense_gmm',
-           'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement', 'time_methods',
-           'peak_memory', 'run_moe_bench', 'run_gmm_bench', 'run_train_bench', 'main']
+__all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
+           'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement',
+           'time_methods', 'peak_memory', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench',
+           'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -279,6 +280,50 @@ def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=(
             print_fn(f"{dt:5} {E:>4} | {cell('flanmoe', 15)} | {cell('dense', 15)} | {cell('torch_grouped_mm', 17)}")
     return rows
 
+# %% ../nbs/10_bench.ipynb #f1c74040
+ATTN_SHAPES = ((16, 4, 64, 64, 16), (16, 4, 32, 64, 16), (8, 12, 128, 128, 64), (4, 8, 512, 512, 64))
+
+def _attn_composite(q, k, v, bias):
+    "The model's composite on `[B, L, H, D]` views: bmm (+ bias) -> softmax -> bmm, as before the compiled op."
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    q3 = q.transpose(1, 2).reshape(B * H, Lq, D)
+    kt = k.transpose(1, 2).reshape(B * H, Lk, D).transpose(1, 2)
+    s = torch.baddbmm(bias.expand(B, H, Lq, Lk).reshape(B * H, Lq, Lk), q3, kt)
+    p = s.softmax(-1)
+    return torch.bmm(p, v.transpose(1, 2).reshape(B * H, Lk, D)).view(B, H, Lq, D).transpose(1, 2)
+
+def _attn_sdpa(q, k, v, bias):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                          scale=1.0).transpose(1, 2)
+
+def run_attention_bench(shapes=ATTN_SHAPES, reps: int = 20, print_fn=None) -> list[dict]:
+    "Best fwd+bwd time of `kernels.attention` vs the composite vs SDPA, fp32 CPU, bias with gradient; rows of the printed table."
+    K.require_extension()
+    print_fn = print_fn or _print_now
+    timer, rows = _timer("cpu"), []
+    methods = {"flanmoe": K.attention, "composite": _attn_composite, "sdpa": _attn_sdpa}
+    print_fn(f"attention fwd+bwd, fp32, {torch.get_num_threads()} threads; ms (x the compiled op's time)")
+    print_fn(f"{'(B, H, Lq, Lk, D)':>22} | {'flanmoe':>8} | {'composite':>15} | {'sdpa':>15}")
+    for B, H, Lq, Lk, D in shapes:
+        g = torch.Generator().manual_seed(Lq * Lk)
+        qkv = torch.randn(B, Lq, 3, H, D, generator=g).requires_grad_()   # q|k|v rows of one projection
+        kv = torch.randn(B, Lk, 2, H, D, generator=g).requires_grad_()
+        bias = torch.randn(1, H, Lq, Lk, generator=g).requires_grad_()
+        go = torch.randn(B, Lq, H, D, generator=g)
+        def step(fn):
+            q = qkv[:, :, 0]
+            k, v = (qkv[:, :, 1], qkv[:, :, 2]) if Lq == Lk else kv.unbind(2)
+            torch.autograd.grad(fn(q, k, v, bias), (qkv, bias) if Lq == Lk else (qkv, kv, bias), go)
+        t = {m: timer(lambda fn=fn: step(fn), reps) for m, fn in methods.items()}
+        row = dict(shape=(B, H, Lq, Lk, D), **{f"{m}_ms": s * 1e3 for m, s in t.items()},
+                   **{f"{m}_vs_flanmoe": s / t["flanmoe"] for m, s in t.items()})
+        rows.append(row)
+        cell = lambda m: f"{t[m] * 1e3:7.2f} ({row[m + '_vs_flanmoe']:4.2f}x)"
+        print_fn(f"{str((B, H, Lq, Lk, D)):>22} | {t['flanmoe'] * 1e3:8.2f} | {cell('composite'):>15} | {cell('sdpa'):>15}")
+    return rows
+
+
 # %% ../nbs/10_bench.ipynb #896ddf2c
 def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool | None = None,
                     compile_ours: bool = False) -> list[dict]:
@@ -297,10 +342,11 @@ def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_
 
 # %% ../nbs/10_bench.ipynb #efcbd050
 def main(argv: list[str] | None = None) -> int:
-    "`flanmoe bench moe|gmm|train [--quick] [...]`: print the MoE FFN, grouped-GEMM or training-throughput table."
+    "`flanmoe bench moe|gmm|attn|train [--quick] [...]`: print the MoE FFN, grouped-GEMM, attention or training-throughput table."
     p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks: `moe` (the compiled MoE FFN against "
-                                "dense and peers), `train` (tiny-preset training tokens/s against HF Switch Transformers).")
-    p.add_argument("what", nargs="?", default="moe", choices=["moe", "gmm", "train"])
+                                "dense and peers), `gmm` (the grouped GEMM alone), `attn` (the compiled attention against the composite and SDPA), "
+                                "`train` (tiny-preset training tokens/s against HF Switch Transformers).")
+    p.add_argument("what", nargs="?", default="moe", choices=["moe", "gmm", "attn", "train"])
     p.add_argument("--quick", action="store_true", help="small shapes, finishes in well under a minute")
     p.add_argument("--tokens", type=int); p.add_argument("--d-model", type=int); p.add_argument("--d-ff", type=int)
     p.add_argument("--experts", help="comma-separated, e.g. 8,32,64,128")
@@ -326,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                                steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=False if a.loop_adamw else None,
                                compile_ours=a.compile)
         return done(rows)
+    if a.what == "attn":
+        return done(run_attention_bench(ATTN_SHAPES[:2] if q else ATTN_SHAPES, reps=a.reps or (10 if q else 20)))
     if a.what == "gmm":
         K.require_extension()
         if a.device.startswith("cuda") and not torch.cuda.is_available(): p.error("--device cuda: torch sees no GPU")
