@@ -1,7 +1,9 @@
 // CPU flanmoe::attention / flanmoe::attention_backward: `softmax(q k^T + bias) v` per (batch, head) with
 // q, k, v in [B, L, H, D] (any strides with a contiguous last dimension, e.g. the views of one fused qkv
 // projection) and an additive bias broadcasting to [B, H, Lq, Lk] (T5's position bias plus masks; no
-// 1/sqrt(D) scaling). The forward also returns the probabilities the backward needs. float32 runs the
+// 1/sqrt(D) scaling), plus optionally an additive key mask [B, Lk] (padding), kept apart from the bias so that a
+// bias shared by the batch (the position bias) is neither expanded to [B, H, Lq, Lk] nor its gradient: the
+// backward sums that over the batch itself. The forward also returns the probabilities the backward needs. float32 runs the
 // vectorised kernels of attention_kernels.cpp; float64 (gradcheck) a plain loop of the same formulas.
 #include "flanmoe.h"
 #include "attention_kernels.h"
@@ -17,7 +19,8 @@ namespace {
 struct Dims { int64_t B, H, Lq, Lk, D; };
 
 Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& bias, const char* op) {
+                          const std::optional<at::Tensor>& bias, const char* op,
+                          const std::optional<at::Tensor>& key_mask = std::nullopt) {
   check_rank(q, 4, op, "q");
   check_rank(k, 4, op, "k");
   check_rank(v, 4, op, "v");
@@ -57,6 +60,16 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
                   ": bias must have Lk = ", d.Lk, " columns with stride 1 (got shape ", shape_str(b),
                   " with strides ", b.strides(), ")");
   }
+  if (key_mask.has_value()) {
+    const at::Tensor& m = *key_mask;
+    check_rank(m, 2, op, "key_mask");
+    FLANMOE_CHECK(m.scalar_type() == q.scalar_type(), op, ": key_mask must have the dtype of q (q is ", q.scalar_type(),
+                  ", key_mask is ", m.scalar_type(), ")");
+    check_same_device(m, q, op, "key_mask", "q");
+    FLANMOE_CHECK((m.size(0) == d.B || m.size(0) == 1) && m.size(1) == d.Lk && (d.Lk <= 1 || m.stride(1) == 1), op,
+                  ": key_mask must be [B, Lk] = [", d.B, ", ", d.Lk, "] (additive, contiguous rows; got shape ",
+                  shape_str(m), " with strides ", m.strides(), ")");
+  }
   return d;
 }
 
@@ -78,7 +91,7 @@ View4<T> view4(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.st
 
 template <typename T>
 void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& bias, T* probs, T* out) {
+               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask, T* probs, T* out) {
   const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
   at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
     std::vector<T> s(d.Lk);
@@ -89,6 +102,7 @@ void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at
         T mx = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j < d.Lk; ++j) {
           T acc = bias ? bias->data_ptr<T>()[b * bstride(*bias, 0) + h * bstride(*bias, 1) + i * bstride(*bias, 2) + j] : T(0);
+          if (key_mask) acc += key_mask->data_ptr<T>()[b * bstride(*key_mask, 0) + j];
           const T* kj = K.row(b, j, h);
           for (int64_t x = 0; x < d.D; ++x) acc += qi[x] * kj[x];
           s[j] = acc;
@@ -163,15 +177,16 @@ AttnArgs f32_args(const Dims& d, const at::Tensor& q, const at::Tensor& k, const
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& bias) {
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& key_mask) {
   const char* op = "flanmoe::attention";
-  const Dims d = check_attention_args(q, k, v, bias, op);
+  const Dims d = check_attention_args(q, k, v, bias, op, key_mask);
   auto out = at::empty({d.B, d.Lq, d.H, d.D}, q.options());
   auto probs = at::empty({d.B, d.H, d.Lq, d.Lk}, q.options());
   if (out.numel() == 0) return {out, probs};
   if (d.Lk == 0) { out.zero_(); return {out, probs}; }
   if (q.scalar_type() == at::kDouble) {
-    fwd_loops<double>(d, q, k, v, bias, probs.data_ptr<double>(), out.data_ptr<double>());
+    fwd_loops<double>(d, q, k, v, bias, key_mask, probs.data_ptr<double>(), out.data_ptr<double>());
     return {out, probs};
   }
   AttnArgs a = f32_args(d, q, k, v);
@@ -179,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     a.bias = bias->data_ptr<float>();
     a.bias_b = bstride(*bias, 0); a.bias_h = bstride(*bias, 1); a.bias_i = bstride(*bias, 2);
   }
+  if (key_mask.has_value()) { a.key_mask = key_mask->data_ptr<float>(); a.key_mask_b = bstride(*key_mask, 0); }
   a.probs = probs.data_ptr<float>();
   a.out = out.data_ptr<float>();
   const SmallGemmIsa isa = small_gemm_active();
@@ -188,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-    bool bias_grad) {
+    bool bias_grad, bool bias_batched) {
   const char* op = "flanmoe::attention_backward";
   const Dims d = check_attention_args(q, k, v, std::nullopt, op);
   FLANMOE_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), op,
@@ -203,15 +219,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const auto go = dout.contiguous(), p = probs.contiguous();
   auto dq = at::empty_like(q, at::MemoryFormat::Contiguous), dk = at::empty_like(k, at::MemoryFormat::Contiguous),
        dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  auto dbias = bias_grad ? at::empty(pshape, q.options()) : at::empty({0}, q.options());
+  // the bias gradient per batch row ([B, H, Lq, Lk]) or summed over the batch ([1, H, Lq, Lk]: a bias shared by it)
+  const bool batched = bias_batched || d.B <= 1;
+  auto dbias = bias_grad ? at::empty(batched ? pshape : std::vector<int64_t>{1, d.H, d.Lq, d.Lk}, q.options())
+                         : at::empty({0}, q.options());
   if (d.B * d.H == 0) return {dq, dk, dv, dbias};
   if (d.Lq == 0 || d.Lk == 0 || d.D == 0) {   // an empty contraction: every gradient is 0
     dq.zero_(); dk.zero_(); dv.zero_(); dbias.zero_();
     return {dq, dk, dv, dbias};
   }
   if (q.scalar_type() == at::kDouble) {
+    auto full = bias_grad && !batched ? at::empty(pshape, q.options()) : dbias;
     bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(), dq.data_ptr<double>(),
-                      dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? dbias.data_ptr<double>() : nullptr);
+                      dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? full.data_ptr<double>() : nullptr);
+    if (bias_grad && !batched) dbias.copy_(full.sum(0, true));
     return {dq, dk, dv, dbias};
   }
   AttnArgs a = f32_args(d, q, k, v);
@@ -219,8 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   a.dout = go.data_ptr<float>();
   a.dq = dq.data_ptr<float>(); a.dk = dk.data_ptr<float>(); a.dv = dv.data_ptr<float>();
   a.dscores = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  a.dscores_batched = batched;
   const SmallGemmIsa isa = small_gemm_active();
-  at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t b, int64_t e) { attention_bwd_f32(isa, a, b, e); });
+  const int64_t n = bias_grad && !batched ? d.H : d.B * d.H;   // summed over the batch: tasks are heads h
+  at::parallel_for(0, n, bias_grad && !batched ? 1 : head_grain(d),
+                   [&](int64_t b, int64_t e) { attention_bwd_f32(isa, a, b, e); });
   return {dq, dk, dv, dbias};
 }
 

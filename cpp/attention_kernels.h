@@ -16,14 +16,18 @@ struct AttnArgs {
   int64_t q_b, q_l, q_h, k_b, k_l, k_h, v_b, v_l, v_h;
   const float* bias;                 // nullable; (b, h, i, j) at bias[b*bias_b + h*bias_h + i*bias_i + j] (0 = broadcast)
   int64_t bias_b, bias_h, bias_i;
+  const float* key_mask;             // nullable; additive, (b, j) at key_mask[b*key_mask_b + j]
+  int64_t key_mask_b;
   float* probs;                      // [B, H, Lq, Lk]: written by the forward, read by the backward
   float* out;                        // forward: [B, Lq, H, D]
   const float* dout;                 // backward: [B, Lq, H, D] contiguous
   float *dq, *dk, *dv;               // backward: [B, Lq|Lk, H, D] contiguous
-  float* dscores;                    // backward, nullable: [B, H, Lq, Lk] (the gradient of the bias)
+  float* dscores;                    // backward, nullable: the gradient of the bias, [B, H, Lq, Lk], or with
+  bool dscores_batched;              // dscores_batched false summed over the batch: [1, H, Lq, Lk]
 };
 
-// Heads [begin, end) of B*H (head bh = b*H + h); callers split that range over threads.
+// Heads [begin, end) of B*H (head bh = b*H + h); callers split that range over threads. The backward with
+// dscores summed over the batch (dscores_batched false) ranges over h in [0, H) instead.
 // `isa` picks the AVX-512F, AVX2+FMA or baseline copy of the same code.
 void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);
 void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end);

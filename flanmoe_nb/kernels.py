@@ -226,27 +226,31 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
 
 
 # %% ../nbs/01_kernels.ipynb #333d12a1
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    "Pure-PyTorch twin of `attention`: `softmax(q k^T + bias) v` per head; q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "Pure-PyTorch twin of `attention`: `softmax(q k^T + bias + key_mask) v` per head; q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
     s = torch.einsum("bihd,bjhd->bhij", q, k)
     if bias is not None: s = s + bias
+    if key_mask is not None: s = s + key_mask[:, None, None, :]
     return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
 
 def _register_attention_parts():
     "Fake kernels of the attention ops (when the build has them; autograd is C++)."
     if _op("attention") is None: return
     @torch.library.register_fake("flanmoe::attention")
-    def _(q, k, v, bias=None):
+    def _(q, k, v, bias=None, key_mask=None):
         B, Lq, H, D = q.shape
         return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, k.shape[1])
 
     @torch.library.register_fake("flanmoe::attention_backward")
-    def _(dout, q, k, v, probs, bias_grad):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-                q.new_empty(probs.shape) if bias_grad else q.new_empty(0))
+    def _(dout, q, k, v, probs, bias_grad, bias_batched=True):
+        B, H, Lq, Lk = probs.shape
+        db = q.new_empty((B if bias_batched else 1, H, Lq, Lk) if bias_grad else (0,))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
-    # autograd (C++): dq, dk, dv, dbias from attention_backward, the bias gradient summed to the bias's shape;
-    # the probabilities are an output for the backward only (not differentiable)
+    # autograd (C++): dq, dk, dv, dbias from attention_backward, the bias gradient summed to the bias's shape (over
+    # the batch inside the kernel for a bias shared by it); the probabilities are an output for the backward only
+    # (not differentiable); the key mask gets no gradient
 
 _register_attention_parts()
 
@@ -255,8 +259,9 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
     return (_op("attention") is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu"))
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    "`softmax(q k^T + bias) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`; returns `[B, Lq, H, D]`."
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient); returns `[B, Lq, H, D]`."
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, D] (got {getattr(t, 'shape', type(t))})")
@@ -264,14 +269,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         if bias.dim() > 4: raise ValueError(f"attention: bias must broadcast to [B, H, Lq, Lk] (got shape {tuple(bias.shape)})")
         bias = bias.to(q.dtype)
         if bias.dim() < 4: bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    _same_device("attention", "q", q, k=k, v=v, bias=bias)
+    if key_mask is not None:
+        if key_mask.dim() != 2 or key_mask.shape[1] != k.shape[1] or key_mask.shape[0] not in (1, q.shape[0]):
+            raise ValueError(f"attention: key_mask must be an additive [B, Lk] = [{q.shape[0]}, {k.shape[1]}] mask "
+                             f"(got shape {tuple(key_mask.shape)})")
+        if key_mask.requires_grad:
+            raise ValueError("attention: key_mask must not require a gradient (it is a padding mask; add a learned "
+                             "term to bias instead)")
+        key_mask = key_mask.to(q.dtype)
+    _same_device("attention", "q", q, k=k, v=v, bias=bias, key_mask=key_mask)
     if not attention_kernel_pays(q):
+        mask = bias if key_mask is None else key_mask[:, None, None, :] if bias is None else bias + key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=bias, scale=1.0).transpose(1, 2)
+                                              attn_mask=mask, scale=1.0).transpose(1, 2)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if bias is not None and bias.shape[-1] != k.shape[1]: bias = bias.expand(*bias.shape[:3], k.shape[1])
     if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
-    return torch.ops.flanmoe.attention(q, k, v, bias)[0]
+    if key_mask is not None and key_mask.shape[1] > 1 and key_mask.stride(1) != 1: key_mask = key_mask.contiguous()
+    return torch.ops.flanmoe.attention(q, k, v, bias, key_mask)[0]
 
 
 # %% ../nbs/01_kernels.ipynb #e90588aa

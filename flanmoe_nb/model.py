@@ -20,8 +20,8 @@ from .kernels import ACTIVATIONS
 from .moe import MoEConfig, MoELayer, DenseFFN, ACTIVATION_ALIASES, is_gated
 
 # %% auto #0
-__all__ = ['sparse_layers', 'ModelConfig', 'RMSNorm', 'relative_position_bucket', 'RelativePositionBias', 'Attention', 'Block',
-           'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder', 'greedy_generate', 'count_flops',
+__all__ = ['sparse_layers', 'ModelConfig', 'RMSNorm', 'relative_position_bucket', 'RelativePositionBias', 'AttnBias', 'Attention',
+           'Block', 'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder', 'greedy_generate', 'count_flops',
            'flops_per_token', 'count_params', 'matched_dense', 'upcycle']
 
 # %% ../nbs/04_model.ipynb #73c8fd11
@@ -209,6 +209,19 @@ class RelativePositionBias(nn.Module):
         return (w.T @ oh).view(1, -1, q_len, k_len)
 
 # %% ../nbs/04_model.ipynb #ffbd72ea
+class AttnBias:
+    """An attention bias in two parts: `pos`, shared by the batch (`[1, H, Lq, Lk]`: the position bias, with the
+    causal mask in a decoder), and `key`, the additive padding mask of each sequence (`[B, Lk]`). The compiled
+    attention takes them apart (no `[B, H, Lq, Lk]` bias or bias gradient); `full()` is their sum for the other
+    paths. (Each mask is half the most negative float, see `_additive`, so a key masked twice stays finite.)"""
+    __slots__ = ("pos", "key")
+    def __init__(self, pos: torch.Tensor | None, key: torch.Tensor | None = None): self.pos, self.key = pos, key
+
+    def full(self) -> torch.Tensor | None:
+        if self.key is None: return self.pos
+        k = self.key[:, None, None, :]
+        return k if self.pos is None else self.pos + k
+
 def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
     "`softmax(q k^T + bias) v` per head (T5: no 1/sqrt(d_kv)); q/k/v `[B, H, L, d_kv]`, `bias` broadcasting to the scores."
     if q.is_cuda or q.dtype != torch.float32 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -247,8 +260,9 @@ class Attention(nn.Module):
     def _heads(self, x): return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
 
     def forward(self, x, bias=None, source=None, cache: dict | None = None, kv=None):
-        "x [B, Lq, d]; `source` [B, Lk, d] for cross attention (`kv`: its k, v as `[B, Lk, H, d_kv]`, computed by the caller); `bias` additive [B|1, H, Lq, Lk]."
+        "x [B, Lq, d]; `source` [B, Lk, d] for cross attention (`kv`: its k, v as `[B, Lk, H, d_kv]`, computed by the caller); `bias` an `AttnBias` or an additive [B|1, H, Lq, Lk] tensor."
         B, L = x.shape[:2]
+        if not isinstance(bias, AttnBias): bias = AttnBias(bias)
         H, D = self.num_heads, self.d_kv
         if cache is None:   # heads as [B, L, H, D] views of the projections
             if source is None:   # self attention: one GEMM for q|k|v
@@ -258,8 +272,9 @@ class Attention(nn.Module):
                 q = kernels.dense_mm(x, self.q.weight, trans_w=True).view(B, L, H, D)
                 k, v = kv if kv is not None else (kernels.dense_mm(source, m.weight, trans_w=True).view(B, -1, H, D)
                                                   for m in (self.k, self.v))
-            if _fused_attention_pays(q, self.dropout, self.training): y = kernels.attention(q, k, v, bias)
-            else: y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, self.dropout, self.training).transpose(1, 2)
+            if _fused_attention_pays(q, self.dropout, self.training): y = kernels.attention(q, k, v, bias.pos, bias.key)
+            else: y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.full(), self.dropout,
+                              self.training).transpose(1, 2)
         else:                # generation with a KV cache: heads as [B, H, L, D]
             q = self._heads(kernels.dense_mm(x, self.q.weight, trans_w=True))
             if source is not None and "k" in cache: k, v = cache["k"], cache["v"]    # cross attention, cached
@@ -268,7 +283,7 @@ class Attention(nn.Module):
                 k, v = (self._heads(kernels.dense_mm(src, m.weight, trans_w=True)) for m in (self.k, self.v))
                 if source is None and "k" in cache: k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
-            y = _attend(q, k, v, bias, self.dropout, self.training).transpose(1, 2)
+            y = _attend(q, k, v, bias.full(), self.dropout, self.training).transpose(1, 2)
         return kernels.dense_mm(y.reshape(B, L, H * D), self.o.weight, trans_w=True)
 
 
@@ -300,8 +315,8 @@ class Block(nn.Module):
 
 # %% ../nbs/04_model.ipynb #1e2b2906
 def _additive(allowed: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    "Bool mask (True = may attend) -> additive float mask (0 or most negative)."
-    return torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)
+    "Bool mask (True = may attend) -> additive float mask: 0, or half the most negative float (a causal and a padding mask may both hit a key: their sum stays finite, so a row with every key masked is never NaN)."
+    return torch.full(allowed.shape, torch.finfo(dtype).min / 2, dtype=dtype, device=allowed.device).masked_fill_(allowed, 0.0)
 
 class Stack(nn.Module):
     "Encoder or decoder stack of T5 blocks with one shared relative position bias."
@@ -328,16 +343,14 @@ class Stack(nn.Module):
         "x: embedded tokens [B, L, d]; mask [B, L] (True = real); returns `(hidden, [MoEAux, ...])`."
         B, L, _ = x.shape
         k_len = offset + L
-        allowed = None if mask is None else mask[:, None, None, :k_len].bool()       # [B, 1, 1, K]
+        pos = self.rel_bias(L, k_len, offset)                                      # [1, H, L, K], shared by the batch
         if self.is_decoder:
             causal = torch.arange(k_len, device=x.device)[None] <= torch.arange(offset, k_len, device=x.device)[:, None]
-            allowed = causal if allowed is None else allowed & causal
-        bias = self.rel_bias(L, k_len, offset)
-        if allowed is not None: bias = bias + _additive(allowed)
-        if cache is None and bias.shape[0] != B: bias = bias.expand(B, -1, -1, -1).contiguous()  # once, not per layer
+            pos = pos + _additive(causal)
+        bias = AttnBias(pos, None if mask is None else _additive(mask[:, :k_len].bool()))   # padding: [B, K]
         cross_bias = None
         if source is not None and source_mask is not None:
-            cross_bias = _additive(source_mask[:, None, None, :].bool())
+            cross_bias = AttnBias(None, _additive(source_mask.bool()))
         cross_kv = self._cross_kv(source) if source is not None and cache is None and self.blocks else [None] * len(self.blocks)
         moe_mask = None if mask is None else mask[:, offset:k_len].bool()
         h, auxes = self.drop(x), []

@@ -29,15 +29,15 @@ def _bias(kind, B, H, Lq, Lk, dtype, seed):
     if kind == "none": return None
     if kind == "shared": return torch.randn(1, H, Lq, Lk, generator=g, dtype=dtype)      # T5 position bias
     if kind == "keymask":                                                                 # cross-attention padding
-        return torch.where(torch.rand(B, 1, 1, Lk, generator=g) < 0.3, torch.finfo(dtype).min, 0.0).to(dtype)
+        return torch.where(torch.rand(B, 1, 1, Lk, generator=g) < 0.3, torch.finfo(dtype).min / 2, 0.0).to(dtype)
     b = torch.randn(B, H, Lq, Lk, generator=g, dtype=dtype)                              # bias + causal mask
-    return b + torch.triu(torch.full((Lq, Lk), torch.finfo(dtype).min, dtype=dtype), 1)
+    return b + torch.triu(torch.full((Lq, Lk), torch.finfo(dtype).min / 2, dtype=dtype), 1)   # (half min, as the model's)
 
 
-def _grads(fn, q, k, v, bias, go):
+def _grads(fn, q, k, v, bias, go, key_mask=None):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     b = None if bias is None else bias.detach().clone().requires_grad_()
-    y = fn(*leaves, b)
+    y = fn(*leaves, b) if key_mask is None else fn(*leaves, b, key_mask)
     gr = torch.autograd.grad(y, leaves + ([b] if b is not None else []), go)
     return y.detach(), gr
 
@@ -45,15 +45,18 @@ def _grads(fn, q, k, v, bias, go):
 # ---------------------------------------------------------------- attention
 @HYP
 @given(B=st.integers(0, 3), H=st.integers(1, 4), Lq=st.integers(0, 70), Lk=st.integers(0, 70), D=st.integers(1, 40),
-       bias=st.sampled_from(["none", "shared", "keymask", "full"]), packed=st.booleans(), mode=st.sampled_from(MODES),
-       seed=st.integers(0, 2**16))
-def test_attention_equals_reference(B, H, Lq, Lk, D, bias, packed, mode, seed):
+       bias=st.sampled_from(["none", "shared", "keymask", "full"]), key_mask=st.booleans(), packed=st.booleans(),
+       mode=st.sampled_from(MODES), seed=st.integers(0, 2**16))
+def test_attention_equals_reference(B, H, Lq, Lk, D, bias, key_mask, packed, mode, seed):
     q, k, v = _qkv(B, Lq, Lk, H, D, torch.float32, seed, packed)
     bb = _bias(bias, B, H, Lq, Lk, torch.float32, seed)
-    go = torch.randn(B, Lq, H, D, generator=torch.Generator().manual_seed(seed + 3))
+    g = torch.Generator().manual_seed(seed + 3)
+    go = torch.randn(B, Lq, H, D, generator=g)
+    km = torch.where(torch.rand(B, Lk, generator=g) < 0.3, MIN32 / 2, 0.0) if key_mask else None   # padded keys (half min, as the model's)
     with K.use_cpu_gemm(mode):
-        y, g = _grads(K.attention, q, k, v, bb, go)
-    y64, g64 = _grads(K.attention_reference, *(t.double() for t in (q, k, v)), None if bb is None else bb.double(), go.double())
+        y, g = _grads(K.attention, q, k, v, bb, go, km)
+    y64, g64 = _grads(K.attention_reference, *(t.double() for t in (q, k, v)), None if bb is None else bb.double(),
+                      go.double(), None if km is None else km.double())
     assert y.shape == (B, Lq, H, D) and y.dtype == torch.float32
     torch.testing.assert_close(y, y64.float(), atol=2e-5, rtol=1e-4)
     for a, b in zip(g, g64):
@@ -85,6 +88,38 @@ def test_attention_fully_masked_rows_and_nonfinite_values_like_the_composite():
     _, probs = ops.attention(q, k, v, bias)
     assert torch.equal(probs[1, 0, :, 3], torch.zeros(5))
     torch.testing.assert_close(probs[0, :, 1], torch.full((2, 9), 1 / 9))
+
+
+def test_attention_key_mask_apart_from_a_shared_bias():
+    "Position bias [1, H, Lq, Lk] + padding mask [B, Lk]: as the summed bias, gradient summed over the batch, any threads."
+    q, k, v = _qkv(4, 9, 9, 3, 16, torch.float32, 6, True)
+    pos = torch.randn(1, 3, 9, 9) + torch.triu(torch.full((9, 9), MIN32 / 2), 1)   # causal, in the shared part
+    km = torch.zeros(4, 9); km[1, 5:] = MIN32 / 2; km[2, 0] = MIN32 / 2        # row 0 of sequence 2: its key masked twice
+    go = torch.randn(4, 9, 3, 16)
+    y, g = _grads(K.attention, q, k, v, pos, go, km)
+    full = pos + km[:, None, None, :]                                           # the model's AttnBias.full()
+    y_ref, g_ref = _grads(K.attention_reference, q, k, v, full, go)
+    assert y.isfinite().all()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g[:3], g_ref[:3]): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert g[3].shape == (1, 3, 9, 9)
+    torch.testing.assert_close(g[3], g_ref[3].sum(0, keepdim=True), atol=1e-5, rtol=1e-5)
+    _, p = ops.attention(q, k, v, pos, km)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(ops.attention_backward(go, q, k, v, p, True, False)[3])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="key_mask must be an additive"):
+        K.attention(q, k, v, pos, km[:, :5])
+    with pytest.raises(ValueError, match="key_mask must not require a gradient"):
+        K.attention(q, k, v, pos, km.clone().requires_grad_())
+    with pytest.raises(ValueError, match="key_mask must be"):
+        ops.attention(q, k, v, pos, km[:, :5])
 
 
 def test_attention_probs_are_not_differentiable_and_backward_is_exact_op():
@@ -242,11 +277,13 @@ def _opcheck_cases():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, L, 3, 4) for L in (5, 6, 6))
     cases = [("attention", (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.randn(1, 3, 5, 6, requires_grad=True))),
+             ("attention", (q, k, v, torch.randn(1, 3, 5, 6, requires_grad=True), torch.randn(2, 6))),
              ("attention", (q.double(), k.double(), v.double(), None)),
              ("rms_norm", (torch.randn(3, 5, 8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6)),
              ("rms_norm", (torch.randn(4, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-5))]
     _, p = ops.attention(q.detach(), k.detach(), v.detach(), None)
     cases.append(("attention_backward", (torch.randn(2, 5, 3, 4), q.detach(), k.detach(), v.detach(), p, True)))
+    cases.append(("attention_backward", (torch.randn(2, 5, 3, 4), q.detach(), k.detach(), v.detach(), p, True, False)))
     x, w = torch.randn(4, 8), torch.randn(8)
     cases.append(("rms_norm_backward", (torch.randn(4, 8), x, w, ops.rms_norm(x, w, 1e-6)[1], True, True)))
     logits, tgt = torch.randn(6, 9), torch.tensor([0, 3, -100, 8, 1, 1])
@@ -255,7 +292,7 @@ def _opcheck_cases():
     return cases
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
