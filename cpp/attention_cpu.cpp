@@ -75,6 +75,16 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 int64_t bstride(const at::Tensor& b, int i) { return b.size(i) == 1 ? 0 : b.stride(i); }
 
+// The dropout multiplier of the probabilities: keep / (1 - p), [B, H, Lq, Lk] contiguous, the dtype of q.
+void check_dropout_mult(const std::optional<at::Tensor>& m, const Dims& d, const at::Tensor& q, const char* op) {
+  if (!m.has_value()) return;
+  const std::vector<int64_t> want{d.B, d.H, d.Lq, d.Lk};
+  FLANMOE_CHECK(m->sizes() == at::IntArrayRef(want) && m->scalar_type() == q.scalar_type() && m->is_contiguous(), op,
+                ": dropout_mult must be a contiguous [B, H, Lq, Lk] = ", at::IntArrayRef(want), " tensor of q's dtype (got ",
+                shape_str(*m), " ", m->scalar_type(), ")");
+  check_same_device(*m, q, op, "dropout_mult", "q");
+}
+
 int64_t head_grain(const Dims& d) {     // heads per task: ~64k multiply-adds at least
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, d.Lq * d.Lk * d.D));
 }
@@ -91,7 +101,8 @@ View4<T> view4(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.st
 
 template <typename T>
 void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask, T* probs, T* out) {
+               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& key_mask, const T* mult, T* probs,
+               T* out) {
   const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
   at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
     std::vector<T> s(d.Lk);
@@ -115,7 +126,8 @@ void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at
         T* o = out + ((b * d.Lq + i) * d.H + h) * d.D;
         for (int64_t x = 0; x < d.D; ++x) {
           T acc = 0;
-          for (int64_t j = 0; j < d.Lk; ++j) acc += p[j] * V.row(b, j, h)[x];
+          for (int64_t j = 0; j < d.Lk; ++j)
+            acc += p[j] * (mult ? mult[(bh * d.Lq + i) * d.Lk + j] : T(1)) * V.row(b, j, h)[x];
           o[x] = acc;
         }
       }
@@ -125,7 +137,7 @@ void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at
 
 template <typename T>
 void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const T* probs, T* dq, T* dk, T* dv, T* dscores) {
+               const T* probs, const T* mult, T* dq, T* dk, T* dv, T* dscores) {
   const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
   const int64_t HD = d.H * d.D;
   at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
@@ -139,6 +151,7 @@ void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tens
         for (int64_t j = 0; j < d.Lk; ++j) {
           T dp = 0;
           for (int64_t x = 0; x < d.D; ++x) dp += go[x] * V.row(b, j, h)[x];
+          if (mult) dp *= mult[(bh * d.Lq + i) * d.Lk + j];
           ds[i * d.Lk + j] = dp;
           delta += P[i * d.Lk + j] * dp;
         }
@@ -156,7 +169,7 @@ void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tens
           T ak = 0, av = 0;
           for (int64_t i = 0; i < d.Lq; ++i) {
             ak += ds[i * d.Lk + j] * Q.row(b, i, h)[x];
-            av += P[i * d.Lk + j] * dout[(b * d.Lq + i) * HD + h * d.D + x];
+            av += P[i * d.Lk + j] * (mult ? mult[(bh * d.Lq + i) * d.Lk + j] : T(1)) * dout[(b * d.Lq + i) * HD + h * d.D + x];
           }
           dk[(b * d.Lk + j) * HD + h * d.D + x] = ak;
           dv[(b * d.Lk + j) * HD + h * d.D + x] = av;
@@ -178,15 +191,18 @@ AttnArgs f32_args(const Dims& d, const at::Tensor& q, const at::Tensor& k, const
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const std::optional<at::Tensor>& bias,
-                                                 const std::optional<at::Tensor>& key_mask) {
+                                                 const std::optional<at::Tensor>& key_mask,
+                                                 const std::optional<at::Tensor>& dropout_mult) {
   const char* op = "flanmoe::attention";
   const Dims d = check_attention_args(q, k, v, bias, op, key_mask);
+  check_dropout_mult(dropout_mult, d, q, op);
   auto out = at::empty({d.B, d.Lq, d.H, d.D}, q.options());
   auto probs = at::empty({d.B, d.H, d.Lq, d.Lk}, q.options());
   if (out.numel() == 0) return {out, probs};
   if (d.Lk == 0) { out.zero_(); return {out, probs}; }
   if (q.scalar_type() == at::kDouble) {
-    fwd_loops<double>(d, q, k, v, bias, key_mask, probs.data_ptr<double>(), out.data_ptr<double>());
+    fwd_loops<double>(d, q, k, v, bias, key_mask, dropout_mult ? dropout_mult->data_ptr<double>() : nullptr,
+                      probs.data_ptr<double>(), out.data_ptr<double>());
     return {out, probs};
   }
   AttnArgs a = f32_args(d, q, k, v);
@@ -195,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     a.bias_b = bstride(*bias, 0); a.bias_h = bstride(*bias, 1); a.bias_i = bstride(*bias, 2);
   }
   if (key_mask.has_value()) { a.key_mask = key_mask->data_ptr<float>(); a.key_mask_b = bstride(*key_mask, 0); }
+  if (dropout_mult.has_value()) a.dropout_mult = dropout_mult->data_ptr<float>();
   a.probs = probs.data_ptr<float>();
   a.out = out.data_ptr<float>();
   const SmallGemmIsa isa = small_gemm_active();
@@ -204,9 +221,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-    bool bias_grad, bool bias_batched) {
+    bool bias_grad, bool bias_batched, const std::optional<at::Tensor>& dropout_mult) {
   const char* op = "flanmoe::attention_backward";
   const Dims d = check_attention_args(q, k, v, std::nullopt, op);
+  check_dropout_mult(dropout_mult, d, q, op);
   FLANMOE_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), op,
                 ": dout must have the shape and dtype of q (q is ", shape_str(q), " ", q.scalar_type(), ", dout is ",
                 shape_str(dout), " ", dout.scalar_type(), ")");
@@ -230,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   }
   if (q.scalar_type() == at::kDouble) {
     auto full = bias_grad && !batched ? at::empty(pshape, q.options()) : dbias;
-    bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(), dq.data_ptr<double>(),
+    bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(),
+                      dropout_mult ? dropout_mult->data_ptr<double>() : nullptr, dq.data_ptr<double>(),
                       dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? full.data_ptr<double>() : nullptr);
     if (bias_grad && !batched) dbias.copy_(full.sum(0, true));
     return {dq, dk, dv, dbias};
@@ -241,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   a.dq = dq.data_ptr<float>(); a.dk = dk.data_ptr<float>(); a.dv = dv.data_ptr<float>();
   a.dscores = bias_grad ? dbias.data_ptr<float>() : nullptr;
   a.dscores_batched = batched;
+  if (dropout_mult.has_value()) a.dropout_mult = dropout_mult->data_ptr<float>();
   const SmallGemmIsa isa = small_gemm_active();
   const int64_t n = bias_grad && !batched ? d.H : d.B * d.H;   // summed over the batch: tasks are heads h
   at::parallel_for(0, n, bias_grad && !batched ? 1 : head_grain(d),

@@ -18,7 +18,8 @@ struct AttnArgs {
   int64_t bias_b, bias_h, bias_i;
   const float* key_mask;             // nullable; additive, (b, j) at key_mask[b*key_mask_b + j]
   int64_t key_mask_b;
-  float* probs;                      // [B, H, Lq, Lk]: written by the forward, read by the backward
+  float* probs;                      // [B, H, Lq, Lk]: written by the forward, read by the backward (before dropout)
+  const float* dropout_mult;         // nullable; [B, H, Lq, Lk] contiguous: keep / (1 - p), multiplies the probabilities
   float* out;                        // forward: [B, Lq, H, D]
   const float* dout;                 // backward: [B, Lq, H, D] contiguous
   float *dq, *dk, *dv;               // backward: [B, Lq|Lk, H, D] contiguous

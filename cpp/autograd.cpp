@@ -39,18 +39,18 @@ at::Tensor gather_dot_op(const at::Tensor& x, const at::Tensor& idx, const at::T
   return op.call(x, idx, y);
 }
 std::tuple<at::Tensor, at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptT& b,
-                                                const OptT& km) {
+                                                const OptT& km, const OptT& mult) {
   static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&,
-                                                            const OptT&)>("flanmoe::attention");
-  return op.call(q, k, v, b, km);
+                                                            const OptT&, const OptT&)>("flanmoe::attention");
+  return op.call(q, k, v, b, km, mult);
 }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_op(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& p, bool bg,
-    bool batched) {
+    bool batched, const OptT& mult) {
   static auto op = op_of<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool)>(
-      "flanmoe::attention_backward");
-  return op.call(dout, q, k, v, p, bg, batched);
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool,
+      const OptT&)>("flanmoe::attention_backward");
+  return op.call(dout, q, k, v, p, bg, batched, mult);
 }
 std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const at::Tensor& w, double eps) {
   static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>("flanmoe::rms_norm");
@@ -172,15 +172,16 @@ struct GatherDotFn : torch::autograd::Function<GatherDotFn> {
   }
 };
 
-// ---- attention: (out, probs); probs are kept for the backward only (not differentiable); the key mask gets no
-// gradient (the Python wrapper refuses one that requires it)
+// ---- attention: (out, probs); probs are kept for the backward only (not differentiable); the key mask and the
+// dropout multiplier get no gradient (the Python wrapper refuses a key mask that requires one)
 struct AttentionFn : torch::autograd::Function<AttentionFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const OptT& bias, const OptT& key_mask) {
+                               const OptT& bias, const OptT& key_mask, const OptT& dropout_mult) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, probs] = attention_op(q, k, v, bias, key_mask);
+    auto [out, probs] = attention_op(q, k, v, bias, key_mask, dropout_mult);
     const bool has_bias = bias.has_value() && bias->defined();
-    ctx->save_for_backward({q, k, v, probs});
+    const bool has_mult = dropout_mult.has_value() && dropout_mult->defined();
+    ctx->save_for_backward({q, k, v, probs, has_mult ? *dropout_mult : at::Tensor()});
     ctx->saved_data["has_bias"] = has_bias;
     if (has_bias) {
       ctx->saved_data["bias_shape"] = bias->sizes().vec();
@@ -192,14 +193,15 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const auto s = ctx->get_saved_variables();
     const bool bias_grad = has_bias && ctx->needs_input_grad(3);
     const bool batched = bias_grad && ctx->saved_data["bias_batched"].toBool();
-    auto [dq, dk, dv, db] = attention_backward_op(contig(grads[0]), s[0], s[1], s[2], s[3], bias_grad, batched);
+    const OptT mult = s[4].defined() ? OptT(s[4]) : std::nullopt;
+    auto [dq, dk, dv, db] = attention_backward_op(contig(grads[0]), s[0], s[1], s[2], s[3], bias_grad, batched, mult);
     if (bias_grad) db = db.sum_to_size(ctx->saved_data["bias_shape"].toIntVector());
     return {ctx->needs_input_grad(0) ? dq : at::Tensor(), ctx->needs_input_grad(1) ? dk : at::Tensor(),
-            ctx->needs_input_grad(2) ? dv : at::Tensor(), bias_grad ? db : at::Tensor(), at::Tensor()};
+            ctx->needs_input_grad(2) ? dv : at::Tensor(), bias_grad ? db : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -254,8 +256,8 @@ at::Tensor gather_dot_ad(const at::Tensor& x, const at::Tensor& idx, const at::T
   return GatherDotFn::apply(x, idx, y);
 }
 std::tuple<at::Tensor, at::Tensor> attention_ad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const OptT& bias, const OptT& key_mask) {
-  auto r = AttentionFn::apply(q, k, v, bias, key_mask);
+                                                const OptT& bias, const OptT& key_mask, const OptT& dropout_mult) {
+  auto r = AttentionFn::apply(q, k, v, bias, key_mask, dropout_mult);
   return {r[0], r[1]};
 }
 std::tuple<at::Tensor, at::Tensor> cross_entropy_ad(const at::Tensor& x, const at::Tensor& t, int64_t ignore) {

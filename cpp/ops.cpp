@@ -29,11 +29,13 @@ TORCH_LIBRARY(flanmoe, m) {
   // softmax(q k^T + bias) v per (batch, head); q [B, Lq, H, D], k/v [B, Lk, H, D] (contiguous last dim),
   // bias broadcasting to [B, H, Lq, Lk]: (out [B, Lq, H, D], probs [B, H, Lq, Lk]). CPU only.
   // key_mask: an additive [B, Lk] (padding) mask added to every head's scores.
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? key_mask=None) -> (Tensor, Tensor)");
+  // dropout_mult: keep / (1 - p) per probability (attention dropout), [B, H, Lq, Lk].
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None, Tensor? key_mask=None, Tensor? dropout_mult=None) "
+        "-> (Tensor, Tensor)");
   // Its gradients (dq, dk, dv contiguous; dbias [B, H, Lq, Lk], with bias_batched=False summed over the batch to
   // [1, H, Lq, Lk], or [0] without bias_grad).
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor probs, bool bias_grad, "
-        "bool bias_batched=True) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool bias_batched=True, Tensor? dropout_mult=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // T5 layer norm over the last dim: (x * rstd * weight, rstd [x.shape[:-1]]), rstd = 1/sqrt(mean(x^2) + eps). CPU only.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   // Its gradients (dx, dweight); a gradient not asked for comes back as an empty [0] tensor.

@@ -227,23 +227,24 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
 
 # %% ../nbs/01_kernels.ipynb #333d12a1
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Pure-PyTorch twin of `attention`: `softmax(q k^T + bias + key_mask) v` per head; q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
+                        key_mask: torch.Tensor | None = None, dropout_mult: torch.Tensor | None = None) -> torch.Tensor:
+    "Pure-PyTorch twin of `attention`: `(softmax(q k^T + bias + key_mask) * dropout_mult) v` per head; q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
     s = torch.einsum("bihd,bjhd->bhij", q, k)
     if bias is not None: s = s + bias
     if key_mask is not None: s = s + key_mask[:, None, None, :]
-    return torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v)
+    p = s.softmax(-1)
+    return torch.einsum("bhij,bjhd->bihd", p if dropout_mult is None else p * dropout_mult, v)
 
 def _register_attention_parts():
     "Fake kernels of the attention ops (when the build has them; autograd is C++)."
     if _op("attention") is None: return
     @torch.library.register_fake("flanmoe::attention")
-    def _(q, k, v, bias=None, key_mask=None):
+    def _(q, k, v, bias=None, key_mask=None, dropout_mult=None):
         B, Lq, H, D = q.shape
         return q.new_empty(B, Lq, H, D), q.new_empty(B, H, Lq, k.shape[1])
 
     @torch.library.register_fake("flanmoe::attention_backward")
-    def _(dout, q, k, v, probs, bias_grad, bias_batched=True):
+    def _(dout, q, k, v, probs, bias_grad, bias_batched=True, dropout_mult=None):
         B, H, Lq, Lk = probs.shape
         db = q.new_empty((B if bias_batched else 1, H, Lq, Lk) if bias_grad else (0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
@@ -260,8 +261,9 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient); returns `[B, Lq, H, D]`."
+              key_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient), `dropout` on the probabilities (as `F.dropout`, the same random numbers); returns `[B, Lq, H, D]`."
+    if not 0.0 <= dropout < 1.0: raise ValueError(f"attention: dropout must be in [0, 1) (got dropout={dropout})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, D] (got {getattr(t, 'shape', type(t))})")
@@ -280,13 +282,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     _same_device("attention", "q", q, k=k, v=v, bias=bias, key_mask=key_mask)
     if not attention_kernel_pays(q):
         mask = bias if key_mask is None else key_mask[:, None, None, :] if bias is None else bias + key_mask[:, None, None, :]
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=mask, scale=1.0).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              dropout_p=dropout, scale=1.0).transpose(1, 2)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if bias is not None and bias.shape[-1] != k.shape[1]: bias = bias.expand(*bias.shape[:3], k.shape[1])
     if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
     if key_mask is not None and key_mask.shape[1] > 1 and key_mask.stride(1) != 1: key_mask = key_mask.contiguous()
-    return torch.ops.flanmoe.attention(q, k, v, bias, key_mask)[0]
+    mult = None
+    if dropout:   # F.dropout's noise on CPU: bernoulli(1 - p) / (1 - p) over [B, H, Lq, Lk], in this order
+        mult = torch.empty(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype).bernoulli_(1 - dropout).div_(1 - dropout)
+    return torch.ops.flanmoe.attention(q, k, v, bias, key_mask, mult)[0]
 
 
 # %% ../nbs/01_kernels.ipynb #e90588aa

@@ -122,6 +122,48 @@ def test_attention_key_mask_apart_from_a_shared_bias():
         ops.attention(q, k, v, pos, km[:, :5])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_dropout_is_fdropout_on_the_probabilities(mode):
+    "Same seed, same noise as F.dropout in the composite; gradients through the dropped probabilities; gradcheck."
+    q, k, v = _qkv(3, 7, 11, 2, 24, torch.float32, 8, False)
+    bias = torch.randn(1, 2, 7, 11)
+    go = torch.randn(3, 7, 2, 24)
+    def composite(q, k, v, b):
+        s = torch.einsum("bihd,bjhd->bhij", q, k) + b
+        return torch.einsum("bhij,bjhd->bihd", F.dropout(s.softmax(-1), 0.3, True), v)
+    with K.use_cpu_gemm(mode):
+        torch.manual_seed(5); y, g = _grads(lambda *t: K.attention(*t, dropout=0.3), q, k, v, bias, go)
+    torch.manual_seed(5); y_ref, g_ref = _grads(composite, q, k, v, bias, go)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g, g_ref): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    mult = (torch.rand(2, 3, 4, 5, dtype=torch.float64) > 0.25).double() / 0.75
+    qd, kd, vd = (torch.randn(2, L, 3, 6, dtype=torch.float64, requires_grad=True) for L in (4, 5, 5))
+    bd = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.attention(*t, None, mult)[0], (qd, kd, vd, bd))
+    torch.testing.assert_close(ops.attention(qd, kd, vd, bd, None, mult)[0], K.attention_reference(qd, kd, vd, bd, None, mult))
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        K.attention(q, k, v, bias, dropout=1.0)
+    with pytest.raises(ValueError, match="dropout_mult must be a contiguous"):
+        ops.attention(q, k, v, bias, None, torch.ones(3, 2, 7, 10))
+
+
+def test_model_with_attention_dropout_equals_the_composite(monkeypatch):
+    import flanmoe_nb.model as M
+    torch.manual_seed(0)
+    cfg = M.ModelConfig.preset("tiny", moe=dict(num_experts=4, top_k=1), dropout=0.1)
+    model = M.EncoderDecoder(cfg).train()
+    x = torch.randint(2, cfg.vocab_size, (2, 9)); y = torch.randint(2, cfg.vocab_size, (2, 5))
+    def run():
+        model.zero_grad(set_to_none=True); torch.manual_seed(11)
+        out = model(input_ids=x, labels=y); out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    fused = run()
+    monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(fused[1], plain[1]): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_attention_probs_are_not_differentiable_and_backward_is_exact_op():
     q, k, v = (t.requires_grad_() for t in _qkv(1, 3, 4, 2, 8, torch.float32, 1, False))
     out, probs = ops.attention(q, k, v, None)
