@@ -75,6 +75,11 @@ at::Tensor cross_entropy_backward_op(const at::Tensor& g, const at::Tensor& x, c
   return op.call(g, x, t, lse, ignore);
 }
 
+at::Tensor dropout_op(const at::Tensor& x, double p, int64_t seed) {
+  static auto op = op_of<at::Tensor(const at::Tensor&, double, int64_t)>("flanmoe::dropout");
+  return op.call(x, p, seed);
+}
+
 at::Tensor contig(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
 // ---- grouped_mm: out = a @ b[g] (b[g].T with trans_b); da = dy @ b[g].T, db = a.T @ dy (per group)
@@ -224,6 +229,20 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   }
 };
 
+// ---- dropout: y = x * m with m a function of (seed, index); dx = dropout(g) with the same seed
+struct DropoutFn : torch::autograd::Function<DropoutFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    return dropout_op(x, p, seed);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {dropout_op(grads[0], ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
 // ---- cross_entropy: (loss, lse); lse is kept for the backward only
 struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
@@ -260,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> attention_ad(const at::Tensor& q, const at::T
   auto r = AttentionFn::apply(q, k, v, bias, key_mask, dropout_mult);
   return {r[0], r[1]};
 }
+at::Tensor dropout_ad(const at::Tensor& x, double p, int64_t seed) { return DropoutFn::apply(x, p, seed); }
 std::tuple<at::Tensor, at::Tensor> cross_entropy_ad(const at::Tensor& x, const at::Tensor& t, int64_t ignore) {
   auto r = CrossEntropyFn::apply(x, t, ignore);
   return {r[0], r[1]};
@@ -280,6 +300,7 @@ TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
   m.impl("attention", &attention_ad);
   m.impl("rms_norm", &rms_norm_ad);
   m.impl("cross_entropy", &cross_entropy_ad);
+  m.impl("dropout", &dropout_ad);
 }
 
 }  // namespace flanmoe

@@ -36,6 +36,8 @@ TORCH_LIBRARY(flanmoe, m) {
   // [1, H, Lq, Lk], or [0] without bias_grad).
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor probs, bool bias_grad, "
         "bool bias_batched=True, Tensor? dropout_mult=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // x * keep / (1 - p), keep drawn from a counter-based hash of (seed, index): the same seed, the same mask. CPU only.
+  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   // T5 layer norm over the last dim: (x * rstd * weight, rstd [x.shape[:-1]]), rstd = 1/sqrt(mean(x^2) + eps). CPU only.
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   // Its gradients (dx, dweight); a gradient not asked for comes back as an empty [0] tensor.

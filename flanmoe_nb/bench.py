@@ -326,16 +326,16 @@ def run_attention_bench(shapes=ATTN_SHAPES, reps: int = 20, print_fn=None) -> li
 
 # %% ../nbs/10_bench.ipynb #896ddf2c
 def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool | None = None,
-                    compile_ours: bool = False) -> list[dict]:
+                    compile_ours: bool = False, dropout: float = 0.0) -> list[dict]:
     "Print and return one `bench_train` row per expert count."
     from flanmoe_nb.train import bench_train
     print(f"Tiny-preset training tokens/s, fwd+bwd+{'per-tensor-loop ' if fused_adamw is False else 'fused '}AdamW step, "
-          f"{torch.get_num_threads()} threads; ours{' (torch.compile)' if compile_ours else ''} vs HF "
+          f"dropout {dropout}, {torch.get_num_threads()} threads; ours{' (torch.compile)' if compile_ours else ''} vs HF "
           "SwitchTransformersForConditionalGeneration (eager)")
     print(f"{'E':>4} | {'ours tok/s':>10} | {'HF tok/s':>10} | ratio"); print("-" * 38)
     rows = []
     for E in experts:
-        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw, compile_ours=compile_ours)
+        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw, compile_ours=compile_ours, dropout=dropout)
         print(f"{E:>4} | {r['ours_tokens_per_s']:>10} | {r['hf_tokens_per_s']:>10} | {r['ratio']:.2f}x", flush=True)
         rows.append(r)
     return rows
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--loop-adamw", action="store_true", help="train: torch's per-tensor AdamW loop for both models (default: fused, as the trainer)")
     p.add_argument("--compile", action="store_true", help="train: torch.compile our model (~1 min per expert count)")
+    p.add_argument("--dropout", type=float, default=0.0, help="train: dropout rate of both models (the tiny preset trains with 0.1)")
     p.add_argument("--device", default="cpu", help="gmm: cpu or cuda")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(list(argv) if argv is not None else sys.argv[1:])
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "train":
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
                                steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=False if a.loop_adamw else None,
-                               compile_ours=a.compile)
+                               compile_ours=a.compile, dropout=a.dropout)
         return done(rows)
     if a.what == "attn":
         return done(run_attention_bench(ATTN_SHAPES[:2] if q else ATTN_SHAPES, reps=a.reps or (10 if q else 20)))

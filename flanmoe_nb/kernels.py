@@ -16,10 +16,10 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
-           'attention_reference', 'attention_kernel_pays', 'attention', 'rms_norm_reference', 'rms_norm',
-           'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference', 'permute_reference',
-           'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute',
-           'unpermute', 'expert_ffn', 'moe_ffn']
+           'dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention',
+           'rms_norm_reference', 'rms_norm', 'cross_entropy_reference', 'cross_entropy', 'RoutePlan',
+           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
+           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -225,6 +225,51 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
     return out.view(*lead, out.shape[-1])
 
 
+# %% ../nbs/01_kernels.ipynb #867fb173
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93)
+
+def _mix64(z):
+    "splitmix64's finaliser on numpy uint64 arrays (wrapping arithmetic), as in cpp/dropout_cpu.cpp."
+    import numpy as np
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(_MIX[0])
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX[1])
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX[2])
+        return z ^ (z >> np.uint64(31))
+
+def dropout_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    "Twin of the `flanmoe::dropout` op (numpy for the unsigned 64-bit hash): `x * keep / (1 - p)`."
+    import numpy as np
+    n = x.numel()
+    key = _mix64(np.array([seed % 2 ** 64], dtype=np.uint64))[0]     # (the op casts the int64 seed to uint64)
+    with np.errstate(over="ignore"):
+        r = _mix64(key ^ (np.arange((n + 1) // 2, dtype=np.uint64) * np.uint64(_MIX[3])))
+    u = np.stack([r & np.uint64(0xFFFFFFFF), r >> np.uint64(32)], 1).reshape(-1)[:n]
+    keep = torch.from_numpy(u >= np.uint64(round(p * 2 ** 32))).view(x.shape)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32     # (the op's arithmetic type)
+    return torch.where(keep, (x.to(acc) * (1 / (1 - p))).to(x.dtype), torch.zeros((), dtype=x.dtype))
+
+def _register_dropout_parts():
+    "Fake kernel of the dropout op (autograd is C++: the same op on the gradient, same seed)."
+    if _op("dropout") is None: return
+    @torch.library.register_fake("flanmoe::dropout")
+    def _(x, p, seed): return x.new_empty(x.shape)
+
+_register_dropout_parts()
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    "Dropout with rate `p` when `training`: the compiled counter-based op on CPU (fp32/bf16/fp64, eager), `F.dropout` elsewhere."
+    if not training or p == 0: return x
+    if not 0 <= p < 1: raise ValueError(f"dropout: p must be in [0, 1) (got p={p})")
+    if (_op("dropout") is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float64)
+            or torch.compiler.is_compiling()):
+        return F.dropout(x, p, True)
+    seed = int(torch.empty((), dtype=torch.long).random_())     # one draw from torch's generator
+    return torch.ops.flanmoe.dropout(x, p, seed)
+
+_dropout = dropout   # (for functions with a `dropout` argument)
+
+
 # %% ../nbs/01_kernels.ipynb #333d12a1
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
                         key_mask: torch.Tensor | None = None, dropout_mult: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,7 +307,7 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               key_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
-    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient), `dropout` on the probabilities (as `F.dropout`, the same random numbers); returns `[B, Lq, H, D]`."
+    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient), `dropout` on the probabilities (the mask `dropout` would draw at this point); returns `[B, Lq, H, D]`."
     if not 0.0 <= dropout < 1.0: raise ValueError(f"attention: dropout must be in [0, 1) (got dropout={dropout})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -289,8 +334,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
     if key_mask is not None and key_mask.shape[1] > 1 and key_mask.stride(1) != 1: key_mask = key_mask.contiguous()
     mult = None
-    if dropout:   # F.dropout's noise on CPU: bernoulli(1 - p) / (1 - p) over [B, H, Lq, Lk], in this order
-        mult = torch.empty(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype).bernoulli_(1 - dropout).div_(1 - dropout)
+    if dropout:   # keep / (1 - p) over [B, H, Lq, Lk]: `dropout` of ones, the mask `dropout(probabilities)` would use
+        mult = _dropout(torch.ones(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype), dropout)
     return torch.ops.flanmoe.attention(q, k, v, bias, key_mask, mult)[0]
 
 
@@ -527,7 +572,7 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
     # relu in place: h is ours and grouped_mm's backward does not keep it, so no second [S, f] buffer
     h = h.relu_() if activation == "relu" else activate(h, activation)
-    if dropout_p and training: h = F.dropout(h, dropout_p, True)
+    if dropout_p and training: h = dropout(h, dropout_p, True)
     return unpermute(grouped_mm(h, w_out, group_sizes), token_idx, weights, x.shape[0])
 
 def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, top_k: int = 1,

@@ -21,8 +21,8 @@ from .moe import MoEConfig, MoELayer, DenseFFN, ACTIVATION_ALIASES, is_gated
 
 # %% auto #0
 __all__ = ['sparse_layers', 'ModelConfig', 'RMSNorm', 'relative_position_bucket', 'RelativePositionBias', 'AttnBias', 'Attention',
-           'Block', 'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder', 'greedy_generate', 'count_flops',
-           'flops_per_token', 'count_params', 'matched_dense', 'upcycle']
+           'Dropout', 'Block', 'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder', 'greedy_generate',
+           'count_flops', 'flops_per_token', 'count_params', 'matched_dense', 'upcycle']
 
 # %% ../nbs/04_model.ipynb #73c8fd11
 def sparse_layers(num_layers: int, sparse_step: int) -> list[int]:
@@ -238,7 +238,7 @@ def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
         s = torch.bmm(q3, kt).view(B, H, Lq, Lk)
         if bias is not None: s = s + bias.to(q.dtype)
     p = s.softmax(-1)
-    if training and dropout: p = F.dropout(p, dropout, True)
+    if training and dropout: p = kernels.dropout(p, dropout, True)
     return torch.bmm(p.view(B * H, Lq, Lk), v.reshape(B * H, Lk, D)).view(B, H, Lq, D)
 
 def _fused_attention_pays(q, dropout: float, training: bool) -> bool:
@@ -290,6 +290,10 @@ class Attention(nn.Module):
 # %% ../nbs/04_model.ipynb #65542c8c
 def _identity(x): return x
 
+class Dropout(nn.Dropout):
+    "`nn.Dropout` on `kernels.dropout` (the compiled counter-based op on CPU, `F.dropout` elsewhere)."
+    def forward(self, x): return kernels.dropout(x, self.p, self.training)
+
 class Block(nn.Module):
     "One T5 layer: self attention, cross attention (decoder), dense or MoE FFN; pre-norm residuals."
     def __init__(self, cfg: ModelConfig, is_decoder: bool, moe: MoEConfig | None):
@@ -299,7 +303,7 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
         self.ffn = MoELayer(moe) if moe is not None else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
         self.is_moe, self.is_decoder = moe is not None, is_decoder
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, bias, mask=None, source=None, cross_bias=None, cache=None, cross_kv=None):
         "Returns `(x, aux)`; aux is the `MoEAux` of an MoE FFN, else None. `cross_kv`: precomputed cross-attention k, v."
@@ -329,7 +333,7 @@ class Stack(nn.Module):
                                              cfg.num_heads, bidirectional=not is_decoder)
         self.blocks = nn.ModuleList(Block(cfg, is_decoder, moe if i in sparse else None) for i in range(n))
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_eps)
-        self.drop, self.is_decoder = nn.Dropout(cfg.dropout), is_decoder
+        self.drop, self.is_decoder = Dropout(cfg.dropout), is_decoder
 
     def _cross_kv(self, source):
         "Cross-attention k, v of every block (`[B, S, H, d_kv]` views) from one GEMM over `source` (it is the same for all blocks)."

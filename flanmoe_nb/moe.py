@@ -107,7 +107,7 @@ class DenseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = kernels.dense_mm(x, self.w_in)   # relu in place: the GEMM's backward keeps x and w_in, not h
         h = h.relu_() if self.activation == "relu" else kernels.activate(h, self.activation)
-        if self.dropout and self.training: h = F.dropout(h, self.dropout, True)
+        if self.dropout and self.training: h = kernels.dropout(h, self.dropout, True)
         return kernels.dense_mm(h, self.w_out)
 
 class Experts(nn.Module):

@@ -573,14 +573,15 @@ def run_stage(model, train_data, cfg: TrainConfig | None = None, eval_fn: Callab
 
 # %% ../nbs/07_train.ipynb #b7dcdfb5
 def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, tgt_len: int = 32, steps: int = 5,
-                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool | None = None) -> dict:
-    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`; `fused_adamw=None`: the trainer's AdamW (fused where `adamw_fusable`), False: torch's per-tensor loop."
+                rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool | None = None,
+                dropout: float = 0.0) -> dict:
+    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`; `fused_adamw=None`: the trainer's AdamW (fused where `adamw_fusable`), False: torch's per-tensor loop; `dropout`: the tiny preset's rate is 0.1 (its default in training), 0 keeps the steps deterministic."
     from flanmoe_nb.model import EncoderDecoder, ModelConfig
     from flanmoe_nb.hf import to_hf
     torch.manual_seed(seed)
     cap = math.ceil(1.25 * src_len / num_experts)           # HF counts an absolute capacity per sequence
     mcfg = mcfg or ModelConfig.preset("tiny", moe=dict(num_experts=num_experts, top_k=1, capacity_scope="sequence",
-                                                       expert_capacity=cap), dropout=0.0, activation="relu")
+                                                       expert_capacity=cap), dropout=dropout, activation="relu")
     ours = EncoderDecoder(mcfg); hf = to_hf(ours)
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(2, mcfg.vocab_size, (batch_size, src_len), generator=g)
@@ -601,4 +602,4 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     tps = {k: tokens * steps / t for k, t in best.items()}
     return dict(num_experts=num_experts, compiled_expert_path=kernels._op("permute") is not None, ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
                 ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads(),
-                optimizer="adamw_fused" if fused_adamw else "adamw")
+                optimizer="adamw_fused" if fused_adamw else "adamw", dropout=dropout)

@@ -123,14 +123,14 @@ def test_attention_key_mask_apart_from_a_shared_bias():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_attention_dropout_is_fdropout_on_the_probabilities(mode):
-    "Same seed, same noise as F.dropout in the composite; gradients through the dropped probabilities; gradcheck."
+def test_attention_dropout_is_dropout_on_the_probabilities(mode):
+    "Same seed, same mask as `kernels.dropout` of the probabilities in the composite; gradients through them; gradcheck."
     q, k, v = _qkv(3, 7, 11, 2, 24, torch.float32, 8, False)
     bias = torch.randn(1, 2, 7, 11)
     go = torch.randn(3, 7, 2, 24)
     def composite(q, k, v, b):
         s = torch.einsum("bihd,bjhd->bhij", q, k) + b
-        return torch.einsum("bhij,bjhd->bihd", F.dropout(s.softmax(-1), 0.3, True), v)
+        return torch.einsum("bhij,bjhd->bihd", K.dropout(s.softmax(-1), 0.3, True), v)
     with K.use_cpu_gemm(mode):
         torch.manual_seed(5); y, g = _grads(lambda *t: K.attention(*t, dropout=0.3), q, k, v, bias, go)
     torch.manual_seed(5); y_ref, g_ref = _grads(composite, q, k, v, bias, go)
@@ -225,6 +225,32 @@ def test_attention_under_torch_compile_fullgraph():
     g1 = torch.autograd.grad(cfn(q, k, v, bias), (q, k, v, bias))
     g2 = torch.autograd.grad(fn(q, k, v, bias), (q, k, v, bias))
     for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- dropout
+@HYP
+@given(shape=st.sampled_from([(0,), (1,), (7,), (2, 33, 64), (1000, 3)]), p=st.sampled_from([0.0, 0.1, 0.5, 0.9]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), seed=st.integers(-2**63, 2**63 - 1))
+def test_dropout_equals_its_twin(shape, p, dtype, seed):
+    x = torch.randn(shape).to(dtype)
+    y = ops.dropout(x, p, seed)
+    assert torch.equal(y, K.dropout_reference(x, p, seed)) and torch.equal(y, ops.dropout(x, p, seed))
+
+
+def test_dropout_rate_gradient_seed_and_errors():
+    x = torch.randn(200, 500, requires_grad=True)
+    torch.manual_seed(3); y = K.dropout(x, 0.2)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.8) < 0.005                                   # 100k draws: 5 sigma is ~0.006
+    (g,) = torch.autograd.grad((y * 2).sum(), x)
+    torch.testing.assert_close(g, (y != 0).float() * 2 / 0.8)       # the same mask, scaled
+    torch.manual_seed(3); assert torch.equal(K.dropout(x, 0.2), y)     # torch's seed reproduces it
+    assert not torch.equal(K.dropout(x, 0.2), y)
+    assert K.dropout(x, 0.2, training=False) is x and K.dropout(x, 0.0) is x
+    assert torch.autograd.gradcheck(lambda t: ops.dropout(t, 0.3, 9), (torch.randn(4, 5, dtype=torch.float64, requires_grad=True),))
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"): ops.dropout(x.detach(), 1.0, 0)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"): K.dropout(x, -0.1)
+    with pytest.raises(ValueError, match="x must be float32"): ops.dropout(torch.ones(3, dtype=torch.int32), 0.1, 0)
 
 
 # ---------------------------------------------------------------- rms_norm
@@ -328,13 +354,14 @@ def _opcheck_cases():
     cases.append(("attention_backward", (torch.randn(2, 5, 3, 4), q.detach(), k.detach(), v.detach(), p, True, False)))
     x, w = torch.randn(4, 8), torch.randn(8)
     cases.append(("rms_norm_backward", (torch.randn(4, 8), x, w, ops.rms_norm(x, w, 1e-6)[1], True, True)))
+    cases.append(("dropout", (torch.randn(5, 7, requires_grad=True), 0.25, 42)))
     logits, tgt = torch.randn(6, 9), torch.tensor([0, 3, -100, 8, 1, 1])
     cases.append(("cross_entropy", (logits.requires_grad_(), tgt, -100)))
     cases.append(("cross_entropy_backward", (torch.tensor(1.5), logits.detach(), tgt, logits.detach().logsumexp(-1), -100)))
     return cases
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
