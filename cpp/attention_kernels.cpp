@@ -38,22 +38,7 @@ float* scratch(size_t n) {                 // per-thread buffer: packed columns 
 
 }  // namespace
 
-#ifdef FLANMOE_ATTN_X86
-#define FLANMOE_ATTN_DISPATCH(fn)                                                   \
-  (isa == SmallGemmIsa::avx512 ? avx512::fn(a, begin, end)                          \
-   : isa == SmallGemmIsa::avx2 ? avx2::fn(a, begin, end) : base::fn(a, begin, end))
-#else
-#define FLANMOE_ATTN_DISPATCH(fn) ((void)isa, base::fn(a, begin, end))
-#endif
-
-void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
-  FLANMOE_ATTN_DISPATCH(fwd);
-}
-
-void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
-  FLANMOE_ATTN_DISPATCH(bwd);
-}
-
+// fn(args...) of the copy for `isa` (avx512, avx2, or the baseline for none and non-x86 builds).
 #ifdef FLANMOE_ATTN_X86
 #define FLANMOE_ISA_CALL(fn, ...)                                                          \
   (isa == SmallGemmIsa::avx512 ? avx512::fn(__VA_ARGS__)                                 \
@@ -61,6 +46,14 @@ void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64
 #else
 #define FLANMOE_ISA_CALL(fn, ...) ((void)isa, base::fn(__VA_ARGS__))
 #endif
+
+void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
+  FLANMOE_ISA_CALL(fwd, a, begin, end);
+}
+
+void attention_bwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
+  FLANMOE_ISA_CALL(bwd, a, begin, end);
+}
 
 float row_logsumexp_f32(SmallGemmIsa isa, const float* x, int64_t V) { return FLANMOE_ISA_CALL(row_logsumexp, x, V); }
 

@@ -17,9 +17,9 @@ __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
            'dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention',
-           'rms_norm_reference', 'rms_norm', 'cross_entropy_reference', 'cross_entropy', 'RoutePlan',
-           'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference',
-           'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
+           'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference', 'cross_entropy',
+           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
+           'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -358,11 +358,14 @@ def _register_norm_parts():
 
 _register_norm_parts()
 
+def norm_kernel_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    "True when `rms_norm` runs the compiled op (CPU float32/float64 without autocast, extension loaded)."
+    return (_op("rms_norm") is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu"))
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     "`x * rsqrt(mean(x^2, -1) + eps) * weight`: one compiled pass each way on CPU float32/float64, the composite elsewhere."
-    if (_op("rms_norm") is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or weight.dtype != x.dtype or torch.is_autocast_enabled("cpu")):
-        return rms_norm_reference(x, weight, eps)
+    if not norm_kernel_pays(x, weight): return rms_norm_reference(x, weight, eps)
     return torch.ops.flanmoe.rms_norm(x.contiguous(), weight.contiguous(), eps)[0]
 
 

@@ -158,7 +158,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if x.dtype == self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
-            if kernels._op("rms_norm") is not None and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            if kernels.norm_kernel_pays(x, self.weight):
                 return kernels.rms_norm(x, self.weight, self.eps)   # eager CPU fp32: one compiled pass each way
             return _RMSNormFn.apply(x, self.weight, self.eps)       # eager fp32: same values, fewer ops
         var = x.float().pow(2).mean(-1, keepdim=True)
@@ -213,14 +213,18 @@ class AttnBias:
     """An attention bias in two parts: `pos`, shared by the batch (`[1, H, Lq, Lk]`: the position bias, with the
     causal mask in a decoder), and `key`, the additive padding mask of each sequence (`[B, Lk]`). The compiled
     attention takes them apart (no `[B, H, Lq, Lk]` bias or bias gradient); `full()` is their sum for the other
-    paths. (Each mask is half the most negative float, see `_additive`, so a key masked twice stays finite.)"""
-    __slots__ = ("pos", "key")
-    def __init__(self, pos: torch.Tensor | None, key: torch.Tensor | None = None): self.pos, self.key = pos, key
+    paths, computed once per stack (all its layers share it). (Each mask is half the most negative float, see
+    `_additive`, so a key masked twice stays finite.)"""
+    __slots__ = ("pos", "key", "_full")
+    def __init__(self, pos: torch.Tensor | None, key: torch.Tensor | None = None):
+        self.pos, self.key, self._full = pos, key, None
 
     def full(self) -> torch.Tensor | None:
         if self.key is None: return self.pos
-        k = self.key[:, None, None, :]
-        return k if self.pos is None else self.pos + k
+        if self._full is None:
+            k = self.key[:, None, None, :]
+            self._full = k if self.pos is None else self.pos + k
+        return self._full
 
 def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
     "`softmax(q k^T + bias) v` per head (T5: no 1/sqrt(d_kv)); q/k/v `[B, H, L, d_kv]`, `bias` broadcasting to the scores."
