@@ -100,17 +100,17 @@ std::vector<std::string> small_gemm_supported() {
   return {};
 }
 
-// Measured single-threaded on expert-shaped products ([rows, 512] x [512, 2048] and its two backward
-// products, weights not in cache) on an AMD Zen 5 against MKL, which runs AVX2 code there (76-106 GFLOP/s):
-// the AVX-512 kernels win at every row count (NN 107-216; NT 152-162 in place up to 64 rows, 168-226
-// with B transposed into the NN panels above; TN 133-197) except TN at depth 4096 (41), so they take
-// everything but weight gradients over > 1024 rows. The AVX2 copy beats MKL only in NT (97-102 vs
-// 72-105 up to 128 rows); its NN (65-117) and TN (~70) do not, so on AVX2-only CPUs those stay with BLAS.
+// Measured single-threaded on expert-shaped products ([rows, 512] x [512, 2048], [rows, 2048] x [2048, 512]
+// and their backward products, 16 experts' weights so they are not in cache) on an AMD Zen 5, against
+// MKL, which runs its AVX2 code there (62-116 GFLOP/s from 16 to 1024 rows): both copies win at every
+// row count from 16 to 1024 and every product. AVX-512: NN 89-235, NT 96-222, TN 197-257; AVX2: NN 82-133,
+// NT 90-124, TN 128-137 (before the padded copies and the column-tile output block the AVX2 NN and TN
+// lost to MKL: 49-109 and 72-90). On an Intel AVX2-only CPU, where MKL runs its own tuned code, this
+// comparison was not made.
 SmallRows small_gemm_rows(SmallGemmIsa isa) {
   constexpr int64_t all = std::numeric_limits<int64_t>::max();
-  if (isa == SmallGemmIsa::avx512) return {all, all, 1024};
-  if (isa == SmallGemmIsa::avx2) return {0, 96, 0};
-  return {0, 0, 0};
+  if (isa == SmallGemmIsa::none) return {0, 0, 0};
+  return {all, all, all};
 }
 
 #if FLANMOE_X86

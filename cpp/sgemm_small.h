@@ -2,10 +2,11 @@
 // Row-major, leading dimensions in elements, C overwritten (not accumulated).
 //
 // Why not BLAS: per expert a [32, 512] x [512, 2048] product spends about as long packing the 4 MiB weight
-// as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight in one
-// sequential pass (NN) or in place (NT, TN) with register tiles, in an AVX-512F and an AVX2+FMA copy
-// picked at run time. `grouped_mm` uses them for fp32 row blocks up to `small_gemm_rows()` and BLAS
-// for everything else. The kernel file includes no torch header: ISA code never leaks into shared
+// as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight in
+// sequential passes (NN and TN copy it row by row into padded blocks, NT reads it in place along its rows)
+// with register tiles, in an AVX-512F and an AVX2+FMA copy picked at run time. `grouped_mm` uses them for
+// fp32 row blocks up to `small_gemm_rows()` (every size: measured faster than MKL from 16 to 1024 rows, and
+// their blocking does not change beyond) and BLAS for everything else. The kernel file includes no torch header: ISA code never leaks into shared
 // inline functions.
 #pragma once
 #include <cstdint>

@@ -169,9 +169,10 @@ GEMM_MODES = [pytest.param(m, marks=pytest.mark.skipif(m != "blas" and m not in 
        Kd=st.integers(1, 70), M=st.integers(1, 70), trans_b=st.booleans(), pad=st.integers(0, 3),
        seed=st.integers(0, 2**16))
 def test_grouped_mm_cpu_gemms_equal_reference(mode, sizes, Kd, M, trans_b, pad, seed):
-    """fp32 row blocks on both sides of every kernel's row limit (AVX2 NT 96, AVX-512 TN 1024), row panels
-    of every height (1..12), odd K and M (masked columns, partial tiles), empty groups and padding rows:
-    each path equals the float64 reference in the product, the input gradient and the weight gradient."""
+    """fp32 row blocks on both sides of the kernels' blocks (NT's 4W-row chunks, TN's 64-row depth chunks),
+    row panels of every height (1..12), odd K and M (masked columns, partial tiles), empty groups and
+    padding rows: each path equals the float64 reference in the product, the input gradient and the weight
+    gradient."""
     g = torch.Generator().manual_seed(seed)
     gs = torch.tensor(sizes, dtype=torch.long)
     N, G = sum(sizes) + pad, len(sizes)
@@ -187,6 +188,27 @@ def test_grouped_mm_cpu_gemms_equal_reference(mode, sizes, Kd, M, trans_b, pad, 
     tol = dict(atol=5e-4, rtol=1e-4)
     torch.testing.assert_close(out.double(), ref, **tol)
     torch.testing.assert_close(da, da_ref, **tol); torch.testing.assert_close(db, db_ref, **tol)
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_mm_cpu_gemms_wide_and_deep_blocks(mode, trans_b):
+    """Shapes past the kernels' fixed blocks: M = 2100 columns (NN splits B at 2048 columns, NT's output
+    block ends mid-tile), K = 130 (NN's 64-row depth blocks: 64 + 64 + 2, the last accumulating), a
+    group of 70 rows (TN's 64-row depth chunks: 64 + 6) and one of 1 row."""
+    g = torch.Generator().manual_seed(7)
+    gs = torch.tensor([0, 33, 70, 1])
+    Kd, M = 130, 2100
+    a = torch.randn(int(gs.sum()) + 2, Kd, generator=g).requires_grad_()
+    b = torch.randn(4, *((M, Kd) if trans_b else (Kd, M)), generator=g).requires_grad_()
+    dy = torch.randn(a.shape[0], M, generator=g)
+    with K.use_cpu_gemm(mode):
+        out = K.grouped_mm(a, b, gs, trans_b)
+        da, db = torch.autograd.grad((out * dy).sum(), (a, b))
+    ref = K.grouped_mm_reference(a.double(), b.double(), gs, trans_b)
+    da_ref, db_ref = torch.autograd.grad((ref * dy.double()).sum(), (a, b))
+    for x, y in ((out, ref), (da, da_ref), (db, db_ref)):
+        torch.testing.assert_close(x.double(), y.double(), atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", GEMM_MODES[:2])
