@@ -3,7 +3,8 @@
 #include "attention_kernels.h"
 #include <vector>
 
-// The vector helpers take and return 64-byte vectors; they are always inlined, so no call ABI is involved.
+// The vector helpers take and return vectors wider than the baseline ABI's; they are always inlined, so no
+// call ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace flanmoe {
@@ -18,23 +19,29 @@ float* scratch(size_t n) {                 // per-thread buffer: packed columns 
 #if defined(__x86_64__) || defined(__i386__)
 #define ISA_NS avx512
 #define ISA_TARGET __attribute__((target("avx512f,fma")))
+#define ISA_W 16
 #include "attention_isa.inc"
 #undef ISA_NS
 #undef ISA_TARGET
+#undef ISA_W
 
 #define ISA_NS avx2
 #define ISA_TARGET __attribute__((target("avx2,fma")))
+#define ISA_W 8
 #include "attention_isa.inc"
 #undef ISA_NS
 #undef ISA_TARGET
+#undef ISA_W
 #define FLANMOE_ATTN_X86 1
 #endif
 
 #define ISA_NS base
 #define ISA_TARGET
+#define ISA_W 4
 #include "attention_isa.inc"
 #undef ISA_NS
 #undef ISA_TARGET
+#undef ISA_W
 
 }  // namespace
 

@@ -16,9 +16,9 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
-           'dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention',
-           'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference', 'cross_entropy',
-           'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
+           'dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention_kernel_faster',
+           'attention', 'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference',
+           'cross_entropy', 'RoutePlan', 'route_plan_reference', 'permute_reference', 'unpermute_reference', 'activate',
            'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
@@ -304,6 +304,11 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
     "True when `attention` runs the compiled op (CPU float32/float64 without autocast, extension loaded)."
     return (_op("attention") is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu"))
+
+def attention_kernel_faster(d_head: int) -> bool:
+    "True when the active copy of the compiled fp32 attention beats the composite at head size `d_head` (`flanmoe bench attn`, fwd+bwd): the AVX-512 copy at every size, AVX2 up to 32, the SSE2 baseline never."
+    isa = _CPU_GEMM["active"]                    # a dict read: no graph break under compile
+    return isa == "avx512" or (isa == "avx2" and d_head <= 32)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               key_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:

@@ -249,7 +249,9 @@ def _fused_attention_pays(q, dropout: float, training: bool) -> bool:
     "Training-style CPU fp32 attention (gradients on; with or without attention dropout) runs the compiled `kernels.attention`, eager or under torch.compile."
     # Without gradients SDPA's flash kernel is as fast or faster (2x at 512 tokens); with them it has no bias gradient
     # and its math fallback is slower than this op (`flanmoe bench attn`: 1.4-2.4x at up to 128 tokens).
-    return q.dtype == torch.float32 and torch.is_grad_enabled() and kernels.attention_kernel_pays(q)
+    # (and only where the active copy beats the composite: not the SSE2 baseline, AVX2 up to d_kv 32)
+    return (q.dtype == torch.float32 and torch.is_grad_enabled() and kernels.attention_kernel_pays(q)
+            and kernels.attention_kernel_faster(q.shape[-1]))
 
 class Attention(nn.Module):
     "Multi-head attention, T5 layout (no biases, no 1/sqrt(d_kv)), optional KV cache."

@@ -398,6 +398,7 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    monkeypatch.setattr(K, "attention_kernel_faster", lambda d: True)   # the op on any ISA (the choice: below)
     assert M._fused_attention_pays(torch.ones(1, 1, 1, 1), 0.0, True)
     fused = loss_and_grads()
     monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
@@ -407,3 +408,14 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
     assert fused[1].keys() == plain[1].keys()
     for n in fused[1]: torch.testing.assert_close(fused[1][n], plain[1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_model_takes_the_attention_op_only_where_its_isa_copy_is_faster():
+    "AVX-512: every head size; AVX2: up to 32 (it ties at 64); the SSE2 baseline (mode 'blas'): never."
+    import flanmoe_nb.model as M
+    q16, q64 = torch.ones(1, 1, 1, 16), torch.ones(1, 1, 1, 64)
+    want = {"avx512": (True, True), "avx2": (True, False), "blas": (False, False)}
+    for mode in [m for m in want if m == "blas" or m in K.cpu_gemm_info()["supported"]]:
+        with K.use_cpu_gemm(mode):
+            assert (M._fused_attention_pays(q16, 0.0, True), M._fused_attention_pays(q64, 0.0, True)) == want[mode], mode
+            assert not M._fused_attention_pays(q16.double(), 0.0, True)     # float64: the composite
