@@ -122,15 +122,22 @@ def _error_text(e: Exception) -> str:
 
 _PARAM_MARK = re.compile(r"^\s*#\s*parameters\b", re.I)
 
+def _injected(c) -> bool:
+    "A cell papermill injected in an earlier run (its tag, or its header once nbdev-clean has dropped the tag)."
+    return c.cell_type == "code" and ("injected-parameters" in c.metadata.get("tags", []) or c.source.startswith("# Parameters\n"))
+
 def tagged_copy(notebook: str | Path, dest: str | Path) -> Path:
-    "Copy `notebook` to `dest` with its parameters cell tagged for papermill (the first code cell whose first line is `# parameters`, if untagged)."
+    "Copy `notebook` to `dest` with its parameters cell tagged for papermill (the first code cell whose first line is `# parameters`, if untagged) and without the cells earlier runs injected after it (a notebook executed in place, like the results notebook, would otherwise gain one per run)."
     import nbformat
     nb = nbformat.read(str(notebook), as_version=4)
     cells = [c for c in nb.cells if c.cell_type == "code"]
-    if not any("parameters" in c.metadata.get("tags", []) for c in cells):
+    c = next((c for c in cells if "parameters" in c.metadata.get("tags", [])), None)
+    if c is None:
         c = next((c for c in cells if _PARAM_MARK.match(c.source)), None)
         if c is None: raise ValueError(f"{notebook}: no parameters cell (tag one 'parameters', or start it with '# parameters')")
         c.metadata.setdefault("tags", []).append("parameters")
+    i = nb.cells.index(c)
+    while i + 1 < len(nb.cells) and _injected(nb.cells[i + 1]): del nb.cells[i + 1]
     nbformat.write(nb, str(dest))
     return Path(dest)
 

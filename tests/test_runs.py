@@ -102,6 +102,12 @@ def test_tagged_copy(tmp_path):
     nb.cells.append(nbformat.v4.new_code_cell("# Parameters\ny = 2")); nbformat.write(nb, tmp_path / "a.ipynb")
     out = nbformat.read(runs.tagged_copy(tmp_path / "a.ipynb", tmp_path / "b.ipynb"), as_version=4)
     assert [c.metadata.get("tags", []) for c in out.cells] == [[], ["parameters"]]
+    # cells papermill injected in earlier in-place runs (tag dropped by nbdev-clean) are removed, not kept
+    nb.cells[1:2] = [nbformat.v4.new_code_cell("# parameters\ny = 2"), nbformat.v4.new_code_cell("# Parameters\ny = 3\n"),
+                     nbformat.v4.new_code_cell("# Parameters\ny = 4\n"), nbformat.v4.new_code_cell("z = y")]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    out = nbformat.read(runs.tagged_copy(tmp_path / "a.ipynb", tmp_path / "b.ipynb"), as_version=4)
+    assert [c.source for c in out.cells] == ["x = 1", "# parameters\ny = 2", "z = y"]
 
 
 def test_experiment_notebooks_have_parameters_cells():
