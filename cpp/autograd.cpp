@@ -102,6 +102,32 @@ struct GroupedMmFn : torch::autograd::Function<GroupedMmFn> {
   }
 };
 
+// ---- relu_grouped_mm: out = relu(h) @ b[g]; dh, db from relu_grouped_mm_backward (under create_graph: the
+// composite grouped_mm / masked_fill / grouped_mm_wgrad, so double backward is exact)
+struct ReluGroupedMmFn : torch::autograd::Function<ReluGroupedMmFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& b, const at::Tensor& gs) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h, b, gs});
+    static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("flanmoe::relu_grouped_mm");
+    return op.call(h, b, gs);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, bool, bool)>("flanmoe::relu_grouped_mm_backward");
+    const bool nh = ctx->needs_input_grad(0), nb = ctx->needs_input_grad(1);
+    const at::Tensor dy = contig(grads[0]);
+    if (at::GradMode::is_enabled()) {            // create_graph: the composite, whose ops are differentiable again
+      at::Tensor dh, db;
+      if (nh) dh = gmm(dy, s[1], s[2], true).masked_fill(s[0].le(0), 0);
+      if (nb) db = wgrad(s[0].clamp_min(0), dy, s[2]);
+      return {dh, db, at::Tensor()};
+    }
+    auto [dh, db] = op.call(dy, s[0], s[1], s[2], nh, nb);
+    return {nh ? dh : at::Tensor(), nb ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
 // ---- grouped_mm_wgrad: out[g] = a_g^T dy_g; da_g = dy_g dout_g^T, ddy_g = a_g dout_g
 struct WgradFn : torch::autograd::Function<WgradFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& dy, const at::Tensor& gs) {
@@ -267,6 +293,9 @@ at::Tensor grouped_mm_ad(const at::Tensor& a, const at::Tensor& b, const at::Ten
   return GroupedMmFn::apply(a, b, gs, trans_b);
 }
 at::Tensor wgrad_ad(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& gs) { return WgradFn::apply(a, dy, gs); }
+at::Tensor relu_grouped_mm_ad(const at::Tensor& h, const at::Tensor& b, const at::Tensor& gs) {
+  return ReluGroupedMmFn::apply(h, b, gs);
+}
 at::Tensor permute_ad(const at::Tensor& x, const at::Tensor& idx, const OptT& w) { return PermuteFn::apply(x, idx, w); }
 at::Tensor unpermute_ad(const at::Tensor& y, const at::Tensor& idx, const OptT& w, int64_t n) {
   return UnpermuteFn::apply(y, idx, w, n);
@@ -294,6 +323,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_ad(const at::Tensor& x, const at::Te
 TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
   m.impl("grouped_mm", &grouped_mm_ad);
   m.impl("grouped_mm_wgrad", &wgrad_ad);
+  m.impl("relu_grouped_mm", &relu_grouped_mm_ad);
   m.impl("permute", &permute_ad);
   m.impl("unpermute", &unpermute_ad);
   m.impl("gather_dot", &gather_dot_ad);

@@ -120,13 +120,15 @@ inline void check_weights(const std::optional<at::Tensor>& w, int64_t n, const a
 
 // Operands of grouped_mm / grouped_mm_wgrad: `a` [N, K] and the second operand `bn` (b or dy), same dtype,
 // device, contiguous. Shared by the CPU and CUDA kernels.
-inline void check_gmm_operands(const at::Tensor& a, const at::Tensor& b, const char* op, const char* bn) {
-  check_rank(a, 2, op, "a");
-  check_float_dtype(a, op, "a");
-  FLANMOE_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", bn, " must have the dtype of a (a is ",
+// (`an`: the name of `a` in the op's schema.)
+inline void check_gmm_operands(const at::Tensor& a, const at::Tensor& b, const char* op, const char* bn,
+                               const char* an = "a") {
+  check_rank(a, 2, op, an);
+  check_float_dtype(a, op, an);
+  FLANMOE_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", bn, " must have the dtype of ", an, " (", an, " is ",
                 a.scalar_type(), ", ", bn, " is ", b.scalar_type(), ")");
-  check_same_device(b, a, op, bn, "a");
-  check_contiguous(a, op, "a");
+  check_same_device(b, a, op, bn, an);
+  check_contiguous(a, op, an);
   check_contiguous(b, op, bn);
 }
 

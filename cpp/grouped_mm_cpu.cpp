@@ -74,16 +74,23 @@ void run_items(std::vector<Item> items, double total_flops, F body) {
 
 }  // namespace
 
-at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b) {
-  const char* op = "flanmoe::grouped_mm";
+// out = op(a) @ b[g] (b[g]^T with trans_b) per group, op = relu with relu_a; then, with a mask [N, M], out = 0
+// wherever mask <= 0 (the input gradient through a relu of `mask`, as torch's threshold_backward: NaN passes).
+at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at::Tensor& b,
+                   const at::Tensor& group_sizes, bool trans_b, bool relu_a, const at::Tensor* mask) {
   check_rank(b, 3, op, "b");
-  check_gmm_operands(a, b, op, "b");
+  check_gmm_operands(a, b, op, "b", an);
   const int64_t N = a.size(0), K = a.size(1), G = b.size(0);
   const int64_t bK = trans_b ? b.size(2) : b.size(1);
   const int64_t M = trans_b ? b.size(1) : b.size(2);
-  FLANMOE_CHECK(bK == K, op, ": inner dimensions differ: a is ", shape_str(a), ", b is ", shape_str(b),
+  FLANMOE_CHECK(bK == K, op, ": inner dimensions differ: ", an, " is ", shape_str(a), ", b is ", shape_str(b),
                 trans_b ? " (trans_b=True: b must be [G, M, K])" : " (b must be [G, K, M])");
   check_group_sizes(group_sizes, N, G, op);
+  if (mask) {
+    check_gmm_operands(*mask, a, op, an, "h");
+    FLANMOE_CHECK(mask->size(0) == N && mask->size(1) == M, op, ": h must be [", N, ", ", M, "] (got ",
+                  shape_str(*mask), ")");
+  }
 
   at::AutoDispatchBelowADInplaceOrView guard;
   auto out = empty_large({N, M}, a.options());
@@ -99,26 +106,30 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     if (it.hi == it.lo) return;
     const int64_t r0 = off[it.g] + it.lo, n = it.hi - it.lo;
-    if (n <= small_rows) {
+    // (relu_a with trans_b, or a mask without it, never comes from the ops below: BLAS with a pass around it)
+    if (n <= small_rows && (trans_b ? !relu_a : !mask)) {
       const float* A = a.const_data_ptr<float>() + r0 * K;
       const float* B = b.const_data_ptr<float>() + it.g * K * M;
       float* C = out.data_ptr<float>() + r0 * M;
-      if (trans_b) sgemm_small_nt(isa, n, M, K, A, K, B, K, C, M);
-      else sgemm_small_nn(isa, n, M, K, A, K, B, M, C, M);
+      if (trans_b) sgemm_small_nt(isa, n, M, K, A, K, B, K, C, M, mask ? mask->const_data_ptr<float>() + r0 * M : nullptr, M);
+      else sgemm_small_nn(isa, n, M, K, A, K, B, M, C, M, relu_a);
       return;
     }
     auto bg = trans_b ? b.select(0, it.g).t() : b.select(0, it.g);
     auto o = out.narrow(0, r0, n);
-    at::mm_out(o, a.narrow(0, r0, n), bg);
+    auto ag = a.narrow(0, r0, n);
+    at::mm_out(o, relu_a ? ag.clamp_min(0) : ag, bg);
+    if (mask) o.masked_fill_(mask->narrow(0, r0, n).le(0), 0);
   });
   return out;
 }
 
-at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& group_sizes) {
-  const char* op = "flanmoe::grouped_mm_wgrad";
+// out[g] = op(a_g)^T dy_g, op = relu with relu_a.
+at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const at::Tensor& dy,
+                     const at::Tensor& group_sizes, bool relu_a) {
   check_rank(dy, 2, op, "dy");
-  check_gmm_operands(a, dy, op, "dy");
-  FLANMOE_CHECK(dy.size(0) == a.size(0), op, ": a and dy must have the same number of rows (a is ",
+  check_gmm_operands(a, dy, op, "dy", an);
+  FLANMOE_CHECK(dy.size(0) == a.size(0), op, ": ", an, " and dy must have the same number of rows (", an, " is ",
                 shape_str(a), ", dy is ", shape_str(dy), ")");
   const int64_t N = a.size(0), K = a.size(1), M = dy.size(1);
   check_rank(group_sizes, 1, op, "group_sizes");
@@ -141,19 +152,46 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const
     if (isa != SmallGemmIsa::none && n <= small_rows && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
       sgemm_small_tn(isa, n, K, it.hi - it.lo, a.const_data_ptr<float>() + off[it.g] * K, K,
                      dy.const_data_ptr<float>() + off[it.g] * M + it.lo, M,
-                     out.data_ptr<float>() + it.g * K * M + it.lo, M);
+                     out.data_ptr<float>() + it.g * K * M + it.lo, M, relu_a);
       return;
     }
     auto o = out.select(0, it.g).narrow(1, it.lo, it.hi - it.lo);
     if (n == 0) { o.zero_(); return; }
-    at::mm_out(o, a.narrow(0, off[it.g], n).t(), dy.narrow(0, off[it.g], n).narrow(1, it.lo, it.hi - it.lo));
+    auto ag = a.narrow(0, off[it.g], n);
+    at::mm_out(o, (relu_a ? ag.clamp_min(0) : ag).t(), dy.narrow(0, off[it.g], n).narrow(1, it.lo, it.hi - it.lo));
   });
   return out;
+}
+
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b) {
+  return gmm_cpu("flanmoe::grouped_mm", "a", a, b, group_sizes, trans_b, false, nullptr);
+}
+
+at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& group_sizes) {
+  return wgrad_cpu("flanmoe::grouped_mm_wgrad", "a", a, dy, group_sizes, false);
+}
+
+// relu(h) @ b[g]: the second GEMM of a relu expert FFN, with the relu applied as h is read (no pass of its own).
+at::Tensor relu_grouped_mm_cpu(const at::Tensor& h, const at::Tensor& b, const at::Tensor& group_sizes) {
+  return gmm_cpu("flanmoe::relu_grouped_mm", "h", h, b, group_sizes, false, true, nullptr);
+}
+
+// Its backward: dh = (dy @ b[g]^T), 0 where h <= 0; db = relu(h)^T dy per group; each only if asked for.
+std::tuple<at::Tensor, at::Tensor> relu_grouped_mm_backward_cpu(const at::Tensor& dy, const at::Tensor& h,
+                                                                const at::Tensor& b, const at::Tensor& group_sizes,
+                                                                bool need_dh, bool need_db) {
+  const char* op = "flanmoe::relu_grouped_mm_backward";
+  at::Tensor dh, db;
+  if (need_dh) dh = gmm_cpu(op, "dy", dy, b, group_sizes, true, false, &h);
+  if (need_db) db = wgrad_cpu(op, "h", h, dy, group_sizes, true);
+  return {dh.defined() ? dh : at::empty({0}, h.options()), db.defined() ? db : at::empty({0}, h.options())};
 }
 
 TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cpu);
+  m.impl("relu_grouped_mm", &relu_grouped_mm_cpu);
+  m.impl("relu_grouped_mm_backward", &relu_grouped_mm_backward_cpu);
 }
 
 }  // namespace flanmoe

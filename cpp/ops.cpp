@@ -15,6 +15,11 @@ TORCH_LIBRARY(flanmoe, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False) -> Tensor");
   // out[g] = a[rows of g].T @ dy[rows of g]   (the weight gradient of grouped_mm), [G, K, M]
   m.def("grouped_mm_wgrad(Tensor a, Tensor dy, Tensor group_sizes) -> Tensor");
+  // relu(h) @ b[g] per group (CPU): the relu applied as h is read; its backward zeroes dh where h <= 0 in the
+  // same pass as the product and reads relu(h) for the weight gradient (no relu pass either way)
+  m.def("relu_grouped_mm(Tensor h, Tensor b, Tensor group_sizes) -> Tensor");
+  m.def("relu_grouped_mm_backward(Tensor dy, Tensor h, Tensor b, Tensor group_sizes, bool need_dh, bool need_db) "
+        "-> (Tensor, Tensor)");
   // Routing plan of expert_idx [T, k]: (group_sizes [E], requested [E], token_idx [T*k], assign_idx [T*k],
   // keep [T, k], slot [T, k]). Rows of token_idx/assign_idx: the kept assignments sorted by expert then
   // priority (sum(group_sizes) of them), then the dropped ones, then those of invalid tokens.

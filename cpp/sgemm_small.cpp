@@ -121,18 +121,18 @@ SmallRows small_gemm_rows(SmallGemmIsa isa) {
 #endif
 
 void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc) {
-  FLANMOE_DISPATCH(nn, M, N, K, A, lda, B, ldb, C, ldc);
+                    int64_t ldb, float* C, int64_t ldc, bool relu_a) {
+  FLANMOE_DISPATCH(nn, M, N, K, A, lda, B, ldb, C, ldc, relu_a);
 }
 
 void sgemm_small_nt(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc) {
-  FLANMOE_DISPATCH(nt, M, N, K, A, lda, B, ldb, C, ldc);
+                    int64_t ldb, float* C, int64_t ldc, const float* mask, int64_t ldm) {
+  FLANMOE_DISPATCH(nt, M, N, K, A, lda, B, ldb, C, ldc, mask, ldm);
 }
 
 void sgemm_small_tn(SmallGemmIsa isa, int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D,
-                    int64_t ldd, float* C, int64_t ldc) {
-  FLANMOE_DISPATCH(tn, M, P, N, A, lda, D, ldd, C, ldc);
+                    int64_t ldd, float* C, int64_t ldc, bool relu_a) {
+  FLANMOE_DISPATCH(tn, M, P, N, A, lda, D, ldd, C, ldc, relu_a);
 }
 
 }  // namespace flanmoe

@@ -30,14 +30,14 @@ std::vector<std::string> small_gemm_supported();
 struct SmallRows { int64_t nn, nt, tn; };
 SmallRows small_gemm_rows(SmallGemmIsa isa);
 
-// C[M, N] = A[M, K] @ B[K, N]
+// C[M, N] = A[M, K] @ B[K, N]   (relu(A) @ B with relu_a)
 void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc);
-// C[M, N] = A[M, K] @ B[N, K]^T
+                    int64_t ldb, float* C, int64_t ldc, bool relu_a = false);
+// C[M, N] = A[M, K] @ B[N, K]^T   (then zero where mask[M, N] (ldm) is <= 0, if mask is given)
 void sgemm_small_nt(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc);
-// C[P, N] = A[M, P]^T @ D[M, N]   (M, the depth, is the expert's rows: the weight-gradient shape)
+                    int64_t ldb, float* C, int64_t ldc, const float* mask = nullptr, int64_t ldm = 0);
+// C[P, N] = A[M, P]^T @ D[M, N]   (M, the depth, is the expert's rows: the weight-gradient shape; relu(A) with relu_a)
 void sgemm_small_tn(SmallGemmIsa isa, int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D,
-                    int64_t ldd, float* C, int64_t ldc);
+                    int64_t ldd, float* C, int64_t ldc, bool relu_a = false);
 
 }  // namespace flanmoe

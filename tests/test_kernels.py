@@ -211,6 +211,76 @@ def test_grouped_mm_cpu_gemms_wide_and_deep_blocks(mode, trans_b):
         torch.testing.assert_close(x.double(), y.double(), atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", GEMM_MODES)
+@HYP
+@given(sizes=st.lists(st.sampled_from([0, 1, 5, 12, 13, 33, 64, 65, 97]), min_size=1, max_size=4),
+       f=st.integers(1, 70), d=st.integers(1, 40), pad=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_relu_grouped_mm_equals_relu_then_grouped_mm(mode, sizes, f, d, pad, seed):
+    """The fused `relu(h) @ w` (relu as h is read; its backward zeroes dh where h <= 0 inside the product and
+    reads relu(h) for the weight gradient) equals the composite relu -> grouped_mm, forward and both
+    gradients, on every CPU GEMM path, with empty groups and padding rows."""
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.tensor(sizes, dtype=torch.long)
+    h = torch.randn(sum(sizes) + pad, f, generator=g).requires_grad_()
+    w = torch.randn(len(sizes), f, d, generator=g).requires_grad_()
+    dy = torch.randn(h.shape[0], d, generator=g)
+    with K.use_cpu_gemm(mode):
+        y = ops.relu_grouped_mm(h, w, gs)
+        dh, dw = torch.autograd.grad(y, (h, w), dy)
+    h2, w2 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y2 = K.grouped_mm_reference(h2.relu(), w2, gs)
+    dh2, dw2 = torch.autograd.grad(y2, (h2, w2), dy.double())
+    for a, b in ((y, y2), (dh, dh2), (dw, dw2)):
+        torch.testing.assert_close(a.double(), b, atol=5e-4, rtol=1e-4)
+
+
+def test_relu_grouped_mm_double_backward():
+    "gradgradcheck in float64: under create_graph the backward is the composite, differentiable again."
+    gs = torch.tensor([3, 0, 2])
+    h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    fn = lambda h, w: ops.relu_grouped_mm(h, w, gs)
+    assert torch.autograd.gradcheck(fn, (h, w)) and torch.autograd.gradgradcheck(fn, (h, w))
+
+
+@pytest.mark.parametrize("mode", GEMM_MODES)
+def test_relu_grouped_mm_nonfinite_like_torch_relu(mode):
+    "NaN in h stays NaN through the relu and lets the gradient through (torch's threshold_backward); -inf gives 0."
+    h = torch.randn(20, 9); h[3, 2], h[11, 5] = float("nan"), float("-inf")
+    h.requires_grad_()
+    w, gs = torch.randn(2, 9, 6), torch.tensor([8, 12])
+    dy = torch.randn(20, 6)
+    with K.use_cpu_gemm(mode):
+        y = ops.relu_grouped_mm(h, w, gs); (dh,) = torch.autograd.grad(y, h, dy)
+    y2 = K.grouped_mm_reference(h.relu(), w, gs); (dh2,) = torch.autograd.grad(y2, h, dy)
+    assert torch.equal(y.isnan(), y2.isnan()) and torch.equal(dh.isnan(), dh2.isnan())
+    torch.testing.assert_close(dh.nan_to_num(), dh2.nan_to_num(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y[~y.isnan()], y2[~y2.isnan()], atol=1e-4, rtol=1e-4)
+
+
+def test_expert_ffn_takes_the_fused_relu_only_where_it_applies(monkeypatch):
+    "relu without dropout on CPU float32: the fused op, with the composite's values and gradients; gelu, dropout: not."
+    torch.manual_seed(0)
+    p = _small_plan(T=16, E=4, cap=None)
+    x = torch.randn(16, 8, requires_grad=True)
+    w_in, w_out = torch.randn(4, 8, 12, requires_grad=True), torch.randn(4, 12, 8, requires_grad=True)
+    w = torch.rand(p.token_idx.numel())
+    calls = []
+    real = ops.relu_grouped_mm
+    monkeypatch.setattr(ops, "relu_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    run = lambda: K.expert_ffn(x, p.token_idx, p.group_sizes, w, w_in, w_out, "relu")
+    y = run(); g = torch.autograd.grad(y.sum(), (x, w_in, w_out))
+    assert calls == [1]
+    monkeypatch.setattr(K, "_relu_gmm_pays", lambda *a: False)
+    y2 = run(); g2 = torch.autograd.grad(y2.sum(), (x, w_in, w_out))
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(g, g2): torch.testing.assert_close(a, b)
+    monkeypatch.undo(); monkeypatch.setattr(ops, "relu_grouped_mm", lambda *a: calls.append(1) or real(*a))
+    K.expert_ffn(x, p.token_idx, p.group_sizes, w, w_in, w_out, "gelu")
+    K.expert_ffn(x, p.token_idx, p.group_sizes, w, w_in, w_out, "relu", dropout_p=0.1, training=True)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("mode", GEMM_MODES[:2])
 def test_cpu_gemm_nonfinite_values_like_blas(mode):
     "NaN and inf propagate to exactly the entries BLAS gives them; finite entries agree."
@@ -393,10 +463,13 @@ def _opcheck_cases():
         ("gather_dot", (x, p.token_idx, y)),
         ("grouped_mm", (a.requires_grad_(), b.requires_grad_(), p.group_sizes, False)),
         ("grouped_mm_wgrad", (a, torch.randn(S, 4, requires_grad=True), p.group_sizes)),
+        # CPU-only (test_cuda_opcheck takes the first 8)
+        ("relu_grouped_mm", (torch.randn(S, 5, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True), p.group_sizes)),
+        ("relu_grouped_mm_backward", (torch.randn(S, 4), torch.randn(S, 5), b, p.group_sizes, True, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
@@ -410,13 +483,14 @@ def test_expert_ffn_under_torch_compile_fullgraph():
     x = torch.randn(16, 8, requires_grad=True)
     w_in, w_out = torch.randn(4, 8, 12, requires_grad=True), torch.randn(4, 12, 8, requires_grad=True)
     w = torch.rand(p.token_idx.numel())
-    fn = lambda x, wi, wo: K.expert_ffn(x, p.token_idx, p.group_sizes, w, wi, wo, "gelu")
-    cfn = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    y1, y2 = cfn(x, w_in, w_out), fn(x, w_in, w_out)
-    torch.testing.assert_close(y1, y2)
-    g1 = torch.autograd.grad(y1.sum(), (x, w_in, w_out))
-    g2 = torch.autograd.grad(y2.sum(), (x, w_in, w_out))
-    for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
+    for act in ("gelu", "relu"):                          # relu: the fused relu_grouped_mm op
+        fn = lambda x, wi, wo: K.expert_ffn(x, p.token_idx, p.group_sizes, w, wi, wo, act)
+        cfn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        y1, y2 = cfn(x, w_in, w_out), fn(x, w_in, w_out)
+        torch.testing.assert_close(y1, y2)
+        g1 = torch.autograd.grad(y1.sum(), (x, w_in, w_out))
+        g2 = torch.autograd.grad(y2.sum(), (x, w_in, w_out))
+        for a, b in zip(g1, g2): torch.testing.assert_close(a, b)
 
 
 def test_route_plan_op_under_inductor():
@@ -457,10 +531,13 @@ def _bad_cases():
         (lambda: K.grouped_mm(a, b.double(), gs), "b"),
         (lambda: K.grouped_mm(a, b[:, :3].contiguous(), gs), "inner dimensions"),
         (lambda: K.moe_ffn(x, torch.randn(4, 2), b, b, activation="tanh"), "activation"),
+        (lambda: ops.relu_grouped_mm(a[0], b, gs), "h"),
+        (lambda: ops.relu_grouped_mm(a, b.double(), gs), "b"),
+        (lambda: ops.relu_grouped_mm_backward(torch.randn(5, 2), a[:, :3].contiguous(), b, gs, True, False), "h must be"),
     ]
 
 
-@pytest.mark.parametrize("case", range(25))
+@pytest.mark.parametrize("case", range(28))
 def test_bad_input_names_argument(case):
     fn, name = _bad_cases()[case]
     with pytest.raises((ValueError, RuntimeError, TypeError, IndexError)) as e:
