@@ -73,10 +73,12 @@ def build_flanmoe_blas(s, inp):
     return (*build_flanmoe(s, inp), lambda: K.use_cpu_gemm("blas"))
 
 def build_dense_gmm(s, inp):
-    "The same dense FFN as `dense` through this project's `grouped_mm` with one group: the limit for its own kernels."
+    "The same dense FFN as `dense` through this project's ops with one group (relu fused into the second product on CPU, as in the MoE path): the limit for its own kernels."
     one = torch.tensor([s.T])
     def fn(x, w1, w2):
-        return K.grouped_mm(F.relu(K.grouped_mm(x, w1[None], one)), w2[None], one)
+        h = K.grouped_mm(x, w1[None], one)
+        if K._relu_gmm_pays(h, w2): return torch.ops.flanmoe.relu_grouped_mm(h, w2[None].contiguous(), one)
+        return K.grouped_mm(F.relu(h), w2[None], one)
     return _step(fn, [inp["x"], inp["w1"], inp["w2"]])
 
 def build_dense(s, inp):

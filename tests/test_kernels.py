@@ -810,6 +810,21 @@ def test_dense_mm_equals_matmul_with_grads(mode, trans_w):
     for a, b in zip(got, want): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", GEMM_MODES)
+def test_dense_relu_mm_equals_relu_then_matmul_with_grads(mode):
+    "The dense FFN's fused second product (`relu_grouped_mm` with one group under AVX-512, else relu + dense_mm)."
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 37, 45, generator=g, requires_grad=True)
+    w = (torch.randn(45, 19, generator=g) / 6).requires_grad_()
+    with K.use_cpu_gemm(mode):
+        y = K.dense_relu_mm(h, w)
+        got = torch.autograd.grad(y.square().sum(), (h, w))
+    y_ref = h.relu() @ w
+    want = torch.autograd.grad(y_ref.square().sum(), (h, w))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
 def test_dense_mm_keeps_autocast_and_compiles():
     x, w = torch.randn(16, 8), torch.randn(12, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
