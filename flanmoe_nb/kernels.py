@@ -225,27 +225,26 @@ def _one_group(M: int) -> torch.Tensor:
         gs = _ONE_GROUP.setdefault(M, torch.tensor([M]))
     return gs
 
+def _as_one_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`x [..., K]` as contiguous rows `[M, K]` and the group sizes `[M]` of one group (a tensor traced into the graph under compile)."
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous(): x2 = x2.contiguous()
+    M = x2.shape[0]
+    return x2, (torch.full((1,), M, dtype=torch.long) if torch.compiler.is_compiling() else _one_group(M))
+
 def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
     "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."
     if not _dense_kernels_pay(x, w): return x @ (w.t() if trans_w else w)
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if not x2.is_contiguous(): x2 = x2.contiguous()
-    M = x2.shape[0]
-    gs = torch.full((1,), M, dtype=torch.long) if torch.compiler.is_compiling() else _one_group(M)   # (traced into the graph)
+    x2, gs = _as_one_group(x)
     out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
-    return out.view(*lead, out.shape[-1])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 def dense_relu_mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     "`relu(h) @ w` for `h [..., K]` (a relu FFN's second product): one `relu_grouped_mm` where `dense_mm` runs on the compiled kernels (no relu pass either way), else `dense_mm(relu(h), w)`."
     if not (_dense_kernels_pay(h, w) and _op("relu_grouped_mm") is not None): return dense_mm(F.relu(h), w)
-    lead, K = h.shape[:-1], h.shape[-1]
-    h2 = h.reshape(-1, K)
-    if not h2.is_contiguous(): h2 = h2.contiguous()
-    M = h2.shape[0]
-    gs = torch.full((1,), M, dtype=torch.long) if torch.compiler.is_compiling() else _one_group(M)
+    h2, gs = _as_one_group(h)
     out = torch.ops.flanmoe.relu_grouped_mm(h2, w.contiguous()[None], gs)
-    return out.view(*lead, out.shape[-1])
+    return out.view(*h.shape[:-1], out.shape[-1])
 
 
 # %% ../nbs/01_kernels.ipynb #867fb173
