@@ -5,6 +5,8 @@
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
 // thread barrier, and one huge expert is still shared by all threads.
+// relu_grouped_mm (+ its backward) are the same products with the relu folded into them: applied to A as the
+// NN / TN kernels copy it, and as a mask on the NT kernel's output (BLAS: a pass around the call instead).
 #include "flanmoe.h"
 #include "cpu_cache.h"
 #include "sgemm_small.h"
