@@ -1,6 +1,6 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
-// Each group's product goes to the register-tiled fp32 kernels of sgemm_small.cpp (AVX-512 or AVX2, for the
-// row counts small_gemm_rows() gives them) or to ATen's BLAS (MKL / oneDNN via at::mm_out).
+// Each group's product goes to the register-tiled fp32 kernels of sgemm_small.cpp (AVX-512 or AVX2, whichever
+// is active) or, for other dtypes and with them off, to ATen's BLAS (MKL / oneDNN via at::mm_out).
 // Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
@@ -104,12 +104,11 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
   auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());
   const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? small_gemm_active() : SmallGemmIsa::none;
-  const int64_t small_rows = trans_b ? small_gemm_rows(isa).nt : small_gemm_rows(isa).nn;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     if (it.hi == it.lo) return;
     const int64_t r0 = off[it.g] + it.lo, n = it.hi - it.lo;
     // (relu_a with trans_b, or a mask without it, never comes from the ops below: BLAS with a pass around it)
-    if (n <= small_rows && (trans_b ? !relu_a : !mask)) {
+    if (isa != SmallGemmIsa::none && (trans_b ? !relu_a : !mask)) {
       const float* A = a.const_data_ptr<float>() + r0 * K;
       const float* B = b.const_data_ptr<float>() + it.g * K * M;
       float* C = out.data_ptr<float>() + r0 * M;
@@ -148,10 +147,9 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
   for (int64_t g = 0; g < G; ++g) { cols[g] = M; work[g] = double(K) * std::max<int64_t>(off[g + 1] - off[g], 1); }
   auto items = make_items(cols, work, at::get_num_threads());
   const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? small_gemm_active() : SmallGemmIsa::none;
-  const int64_t small_rows = small_gemm_rows(isa).tn;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     const int64_t n = off[it.g + 1] - off[it.g];
-    if (isa != SmallGemmIsa::none && n <= small_rows && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
+    if (isa != SmallGemmIsa::none && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
       sgemm_small_tn(isa, n, K, it.hi - it.lo, a.const_data_ptr<float>() + off[it.g] * K, K,
                      dy.const_data_ptr<float>() + off[it.g] * M + it.lo, M,
                      out.data_ptr<float>() + it.g * K * M + it.lo, M, relu_a);

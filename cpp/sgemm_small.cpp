@@ -13,7 +13,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <utility>
 #include <vector>
 
@@ -98,19 +97,6 @@ std::vector<std::string> small_gemm_supported() {
   if (best == SmallGemmIsa::avx512) return {"avx2", "avx512"};
   if (best == SmallGemmIsa::avx2) return {"avx2"};
   return {};
-}
-
-// Measured single-threaded on expert-shaped products ([rows, 512] x [512, 2048], [rows, 2048] x [2048, 512]
-// and their backward products, 16 experts' weights so they are not in cache) on an AMD Zen 5, against
-// MKL, which runs its AVX2 code there (62-116 GFLOP/s from 16 to 1024 rows): both copies win at every
-// row count from 16 to 1024 and every product. AVX-512: NN 89-235, NT 96-222, TN 197-257; AVX2: NN 82-133,
-// NT 90-124, TN 128-137 (before the padded copies and the column-tile output block the AVX2 NN and TN
-// lost to MKL: 49-109 and 72-90). On an Intel AVX2-only CPU, where MKL runs its own tuned code, this
-// comparison was not made.
-SmallRows small_gemm_rows(SmallGemmIsa isa) {
-  constexpr int64_t all = std::numeric_limits<int64_t>::max();
-  if (isa == SmallGemmIsa::none) return {0, 0, 0};
-  return {all, all, all};
 }
 
 #if FLANMOE_X86
