@@ -16,11 +16,11 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
-           'dense_relu_mm', 'dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays',
-           'attention_kernel_faster', 'attention', 'rms_norm_reference', 'norm_kernel_pays', 'rms_norm',
-           'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference', 'permute_reference',
-           'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference', 'route_plan', 'permute',
-           'unpermute', 'expert_ffn', 'moe_ffn']
+           'dense_relu_kernel_pays', 'dense_relu_mm', 'dropout_reference', 'dropout', 'attention_reference',
+           'attention_kernel_pays', 'attention_kernel_faster', 'attention', 'rms_norm_reference', 'norm_kernel_pays',
+           'rms_norm', 'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference',
+           'permute_reference', 'unpermute_reference', 'activate', 'expert_ffn_reference', 'moe_ffn_reference',
+           'route_plan', 'permute', 'unpermute', 'expert_ffn', 'moe_ffn']
 
 # %% ../nbs/01_kernels.ipynb #90b2418c
 class ExtensionError(RuntimeError):
@@ -208,7 +208,6 @@ def use_cpu_gemm(mode: str):
     finally: set_cpu_gemm(prev)
 
 # %% ../nbs/01_kernels.ipynb #39b33ae2
-import torch.nn.functional as F
 _ONE_GROUP: dict[int, torch.Tensor] = {}
 
 def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -239,9 +238,13 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.T
     out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
     return out.view(*x.shape[:-1], out.shape[-1])
 
+def dense_relu_kernel_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
+    "True when `dense_relu_mm` runs as one compiled op (where `dense_mm` runs on the compiled kernels and the build has `relu_grouped_mm`)."
+    return _dense_kernels_pay(h, w) and _op("relu_grouped_mm") is not None
+
 def dense_relu_mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    "`relu(h) @ w` for `h [..., K]` (a relu FFN's second product): one `relu_grouped_mm` where `dense_mm` runs on the compiled kernels (no relu pass either way), else `dense_mm(relu(h), w)`."
-    if not (_dense_kernels_pay(h, w) and _op("relu_grouped_mm") is not None): return dense_mm(F.relu(h), w)
+    "`relu(h) @ w` for `h [..., K]` (a relu FFN's second product): one `relu_grouped_mm` where `dense_relu_kernel_pays` (no relu pass either way), else `dense_mm(relu(h), w)`."
+    if not dense_relu_kernel_pays(h, w): return dense_mm(F.relu(h), w)
     h2, gs = _as_one_group(h)
     out = torch.ops.flanmoe.relu_grouped_mm(h2, w.contiguous()[None], gs)
     return out.view(*h.shape[:-1], out.shape[-1])

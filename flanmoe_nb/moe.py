@@ -106,8 +106,8 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = kernels.dense_mm(x, self.w_in)
-        if self.activation == "relu" and not (self.dropout and self.training):
-            return kernels.dense_relu_mm(h, self.w_out)      # relu fused into the product where it can be
+        if self.activation == "relu" and not (self.dropout and self.training) and kernels.dense_relu_kernel_pays(h, self.w_out):
+            return kernels.dense_relu_mm(h, self.w_out)      # relu fused into the product
         # relu in place: the GEMM's backward keeps x and w_in, not h
         h = h.relu_() if self.activation == "relu" else kernels.activate(h, self.activation)
         if self.dropout and self.training: h = kernels.dropout(h, self.dropout, True)
