@@ -17,12 +17,13 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels import ACTIVATIONS
+from .checks import ConfigError, Int, Float, Bool, Choice, Any_, check_config
 from .moe import MoEConfig, MoELayer, DenseFFN, ACTIVATION_ALIASES, is_gated
 
 # %% auto #0
-__all__ = ['sparse_layers', 'ModelConfig', 'RMSNorm', 'relative_position_bucket', 'RelativePositionBias', 'AttnBias', 'Attention',
-           'Dropout', 'Block', 'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder', 'greedy_generate',
-           'count_flops', 'flops_per_token', 'count_params', 'matched_dense', 'upcycle']
+__all__ = ['MODEL_FIELDS', 'sparse_layers', 'ModelConfig', 'RMSNorm', 'relative_position_bucket', 'RelativePositionBias',
+           'AttnBias', 'Attention', 'Dropout', 'Block', 'Stack', 'Seq2SeqOutput', 'shift_right', 'EncoderDecoder',
+           'greedy_generate', 'count_flops', 'flops_per_token', 'count_params', 'matched_dense', 'upcycle']
 
 # %% ../nbs/04_model.ipynb #73c8fd11
 def sparse_layers(num_layers: int, sparse_step: int) -> list[int]:
@@ -72,29 +73,31 @@ class ModelConfig:
     decoder_start_token_id: int = 0
 
     def __post_init__(self):
-        self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS} (got activation={self.activation!r})")
-        for f in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "relative_attention_num_buckets"):
-            if getattr(self, f) < 1: raise ValueError(f"{f} must be >= 1 (got {f}={getattr(self, f)})")
-        for f in ("num_encoder_layers", "num_decoder_layers"):
-            if getattr(self, f) < 0: raise ValueError(f"{f} must be >= 0 (got {f}={getattr(self, f)})")
-        if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1) (got dropout={self.dropout})")
-        for name in ("sparse_step", "encoder_sparse_step", "decoder_sparse_step"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ValueError(f"{name} must be an int >= 0, 0 meaning no MoE layer (got {name}={v!r})")
+        if isinstance(self.activation, str): self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
+        check_config(self, MODEL_FIELDS)   # each field against its declared range, then across fields:
         for name in ("moe", "decoder_moe"):
             m = getattr(self, name)
+            if m is not None and not isinstance(m, MoEConfig):
+                raise ConfigError(f"ModelConfig.{name} must be an MoEConfig or None (got {name}={m!r}; "
+                                  "ModelConfig.preset accepts a dict of MoEConfig fields)")
             if m is not None and m.d_model != self.d_model:
-                raise ValueError(f"{name}.d_model must equal d_model (got {name}.d_model={m.d_model}, d_model={self.d_model})")
+                raise ConfigError(f"ModelConfig.{name}.d_model must equal d_model (got {name}.d_model={m.d_model}, d_model={self.d_model})")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ConfigError(f"ModelConfig.{name} must be < vocab_size (got {name}={getattr(self, name)}, "
+                                  f"vocab_size={self.vocab_size})")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            raise ConfigError("ModelConfig.relative_attention_max_distance must be > relative_attention_num_buckets // 2, "
+                              "the last exact bucket (got relative_attention_max_distance="
+                              f"{self.relative_attention_max_distance}, relative_attention_num_buckets="
+                              f"{self.relative_attention_num_buckets})")
         if self.decoder_moe is not None and self.moe is None:
-            raise ValueError("decoder_moe needs moe (the encoder's MoEConfig) to be set too (got moe=None)")
+            raise ConfigError("ModelConfig.decoder_moe needs moe (the encoder's MoEConfig) to be set too (got moe=None)")
         dm = self.decoder_moe_config
         if dm is not None and self.decoder_sparse_layers and dm.router == "expert_choice":
-            raise ValueError("expert-choice routing is encoder-only: it lets experts pick among all tokens, which "
-                             "breaks causal decoding. Set decoder_moe to a token-choice MoEConfig "
-                             f"(got decoder router={dm.router!r}; FLAN-EC uses token-choice top-2 in the decoder)")
+            raise ConfigError("expert-choice routing is encoder-only: it lets experts pick among all tokens, which "
+                              "breaks causal decoding. Set decoder_moe to a token-choice MoEConfig "
+                              f"(got decoder router={dm.router!r}; FLAN-EC uses token-choice top-2 in the decoder)")
 
     @property
     def encoder_sparse_layers(self) -> list[int]:
@@ -131,6 +134,21 @@ class ModelConfig:
             if moe is None: raise ValueError("decoder_moe needs moe to be set too (got moe=None)")
             decoder_moe = replace(moe, **decoder_moe)
         return cls(**kw, moe=moe, decoder_moe=decoder_moe)
+
+# %% ../nbs/04_model.ipynb #9c3d5e41
+MODEL_FIELDS = dict(
+    vocab_size=Int(1), d_model=Int(1), d_kv=Int(1), d_ff=Int(1), num_heads=Int(1),
+    num_encoder_layers=Int(0), num_decoder_layers=Int(0),
+    relative_attention_num_buckets=Int(4), relative_attention_max_distance=Int(1),
+    dropout=Float(0, 1, hi_open=True),
+    layer_norm_eps=Float(0, lo_open=True),
+    activation=Choice(*ACTIVATIONS),
+    tie_embeddings=Bool(), scale_decoder_output=Bool(none=True),
+    moe=Any_(), decoder_moe=Any_(),                 # MoEConfig or None (checked in __post_init__, and by MoEConfig itself)
+    sparse_step=Int(0), encoder_sparse_step=Int(0, none=True), decoder_sparse_step=Int(0, none=True),
+    balance_coef=Float(0), z_coef=Float(0),
+    pad_token_id=Int(0), eos_token_id=Int(0), decoder_start_token_id=Int(0),   # and < vocab_size
+)
 
 # %% ../nbs/04_model.ipynb #ea339d51
 class _RMSNormFn(torch.autograd.Function):
@@ -350,19 +368,21 @@ class Stack(nn.Module):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(len(attn))]
 
     def forward(self, x, mask=None, source=None, source_mask=None, cache=None, offset=0):
-        "x: embedded tokens [B, L, d]; mask [B, L] (True = real); returns `(hidden, [MoEAux, ...])`."
+        "x: embedded tokens [B, L, d]; mask [B, L] (nonzero = real token); returns `(hidden, [MoEAux, ...])`."
         B, L, _ = x.shape
+        if mask is not None: mask = mask != 0                  # the bool mask the MoE layers require (True = real)
+        if source_mask is not None: source_mask = source_mask != 0
         k_len = offset + L
         pos = self.rel_bias(L, k_len, offset)                                      # [1, H, L, K], shared by the batch
         if self.is_decoder:
             causal = torch.arange(k_len, device=x.device)[None] <= torch.arange(offset, k_len, device=x.device)[:, None]
             pos = pos + _additive(causal)
-        bias = AttnBias(pos, None if mask is None else _additive(mask[:, :k_len].bool()))   # padding: [B, K]
+        bias = AttnBias(pos, None if mask is None else _additive(mask[:, :k_len]))   # padding: [B, K]
         cross_bias = None
         if source is not None and source_mask is not None:
-            cross_bias = AttnBias(None, _additive(source_mask.bool()))
+            cross_bias = AttnBias(None, _additive(source_mask))
         cross_kv = self._cross_kv(source) if source is not None and cache is None and self.blocks else [None] * len(self.blocks)
-        moe_mask = None if mask is None else mask[:, offset:k_len].bool()
+        moe_mask = None if mask is None else mask[:, offset:k_len]
         h, auxes = self.drop(x), []
         for i, blk in enumerate(self.blocks):
             h, aux = blk(h, bias, moe_mask, source, cross_bias, None if cache is None else cache[i], cross_kv[i])

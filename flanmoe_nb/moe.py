@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .routing import Router, RouterConfig, RoutingKnobs, RoutingPlan, validate_router_config
+from .checks import ConfigError, Int, Float, Choice, check_config
+from .routing import Router, RouterConfig, RoutingKnobs, RoutingPlan, ROUTER_FIELDS, check_routing
 
 # %% auto #0
-__all__ = ['ACTIVATION_ALIASES', 'MOE_PRESETS', 'is_gated', 'MoEConfig', 'DenseFFN', 'Experts', 'MoEAux', 'MoELayer',
-           'moe_reference']
+__all__ = ['ACTIVATION_ALIASES', 'MOE_PRESETS', 'MOE_FIELDS', 'is_gated', 'MoEConfig', 'DenseFFN', 'Experts', 'MoEAux',
+           'MoELayer', 'moe_reference']
 
 # %% ../nbs/03_moe.ipynb #0166413c
 ACTIVATION_ALIASES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gated-gelu_new": "gated-gelu_tanh",
@@ -55,15 +56,9 @@ class MoEConfig(RoutingKnobs):
     use_kernels: bool = True
 
     def __post_init__(self):
-        self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
-        for name in ("d_model", "d_ff"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an int >= 1 (got {name}={v!r})")
-        if self.activation not in kernels.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {kernels.ACTIVATIONS} (got activation={self.activation!r})")
-        if not 0 <= self.expert_dropout < 1:
-            raise ValueError(f"expert_dropout must be in [0, 1) (got expert_dropout={self.expert_dropout!r})")
-        validate_router_config(self)
+        if isinstance(self.activation, str): self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
+        check_config(self, MOE_FIELDS)   # each field against its declared range
+        check_routing(self)              # top_k <= num_experts, expert choice has a capacity
 
     def router_config(self) -> RouterConfig:
         "The routing part of this config."
@@ -86,6 +81,12 @@ MOE_PRESETS = {
     "expert_choice": dict(router="expert_choice", capacity_factor=1.0, eval_capacity_factor=1.0),
     "st_moe": dict(top_k=2, second_policy="all", capacity_factor=1.25, eval_capacity_factor=2.0, router_dtype="float32"),
 }
+
+# %% ../nbs/03_moe.ipynb #8e2b4c31
+MOE_FIELDS = {**ROUTER_FIELDS,
+              "d_model": Int(1), "d_ff": Int(1),
+              "activation": Choice(*kernels.ACTIVATIONS),
+              "expert_dropout": Float(0, 1, hi_open=True)}
 
 # %% ../nbs/03_moe.ipynb #9c9cd755
 class DenseFFN(nn.Module):
@@ -151,6 +152,15 @@ class MoEAux:
         return cls(p.balance_loss, p.z_loss, p.group_sizes, p.dropped_fraction, p.router_probs, p.expert_idx,
                    p.requested, p.capacity)
 
+def _check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    "`mask` must be None or a bool tensor shaped like `x.shape[:-1]` (True = real token)."
+    if mask is None: return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = real token); convert a 0/1 attention mask with "
+                         f"`mask != 0` (got mask.dtype={getattr(mask, 'dtype', type(mask).__name__)})")
+    if tuple(mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (got mask.shape={tuple(mask.shape)})")
+
 class MoELayer(nn.Module):
     "Sparse MoE FFN: router -> expert-sorted dispatch -> grouped-GEMM experts -> gated combine."
     def __init__(self, cfg: MoEConfig):
@@ -174,10 +184,9 @@ class MoELayer(nn.Module):
         d = self.cfg.d_model
         if x.dim() not in (2, 3) or x.shape[-1] != d:
             raise ValueError(f"x must be [B, L, {d}] or [T, {d}] (got x.shape={tuple(x.shape)})")
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (got mask.shape={tuple(mask.shape)})")
+        _check_mask(x, mask)
         xt = x.reshape(-1, d)
-        valid = None if mask is None else mask.reshape(-1).bool()
+        valid = None if mask is None else mask.reshape(-1)
         group = x.shape[1] if self.cfg.capacity_scope == "sequence" and x.dim() == 3 else None
         plan = self.router(xt, valid, group)
         return self._run_experts(xt, plan).view(x.shape), MoEAux.from_plan(plan)
@@ -210,6 +219,7 @@ def moe_reference(layer: MoELayer, x: torch.Tensor, mask: torch.Tensor | None = 
     "Slow per-token loop implementation of `layer(x, mask)` (no expert dropout) -> `(y, dict of aux values)`."
     c, training = layer.cfg, layer.training
     d, E, k = c.d_model, c.num_experts, c.top_k
+    _check_mask(x, mask)
     xt = x.reshape(-1, d)
     T = xt.shape[0]
     valid = [True] * T if mask is None else mask.reshape(-1).tolist()

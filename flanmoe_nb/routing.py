@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .checks import ConfigError, Int, Float, Bool, Choice, check_config
 
 # %% auto #0
-__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'router_logits', 'compute_capacity', 'RoutingKnobs',
-           'RouterConfig', 'validate_router_config', 'RoutingPlan', 'top_k_gates', 'token_choice_plan',
-           'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
+__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'ROUTER_FIELDS', 'router_logits', 'compute_capacity',
+           'RoutingKnobs', 'RouterConfig', 'check_routing', 'validate_router_config', 'RoutingPlan', 'top_k_gates',
+           'token_choice_plan', 'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
 
 # %% ../nbs/02_routing.ipynb #caf13fbe
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -82,37 +83,50 @@ class RouterConfig(RoutingKnobs):
     router_bias: bool = False
     use_kernels: bool = True
 
-    def __post_init__(self): validate_router_config(self)
+    def __post_init__(self):
+        check_config(self, ROUTER_FIELDS)   # each field against its declared range
+        check_routing(self)                 # then across fields
+
+# %% ../nbs/02_routing.ipynb #7d1f3a21
+ROUTER_FIELDS = dict(
+    num_experts=Int(1),
+    top_k=Int(1),                                   # and <= num_experts (check_routing)
+    router=Choice(*ROUTERS),
+    capacity_factor=Float(0, lo_open=True, none=True),       # None = dropless
+    eval_capacity_factor=Float(0, lo_open=True, none=True),
+    min_capacity=Int(0),
+    expert_capacity=Int(1, none=True),              # overrides the factors when set
+    capacity_scope=Choice(*CAPACITY_SCOPES),
+    batch_prioritized=Bool(),
+    renormalize=Bool(none=True),                    # None = renormalise when top_k > 1
+    second_policy=Choice(*SECOND_POLICIES),
+    second_policy_eval=Choice(*SECOND_POLICIES, none=True),
+    second_threshold=Float(0, 1),
+    jitter_eps=Float(0, 1, hi_open=True),
+    router_dtype=Choice(*ROUTER_DTYPES),
+    router_bias=Bool(),
+    use_kernels=Bool(),
+)
 
 # %% ../nbs/02_routing.ipynb #5e21862a
-def _bad(name, value, why):
-    raise ValueError(f"{name} {why} (got {name}={value!r})")
+def check_routing(c) -> None:
+    "Checks across the routing fields of `c` (a `RouterConfig` or `moe.MoEConfig`), each field already in range."
+    owner = type(c).__name__
+    if c.top_k > c.num_experts:
+        raise ConfigError(f"{owner}.top_k must be <= num_experts (got top_k={c.top_k}, num_experts={c.num_experts})")
+    if c.router == "expert_choice" and c.expert_capacity is None:
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(c, name) is None:
+                raise ConfigError(f"{owner}.{name} must be set for router='expert_choice', each expert takes a fixed "
+                                  f"number of tokens (got {name}=None; or set expert_capacity)")
 
 def validate_router_config(c) -> None:
-    "Raise `ValueError` naming the field and value for an invalid router configuration."
-    if not isinstance(c.num_experts, int) or c.num_experts < 1: _bad("num_experts", c.num_experts, "must be an int >= 1")
-    if not isinstance(c.top_k, int) or c.top_k < 1: _bad("top_k", c.top_k, "must be an int >= 1")
-    if c.top_k > c.num_experts:
-        raise ValueError(f"top_k must be <= num_experts (got top_k={c.top_k}, num_experts={c.num_experts})")
-    if c.router not in ROUTERS: _bad("router", c.router, f"must be one of {ROUTERS}")
-    for name in ("capacity_factor", "eval_capacity_factor"):
-        v = getattr(c, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            _bad(name, v, "must be a number > 0, or None for dropless routing")
-    if not isinstance(c.min_capacity, int) or c.min_capacity < 0: _bad("min_capacity", c.min_capacity, "must be an int >= 0")
-    if c.expert_capacity is not None and (not isinstance(c.expert_capacity, int) or c.expert_capacity < 1):
-        _bad("expert_capacity", c.expert_capacity, "must be an int >= 1 or None")
-    if c.capacity_scope not in CAPACITY_SCOPES: _bad("capacity_scope", c.capacity_scope, f"must be one of {CAPACITY_SCOPES}")
-    if c.second_policy not in SECOND_POLICIES: _bad("second_policy", c.second_policy, f"must be one of {SECOND_POLICIES}")
-    if c.second_policy_eval is not None and c.second_policy_eval not in SECOND_POLICIES:
-        _bad("second_policy_eval", c.second_policy_eval, f"must be one of {SECOND_POLICIES} or None")
-    if not 0 <= c.second_threshold <= 1: _bad("second_threshold", c.second_threshold, "must be in [0, 1]")
-    if not 0 <= c.jitter_eps < 1: _bad("jitter_eps", c.jitter_eps, "must be in [0, 1)")
-    if c.router_dtype not in ROUTER_DTYPES: _bad("router_dtype", c.router_dtype, f"must be one of {ROUTER_DTYPES}")
-    if c.router == "expert_choice":
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            if getattr(c, name) is None and c.expert_capacity is None:
-                _bad(name, None, "must be set for router='expert_choice' (each expert takes a fixed number of tokens)")
+    "Check the routing fields of `c` against `ROUTER_FIELDS`, then across fields; `ConfigError` names the field and value."
+    owner = type(c).__name__
+    for name, f in ROUTER_FIELDS.items():
+        v = f.check(name, getattr(c, name), owner)
+        if v is not getattr(c, name): object.__setattr__(c, name, v)
+    check_routing(c)
 
 # %% ../nbs/02_routing.ipynb #54e7cc38
 @dataclass
