@@ -8,7 +8,7 @@ from flanmoe_nb import runs
 def _nb(path, body):
     nb = nbformat.v4.new_notebook()
     # untagged on purpose: nbdev-clean strips tags, the runner finds the cell by its `# parameters` comment
-    nb.cells = [nbformat.v4.new_code_cell("# parameters\nout_dir = '.'\nx = 1\ninit = ''"),
+    nb.cells = [nbformat.v4.new_code_cell("# parameters\nout_dir = '.'\nrun_id = ''\nx = 1\ninit = ''"),
                 nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -47,11 +47,12 @@ def test_load_grid_product_refs_and_order(project):
 
 
 def test_grid_errors(tmp_path):
-    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs").mkdir()
+    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs/experiments").mkdir(parents=True)
+    _nb(tmp_path / "nbs/experiments/n.ipynb", "pass")
     for text, msg in [("runs: []", "non-empty"), ("runs: [{id: a}]", "notebook"),
-                      ("runs: [{id: a, notebook: n, params: {i: '${zz}'}}]", "zz"),
+                      ("runs: [{id: a, notebook: n, params: {init: '${zz}'}}]", "zz"),
                       ("runs: [{id: a, notebook: n}, {id: a, notebook: n}]", "duplicate"),
-                      ("runs: [{id: a, notebook: n, params: {i: '${b}'}}, {id: b, notebook: n, params: {i: '${a}'}}]", "cycle"),
+                      ("runs: [{id: a, notebook: n, params: {init: '${b}'}}, {id: b, notebook: n, params: {init: '${a}'}}]", "cycle"),
                       ("runs: [{id: a, notebook: n, product: {x: 3}}]", "lists")]:
         (tmp_path / "x.yaml").write_text(text)
         with pytest.raises(ValueError, match=msg): runs.load_grid(tmp_path / "x.yaml")
@@ -65,7 +66,8 @@ def test_broken_point_then_rerun_skips(project, capsys):
     assert "failed" in printed and "blocked" in printed and "bad" in printed
     for rid in ("a1", "a2", "chained"):
         assert (out / rid / "DONE").exists() and (out / rid / "notebook.ipynb").exists()
-        assert yaml.safe_load((out / rid / "params.yaml").read_text())["params"]["out_dir"] == str(out / rid)
+        assert yaml.safe_load((out / rid / "params.yaml").read_text())["params"]["out_dir"] == "."   # relative: no machine paths
+        assert json.loads((out / rid / "DONE").read_text())["fingerprint"]
     # the dependency was resolved to a2's folder and the chained run read its eval.json
     assert json.loads((out / "chained/eval.json").read_text())["score"] == pytest.approx(0.5)
     # the failure: no DONE, error.txt with the failing cell's traceback, and the traceback kept in the notebook
@@ -81,13 +83,15 @@ def test_broken_point_then_rerun_skips(project, capsys):
     assert runs.grid_main([grid]) == 1
     table = capsys.readouterr().out
     assert (out / "a1/DONE").read_text() == stamp
-    status = {l.split()[0]: l.split()[2] for l in table.splitlines()[2:] if l.split() and l.split()[0] in ("a1", "a2", "chained", "bad", "after_bad")}
-    assert status == {"a1": "done", "a2": "done", "chained": "done", "bad": "failed", "after_bad": "blocked"}
+    status = {l.split()[0]: l.split()[2] for l in table.splitlines() if l.split() and l.split()[0] in ("a1", "a2", "chained", "bad", "after_bad")}
+    assert status == {"a1": "reused", "a2": "reused", "chained": "reused", "bad": "failed", "after_bad": "blocked"}
+    assert "[1/5] a1: reused (same parameters and code)" in table
     # --only a finished run: exit 0 and nothing reruns; --force reruns it
     assert runs.grid_main([grid, "--only", "a1"]) == 0
+    capsys.readouterr()
     assert runs.grid_main([grid, "--only", "a1", "--force"]) == 0
-    assert (out / "a1/DONE").read_text() != stamp
-    with pytest.raises(ValueError, match="nope"): runs.grid_main([grid, "--only", "nope"])
+    assert "a1: rerun (--force)" in capsys.readouterr().out
+    assert runs.grid_main([grid, "--only", "nope"]) == 2 and "nope" in capsys.readouterr().err
     # results table
     df = runs.collect_results(project / "papermill_runs").set_index("run_id")
     assert df.loc["bad", "status"] == "failed" and df.loc["a2", "status"] == "done"
@@ -116,9 +120,10 @@ def test_experiment_notebooks_have_parameters_cells():
         cells = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
         assert any(runs._PARAM_MARK.match(c.source) for c in cells), nb.name
     p = runs.experiment_params(setup=1, model="moe", init_checkpoint="x")
-    assert p["num_experts"] == 8 and p["held_out_clusters"] == ["logic"]
+    assert p["task"] == "syllogism" and p["moe"] == {}
     with pytest.raises(ValueError, match="init_checkpoint"): runs.experiment_params(setup=3)
-    with pytest.raises(ValueError, match="unknown experiment parameter"): runs.experiment_params(nope=1)
+    with pytest.raises(ValueError, match="unknown parameter 'nope'"): runs.experiment_params(nope=1)
+    with pytest.raises(ValueError, match="takes no parameter|unknown parameter 'task'"): runs.experiment_params(setup=0, task="syllogism")
     assert runs.train_config(runs.experiment_params(torch_compile=True)).compile
     assert not runs.train_config(runs.experiment_params()).compile
     with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="slurm")
