@@ -8,18 +8,21 @@ Docs: https://flanmoe.github.io/flanmoe_nb/data.html.md"""
 
 # %% ../nbs/06_data.ipynb #13aa5f56
 from __future__ import annotations
-import ast, dataclasses, difflib, functools, hashlib, io, json, math, os, random, re, shutil, sys, sysconfig
+import ast, dataclasses, difflib, functools, hashlib, io, itertools, json, math, os, random, re, shutil, sys, sysconfig
 import tempfile, time, warnings, contextlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
 
+from .checks import ConfigError, Int, Float, Bool, Choice, Str, Seq, Map, check_config
+
 # %% auto #0
-__all__ = ['DATA_VERSION', 'PRESETS', 'TASKS', 'FAMILY_OF_CLUSTER', 'TEMPLATES', 'OPTION_HEADERS', 'TEMPLATE_KINDS', 'SPECIAL',
-           'SENTINELS', 'default_cache_dir', 'DataConfig', 'get_config', 'raise_unknown', 'Task', 'clusters',
-           'get_task', 'check_clusters', 'generate_task', 'generator_entry', 'exact_match', 'score_answer', 'family',
-           'render', 'render_fewshot', 'make_options', 'make_prompt', 'mixing_rates', 'mixture_counts', 'LeakError',
+__all__ = ['DATA_VERSION', 'TEMPLATE_KINDS', 'DATA_SCHEMA', 'PRESETS', 'TASKS', 'FAMILY_OF_CLUSTER', 'TEMPLATES',
+           'OPTION_HEADERS', 'CLOSED_SETS', 'SPECIAL', 'SENTINELS', 'default_cache_dir', 'DataConfig', 'get_config',
+           'raise_unknown', 'Task', 'clusters', 'get_task', 'check_clusters', 'generate_task', 'generator_entry',
+           'normalize_answer', 'exact_match', 'ScorerError', 'score_answer', 'family', 'render', 'render_fewshot',
+           'answer_options', 'make_options', 'make_prompt', 'mixing_rates', 'mixture_counts', 'LeakError',
            'local_clusters', 'held_out_tasks', 'training_tasks', 'check_no_leak', 'corpus_paragraphs', 'corpus_texts',
            'random_spans_noise_mask', 'span_corrupt', 'compute_lengths', 'reassemble', 'train_tokenizer',
            'load_tokenizer', 'sentinel_ids', 'config_hash', 'dataset_digest', 'task_splits', 'templated_split',
@@ -28,7 +31,9 @@ __all__ = ['DATA_VERSION', 'PRESETS', 'TASKS', 'FAMILY_OF_CLUSTER', 'TEMPLATES',
            'Collator', 'bucket_batches', 'load_flan_files']
 
 # %% ../nbs/06_data.ipynb #a12c6258
-DATA_VERSION = "1"  # bump when generated data changes for the same config (invalidates caches)
+DATA_VERSION = "3"  # bump when generated data changes for the same config (invalidates caches)
+
+TEMPLATE_KINDS = ("zs_noopt", "zs_opt", "fs_noopt", "fs_opt")  # zero-/few-shot, without/with answer options
 
 def default_cache_dir() -> Path:
     "Where datasets are cached: `$FLANMOE_DATA_CACHE` or `~/.cache/flanmoe_nb/data`."
@@ -44,21 +49,21 @@ class DataConfig:
     held_out_tasks: tuple = ()         # extra single tasks to hold out (setups i/iii downstream task)
     n_train: int = 200                 # train examples generated per task
     n_validation: int = 10
-    n_test: int = 50
+    n_test: int = 200
     train_sizes: dict = field(default_factory=dict)  # per-task n_train overrides (natural task sizes)
     mixture_size: int | None = None    # total training rows (None: sum of capped task sizes)
     mixing_cap: int = 3000             # examples-proportional cap per task (FLAN "mixing rate maximum")
     temperature: float = 1.0           # rate ∝ min(size, cap) ** (1 / temperature)
     template_kinds: dict = field(default_factory=lambda: {"zs_noopt": 0.4, "zs_opt": 0.2, "fs_noopt": 0.25, "fs_opt": 0.15})
     shots: tuple = (1, 3)              # few-shot exemplars per prompt, inclusive range
-    n_options: int = 4                 # answer options shown in "*_opt" templates
-    max_option_chars: int = 40         # tasks with longer answers get no options
+    n_options: int = 4                 # options (gold + distractors) shown for open-answer tasks; closed sets are shown whole
+    max_option_chars: int = 40         # open-answer tasks with longer answers get no options
     max_input_len: int = 512           # tokens; longer rows are dropped (counted in stats)
     max_target_len: int = 64
     local_files: tuple = ()            # FLAN-format jsonl/parquet files added to the mixture
     # tokenizer
     tokenizer_path: str | None = None  # a local HF tokenizer directory; None = train one
-    vocab_size: int = 3000
+    vocab_size: int = 3000             # >= 400: 100 sentinels + 3 specials + 256 bytes + merges
     tokenizer_model: str = "bpe"       # "bpe" (reproducible) or "unigram" (HF's unigram trainer is not run-to-run deterministic)
     # pretraining corpus
     corpus_sources: tuple = ("pydoc",) # "pydoc", "stdlib", "pkg:<name>" (docstrings), or text file/dir paths
@@ -70,8 +75,40 @@ class DataConfig:
     pack: bool = False                 # T5-style packing of the mixture with segment ids
     cache_dir: str | None = None       # None: default_cache_dir()
 
+    def __post_init__(self):
+        for k in ("tokenizer_path", "cache_dir"):
+            if isinstance(getattr(self, k), os.PathLike): setattr(self, k, os.fspath(getattr(self, k)))
+        if isinstance(self.local_files, (list, tuple)): self.local_files = tuple(os.fspath(f) if isinstance(f, os.PathLike) else f for f in self.local_files)
+        check_config(self, DATA_SCHEMA)
+        _check_data_config(self)
+
+_NAMES = Seq(Str(nonempty=True))
+DATA_SCHEMA = dict(
+    seed=Int(0), tasks=_NAMES, clusters=_NAMES, held_out_clusters=_NAMES, held_out_tasks=_NAMES,
+    n_train=Int(1), n_validation=Int(0), n_test=Int(1), train_sizes=Map(), mixture_size=Int(1, none=True),
+    mixing_cap=Int(1), temperature=Float(0, lo_open=True), template_kinds=Map(), shots=Seq(Int(0)),
+    n_options=Int(2), max_option_chars=Int(1), max_input_len=Int(1), max_target_len=Int(1),
+    local_files=Seq(Str(nonempty=True)), tokenizer_path=Str(nonempty=True, none=True), vocab_size=Int(400),
+    tokenizer_model=Choice("bpe", "unigram"), corpus_sources=_NAMES, corpus_max_chars=Int(1),
+    pretrain_inputs_len=Int(4), noise_density=Float(0, 1, lo_open=True, hi_open=True),
+    mean_noise_span_length=Float(1), max_pretrain_examples=Int(1, none=True), pack=Bool(),
+    cache_dir=Str(nonempty=True, none=True))
+
+def _bad(name: str, value, allowed: str):
+    raise ConfigError(f"DataConfig.{name} must be {allowed} (got {name}={value!r})")
+
+def _check_data_config(cfg: DataConfig) -> None:
+    "Cross-field and structured checks `DATA_SCHEMA` cannot express (paths are turned into strings first)."
+    w = cfg.template_kinds
+    if set(w) - set(TEMPLATE_KINDS) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in w.values()) \
+            or not sum(w.values()) > 0:
+        _bad("template_kinds", w, f"a dict from {TEMPLATE_KINDS} to finite weights >= 0 with a positive sum")
+    if len(cfg.shots) != 2 or cfg.shots[0] > cfg.shots[1]: _bad("shots", cfg.shots, "a pair (a, b) of ints with 0 <= a <= b")
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in cfg.train_sizes.items()):
+        _bad("train_sizes", cfg.train_sizes, "a dict from task names to ints >= 1")
+
 PRESETS = {
-    "tiny": dict(n_train=200, n_validation=10, n_test=50, vocab_size=3000, max_input_len=512, max_target_len=64,
+    "tiny": dict(n_train=200, n_validation=10, n_test=200, vocab_size=3000, max_input_len=512, max_target_len=64,
                  corpus_sources=("pydoc",), corpus_max_chars=800_000, pretrain_inputs_len=128),
     "small": dict(n_train=2000, n_validation=50, n_test=200, vocab_size=8000, max_input_len=1024, max_target_len=128,
                   corpus_sources=("pydoc", "stdlib"), corpus_max_chars=4_000_000, pretrain_inputs_len=256),
@@ -100,8 +137,13 @@ class Task:
     name: str
     cluster: str
     overrides: tuple = ()      # ((key, value), ...) passed to `reasoning_gym.create_dataset`
-    answer_set: tuple = ()     # closed answer set (shown as options); () = options are gold + distractors
+    answer_set: tuple = ()     # fixed closed answer set (shown as options); see also `CLOSED_SETS` (per-example sets)
     distractors: bool = True   # offer gold + distractor options (off where the scorer is too slow to vet them)
+
+    @property
+    def closed(self) -> bool:
+        "Whether every example has a closed answer set (fixed `answer_set` or a `CLOSED_SETS` builder): eval ranks it."
+        return bool(self.answer_set) or self.name in CLOSED_SETS
 
     def score(self, prediction: str, example: dict) -> float:
         "Score `prediction` for `example` of this task (see `score_answer`)."
@@ -114,6 +156,8 @@ _COLORS = ("blue", "brown", "cyan", "gold", "gray", "green", "indigo", "magenta"
            "red", "silver", "violet", "white", "yellow")
 _KIN = ("brother", "daughter", "father", "father-in-law", "grandfather", "grandmother", "husband", "mother",
         "mother-in-law", "sister", "son", "wife")
+
+_CIRCUIT = dict(min_terms=2, max_terms=2, min_inputs=2, max_inputs=2)  # zero-shot prompts <= ~430 tokens: fit max_input_len=512
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     # algorithmic
@@ -136,9 +180,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
       "products", "time_intervals"]],
     # algebra, geometry, probability
     _t("complex_arithmetic", "algebra"), _t("simple_equations", "algebra"), _t("simple_integration", "algebra", distractors=False),
-    _t("simple_geometry", "geometry"), _t("advanced_geometry", "geometry"), _t("coin_flip", "probability"),
+    _t("simple_geometry", "geometry"), _t("advanced_geometry", "geometry"), _t("coin_flip", "probability", max_trials=30),
     # logic
-    _t("aiw", "logic"), _t("circuit_logic", "logic", answer_set=("0", "1")), _t("knights_knaves", "logic"),
+    _t("aiw", "logic"), _t("circuit_logic", "logic", answer_set=("0", "1"), **_CIRCUIT), _t("knights_knaves", "logic"),
     _t("self_reference", "logic"), _t("syllogism", "logic", answer_set=("No", "Yes")),
     # graphs
     _t("course_schedule", "graphs", answer_set=("False", "True")), _t("family_relationships", "graphs", answer_set=_KIN),
@@ -192,8 +236,8 @@ def _generator(name: str, seed: int, size: int):
 
 def _norm(s: str) -> str: return " ".join(str(s).split()).lower()
 
-def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: int = 10, n_test: int = 50) -> dict:
-    "Deterministic deduplicated `{'train','validation','test'}` lists of raw examples for task `name`."
+def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: int = 10, n_test: int = 200) -> dict:
+    "Deterministic deduplicated `{'train','validation','test'}` lists of raw examples for task `name` (error if test/validation cannot be filled)."
     task, need = get_task(name), n_train + n_validation + n_test
     tseed, size = _stable_int(seed, name), 1 << (2 * need + 63).bit_length()  # power of two: few distinct sizes
     ds, seen, rows = _generator(name, tseed, size), set(), []
@@ -206,6 +250,11 @@ def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: in
             rows.append(dict(task=name, cluster=task.cluster, question=e["question"], answer=str(e["answer"]),
                              source_seed=tseed, source_size=size, source_index=i))
             if len(rows) == need: break
+    if len(rows) < n_test + n_validation:
+        raise ValueError(f"task {name!r} yields only {len(rows)} distinct questions in {size} draws, fewer than "
+                         f"n_test={n_test} + n_validation={n_validation}; lower them or widen the task's generator overrides")
+    if len(rows) < need:
+        warnings.warn(f"task {name!r}: only {len(rows) - n_test - n_validation} distinct train questions (n_train={n_train})")
     return dict(test=rows[:n_test], validation=rows[n_test:n_test + n_validation], train=rows[n_test + n_validation:])
 
 def generator_entry(example: dict) -> dict:
@@ -217,20 +266,31 @@ def _entry(name, seed, size, index):
     with _quiet(): return _generator(name, seed, size)[index]
 
 # %% ../nbs/06_data.ipynb #21e3191f
-def exact_match(prediction: str, target: str) -> float:
-    "1.0 when whitespace/case-normalised strings agree."
-    return float(_norm(prediction) == _norm(target))
+def normalize_answer(s) -> str:
+    "The one answer normalisation: whitespace squeezed and trimmed, case folded; punctuation, signs and articles kept."
+    return " ".join(str(s).split()).casefold()
+
+def exact_match(prediction, target) -> float:
+    "1.0 when `prediction` equals `target` (or one of a list/tuple of targets) after `normalize_answer`, else 0.0."
+    targets = target if isinstance(target, (list, tuple)) else [target]
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(t) for t in targets))
+
+class ScorerError(RuntimeError):
+    "A task's own scorer raised on a prediction (the message names the task, the prediction and the error)."
 
 def score_answer(example: dict, prediction: str) -> float:
-    "Score `prediction` for `example` with its task's scorer (exact match for local tasks), in [0, 1]."
+    "Score `prediction` for `example` with its task's scorer (exact match for local tasks); a scorer crash is a `ScorerError`."
     pred = "" if prediction is None else str(prediction).strip()
     gold = next((example[k] for k in ("answer", "targets", "target") if example.get(k) is not None), "")
-    em = exact_match(pred, gold)
-    if em or example.get("task") not in TASKS or example.get("source_index", -1) < 0 or "source_seed" not in example: return em
+    if example.get("task") not in TASKS or example.get("source_index", -1) < 0 or "source_seed" not in example:
+        return exact_match(pred, gold)
+    if pred == str(gold).strip(): return 1.0   # the gold string itself: skip a (sometimes slow) scorer call
     entry = generator_entry(example)
     try:
         with _quiet(): return float(_generator(example["task"], example["source_seed"], example["source_size"]).score_answer(pred, entry))
-    except Exception: return 0.0
+    except Exception as e:
+        raise ScorerError(f"task {example['task']!r}: scorer failed on prediction {pred[:80]!r}: {type(e).__name__}: {e}") from e
 
 # %% ../nbs/06_data.ipynb #ac3c1ae8
 FAMILY_OF_CLUSTER = {"arithmetic": "math", "algebra": "math", "geometry": "math", "probability": "math",
@@ -252,7 +312,6 @@ TEMPLATES = {
                 ("Instruction: {question}", "\nResponse:"), ("Answer the following.\n\n{question}", "")],
 }
 OPTION_HEADERS = ["OPTIONS:", "Choose from:", "Pick your answer from:", "Select one of the options:", "Possible answers:"]
-TEMPLATE_KINDS = ("zs_noopt", "zs_opt", "fs_noopt", "fs_opt")
 
 def family(cluster: str) -> str:
     "The template family used for a cluster."
@@ -270,23 +329,64 @@ def render_fewshot(query: str, exemplars: list) -> str:
     return "\n\n".join(shots + [query])
 
 # %% ../nbs/06_data.ipynb #9e3380e0
+def _int_range(lo: int, hi: int) -> list: return [str(k) for k in range(lo, hi + 1)]
+
+def _knights_knaves_set(ex, entry) -> list:
+    "Every knight/knave assignment of the named people, in the generator's answer format."
+    m = entry["metadata"]; names, terms = [str(n) for n in m["names"]], m["knight_knave_terms"]
+    out = []
+    for roles in itertools.product(("a_knight", "a_knave"), repeat=len(names)):
+        parts = [f"{n} is {terms[r]}" for n, r in zip(names, roles)]
+        out.append(", ".join(parts[:-1]) + ", and " + parts[-1] + ".")
+    return out
+
+def _haystack_names(ex, entry) -> list:
+    "The people of a `needle_haystack` haystack (the first word of each statement), sorted."
+    hay = ex["question"].rsplit("\nWho", 1)[0]
+    return sorted({s.split()[0] for s in re.split(r"(?<=\.)\s+", hay.strip()) if s.strip()})
+
+CLOSED_SETS = {  # task -> f(example, generator entry) -> its closed answer set (the generator's range)
+    "aiw": lambda ex, e: _int_range(2, e["metadata"]["difficulty"]["num_entities"] + 1),       # a count + 1, count in 1..max
+    "self_reference": lambda ex, e: _int_range(0, len(re.findall(r"Statement \d+:", ex["question"]))),  # number of solutions
+    "knights_knaves": _knights_knaves_set,
+    "largest_island": lambda ex, e: _int_range(0, len(e["metadata"]["grid"]) * len(e["metadata"]["grid"][0])),  # an area
+    "maze": lambda ex, e: _int_range(*e["metadata"]["difficulty"]["dist"]),                   # the generator's distance range
+    "needle_haystack": _haystack_names,
+}
+
+def answer_options(example: dict) -> list:
+    "The closed answer set of `example` (its task's `answer_set` or `CLOSED_SETS` builder); [] for open-answer tasks."
+    task = TASKS.get(example.get("task"))
+    if task is None or not task.closed: return []
+    if task.answer_set: opts = list(task.answer_set)
+    else:
+        if example.get("source_index", -1) < 0: raise ValueError(f"task {task.name!r}: example has no generator coordinates (source_*) to build its answer set")
+        opts = CLOSED_SETS[task.name](example, generator_entry(example))
+    if example["answer"] not in opts:
+        raise ValueError(f"task {task.name!r}: gold answer {example['answer']!r} is not in its closed answer set {opts[:12]}")
+    return opts
+
 def make_options(ex: dict, pool_answers: list, n: int, rng: random.Random, max_chars: int = 40) -> list:
-    "Answer options for `ex` (closed set, or gold + scorer-rejected distractors); [] when not applicable."
+    "Answer options for `ex`: its whole closed set, or gold + up to `n - 1` scorer-rejected distractors; [] when not applicable."
+    closed = answer_options(ex)
+    if closed: return closed
     task = TASKS.get(ex["task"])
-    if task and task.answer_set: return list(task.answer_set)
     if len(ex["answer"]) > max_chars or (task and not task.distractors): return []
     cands = sorted({a for a in pool_answers if a != ex["answer"] and len(a) <= max_chars})
     rng.shuffle(cands)
     out = [ex["answer"]]
     for a in cands:
         if len(out) == n: break
-        if score_answer(ex, a) < 1.0: out.append(a)
+        try: accepted = score_answer(ex, a) >= 1.0
+        except ScorerError: accepted = False   # a distractor the scorer cannot even parse is not a right answer
+        if not accepted: out.append(a)
     if len(out) < 2: return []
     rng.shuffle(out)
     return out
 
-def make_prompt(ex: dict, kind: str, pool: list, rng: random.Random, cfg: DataConfig, template: int | None = None) -> dict:
-    "A templated FLAN-style row (`inputs`, `targets`, `options`, `template`, `kind`) for raw example `ex`."
+def make_prompt(ex: dict, kind: str, pool: list, rng: random.Random, cfg: DataConfig, template: int | None = None,
+                fits=None) -> dict:
+    "A templated row (`inputs`, `targets`, `options`, `template`, `kind`) for `ex`; few-shot exemplars are dropped until `fits(text)` (default: a character budget)."
     fam = family(ex["cluster"]); temps = TEMPLATES[fam]
     ti = rng.randrange(len(temps)) if template is None else template % len(temps)
     header = OPTION_HEADERS[ti % len(OPTION_HEADERS)]
@@ -301,8 +401,8 @@ def make_prompt(ex: dict, kind: str, pool: list, rng: random.Random, cfg: DataCo
         picks = [p for p in picks if p["question"] != ex["question"]][:k]
         shots = [(render(s["question"], temps[ti], make_options(s, answers, cfg.n_options, rng, cfg.max_option_chars) if options else None, header),
                   s["answer"]) for s in picks]
-        budget = 3 * cfg.max_input_len  # characters, a cheap proxy for tokens
-        while shots and len(render_fewshot(inputs, shots)) > budget: shots.pop()
+        fits = fits or (lambda text: len(text) <= 3 * cfg.max_input_len)  # characters, a cheap proxy for tokens
+        while shots and not fits(render_fewshot(inputs, shots)): shots.pop()
         if shots: inputs = render_fewshot(inputs, shots)
         else: kind = "zs" + kind[2:]
     return dict(ex, inputs=inputs, targets=ex["answer"], options=options, template=f"{fam}/{ti}", kind=kind)
@@ -469,30 +569,29 @@ def reassemble(inputs, targets, sentinel_ids) -> list:
 # %% ../nbs/06_data.ipynb #ae6f63a6
 SPECIAL = ["<pad>", "</s>", "<unk>"]
 SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
-_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n", "▁"]
-
 def train_tokenizer(texts, vocab_size: int = 3000, model: str = "bpe"):
-    "Train a T5-style tokenizer on an iterable of strings; returns a `PreTrainedTokenizerFast`."
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders, trainers, processors
+    "Train a byte-level T5-style tokenizer (no `<unk>`, exact round trips) on an iterable of strings; a `PreTrainedTokenizerFast`."
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
     from transformers import PreTrainedTokenizerFast
     if model not in ("unigram", "bpe"): raise ValueError(f"model must be 'unigram' or 'bpe' (got model={model!r})")
-    n_base = vocab_size - len(SENTINELS)
-    if n_base < 300: raise ValueError(f"vocab_size too small (got vocab_size={vocab_size}, need >= {300 + len(SENTINELS)})")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300 + len(SENTINELS):
+        raise ValueError(f"vocab_size must be an int >= {300 + len(SENTINELS)} (got vocab_size={vocab_size!r})")
+    n_base, alphabet = vocab_size - len(SENTINELS), pre_tokenizers.ByteLevel.alphabet()  # all 256 bytes: nothing is unknown
     if model == "unigram":
         tok = Tokenizer(models.Unigram())
         trainer = trainers.UnigramTrainer(vocab_size=n_base, special_tokens=SPECIAL, unk_token="<unk>",
-                                          initial_alphabet=_ALPHABET, shrinking_factor=0.75, show_progress=False)
+                                          initial_alphabet=alphabet, shrinking_factor=0.75, show_progress=False)
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        trainer = trainers.BpeTrainer(vocab_size=n_base, special_tokens=SPECIAL, initial_alphabet=_ALPHABET, show_progress=False)
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
-    tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=n_base, special_tokens=SPECIAL, initial_alphabet=alphabet, show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(SENTINELS[::-1])          # <extra_id_99> first, so <extra_id_0> gets the top id
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=SENTINELS)
+                                   additional_special_tokens=SENTINELS, clean_up_tokenization_spaces=False)
 
 def load_tokenizer(path):
     "Load a local HF tokenizer directory (must hold `tokenizer.json` or a slow-tokenizer model file)."
@@ -680,27 +779,29 @@ def build_task_split(task: str, cfg: DataConfig, kinds: dict | None = None):
     return _cached(cfg, f"task-{task}", config_hash(cfg, tok=tokenizer_fingerprint(tok), kinds=kinds), build)
 
 def build_eval_sets(cfg: DataConfig, clusters=None, shots: int = 0, options: bool | None = None, split: str = "test", template: int | None = None):
-    "Raw prompts of `clusters`' tasks (default: held-out clusters) with `shots` train exemplars (local rows verbatim)."
+    "Raw prompts of `clusters`' tasks (default: held-out clusters) with `shots` train exemplars (local rows verbatim); closed-set tasks get their options."
     from datasets import Dataset
     cl = tuple(cfg.held_out_clusters if clusters is None else ([clusters] if isinstance(clusters, str) else clusters))
     check_clusters(cl, local_clusters(cfg))
     names = [t for t, s in sorted(TASKS.items()) if s.cluster in cl]
+    tok = build_tokenizer(cfg) if shots else None
+    fits = (lambda text: len(tok(text)["input_ids"]) <= cfg.max_input_len) if shots else None  # exemplars that fit, in tokens
     def build():
         rows = []
         for t in names:
-            kind = ("fs" if shots else "zs") + ("_opt" if options or (options is None and TASKS[t].answer_set) else "_noopt")
+            kind = ("fs" if shots else "zs") + ("_opt" if options or (options is None and TASKS[t].closed) else "_noopt")
             c = dataclasses.replace(cfg, shots=(shots, shots) if shots else cfg.shots)
             rng, sp = random.Random(f"{cfg.seed}:{t}:{split}:eval:{shots}"), task_splits(t, cfg)
             for i, ex in enumerate(sp[split]):
                 ti = i if template is None else template
-                rows.append(_row(make_prompt(ex, kind, sp["train"], rng, c, template=ti)))
+                rows.append(_row(make_prompt(ex, kind, sp["train"], rng, c, template=ti, fits=fits)))
         local = load_flan_files(cfg.local_files).to_list() if cfg.local_files else []
         rows += [_row(dict(r, question=r["inputs"], answer=r["targets"], kind="local")) for r in local
                  if r["cluster"] in cl and r["split"] == split]
         return Dataset.from_list(rows) if rows else Dataset.from_dict({k: [] for k in _ROW_FIELDS})
     return _cached(cfg, "eval", config_hash(cfg, ("seed", "n_train", "n_validation", "n_test", "train_sizes", "n_options", "local_files",
                                                   "max_option_chars", "max_input_len"), cl=cl, shots=shots, options=options,
-                                             split=split, template=template), build)
+                                             split=split, template=template, tok=tokenizer_fingerprint(tok) if tok else None), build)
 
 # %% ../nbs/06_data.ipynb #c5473351
 def build_pretrain_corpus(cfg: DataConfig):

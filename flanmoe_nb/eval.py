@@ -8,42 +8,29 @@ Docs: https://flanmoe.github.io/flanmoe_nb/eval.html.md"""
 # %% ../nbs/08_eval.ipynb #68b66539
 from __future__ import annotations
 import json, math, re, string, time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from . import data
+
 # %% auto #0
-__all__ = ['normalize_answer', 'exact_match', 'task_scorer', 'score_prediction', 'as_example', 'few_shot_prompt', 'tokenize',
-           'detokenize', 'pad_batch', 'sequence_logprobs', 'score_options', 'generate_answers', 'rank_answers',
-           'aggregate', 'evaluate', 'write_eval']
+__all__ = ['task_scorer', 'score_prediction', 'as_example', 'few_shot_prompt', 'tokenize', 'detokenize', 'pad_batch',
+           'sequence_logprobs', 'score_options', 'generate_answers', 'rank_answers', 'task_report', 'aggregate',
+           'evaluate', 'write_eval']
 
 # %% ../nbs/08_eval.ipynb #24c12ed5
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-def normalize_answer(s) -> str:
-    "Lowercase, strip punctuation and articles, squeeze whitespace (SQuAD normalisation)."
-    s = str(s).lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-def exact_match(pred, target) -> float:
-    "1.0 if `pred` equals `target` (or any of a list of targets) after `normalize_answer`, else 0.0."
-    targets = target if isinstance(target, (list, tuple)) else [target]
-    p = normalize_answer(pred)
-    return float(any(p == normalize_answer(t) for t in targets))
+from .data import normalize_answer, exact_match   # the one normalisation (see `data`)
 
 # %% ../nbs/08_eval.ipynb #7db97890
 def _em_scorer(pred: str, example: dict) -> float: return exact_match(pred, example["target"])
 
 def _registry_scorer(task: str) -> Callable | None:
     "The scorer of a task registered in the data module (`data.score_answer`: the generator's own), or None."
-    try: from flanmoe_nb import data
-    except Exception: return None
-    fn = getattr(data, "score_answer", None)
-    if callable(fn) and task in getattr(data, "TASKS", {}): return lambda pred, ex: fn(ex, pred)
+    if task in data.TASKS: return lambda pred, ex: data.score_answer(ex, pred)
     return None
 
 def task_scorer(task: str, scorers: dict | None = None) -> Callable:
@@ -51,11 +38,17 @@ def task_scorer(task: str, scorers: dict | None = None) -> Callable:
     if scorers and task in scorers: return scorers[task]
     return _registry_scorer(task) or _em_scorer
 
-def score_prediction(pred: str, example: dict, scorers: dict | None = None) -> float:
-    "Score one prediction with its task's scorer, clipped to [0, 1]; a scorer that raises scores 0."
-    try: s = float(task_scorer(example.get("task", ""), scorers)(pred, example))
-    except Exception: s = 0.0
-    return min(max(s if math.isfinite(s) else 0.0, 0.0), 1.0)
+def score_prediction(pred: str, example: dict, scorers: dict | None = None, errors: list | None = None) -> float:
+    "Score one prediction with its task's scorer, in [0, 1]; a scorer error (raise, NaN, out of range) raises, or scores 0 and is appended to `errors`."
+    task = example.get("task", "")
+    try:
+        s = float(task_scorer(task, scorers)(pred, example))
+        if not 0.0 <= s <= 1.0: raise ValueError(f"scorer returned {s!r}, outside [0, 1]")
+        return s
+    except Exception as e:
+        if errors is None: raise
+        errors.append(f"task {task!r}, prediction {str(pred)[:60]!r}: {type(e).__name__}: {e}"[:300])
+        return 0.0
 
 # %% ../nbs/08_eval.ipynb #ed732c25
 _ALIASES = dict(prompt=("prompt", "inputs", "input", "source", "question"), target=("target", "targets", "answer", "output"),
@@ -148,34 +141,65 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 32, b
     return answers
 
 def rank_answers(model, tok, examples: list[dict], batch_size: int = 32, max_input_len: int = 512,
-                 pad_id: int = 0, eos_id: int = 1, normalize: str = "sum", device=None) -> list[tuple[str, list[float]]]:
-    "For each example with options: the highest-likelihood option and all option scores."
+                 pad_id: int = 0, eos_id: int = 1, device=None) -> list[dict]:
+    "Per example with options: `pred` (best mean log-likelihood per token), `pred_sum` (best sum), both score lists, `truncated`."
+    full = [tokenize(tok, e["prompt"], eos_id) for e in examples]
     xs = [tokenize(tok, e["prompt"], eos_id, max_input_len, keep="end") for e in examples]
     opts = [[tokenize(tok, str(o), eos_id) for o in e["options"]] for e in examples]
-    scores = score_options(model, xs, opts, pad_id, batch_size, normalize, device)
-    return [(e["options"][max(range(len(s)), key=s.__getitem__)], s) for e, s in zip(examples, scores)]
+    sums = score_options(model, xs, opts, pad_id, batch_size, "sum", device)
+    out = []
+    for e, s, o, f in zip(examples, sums, opts, full):
+        m = [v / max(1, len(ids)) for v, ids in zip(s, o)]
+        best = lambda v: e["options"][max(range(len(v)), key=v.__getitem__)]
+        out.append(dict(pred=best(m), pred_sum=best(s), scores=m, scores_sum=s, truncated=len(f) > max_input_len))
+    return out
 
 # %% ../nbs/08_eval.ipynb #560d8f0a
 def _mean(xs): xs = list(xs); return sum(xs) / len(xs) if xs else float("nan")
 
+def _gold_key(t): return tuple(map(normalize_answer, t)) if isinstance(t, (list, tuple)) else normalize_answer(t)
+
+def task_report(rows: list[dict], max_messages: int = 3) -> dict:
+    "Baselines and diagnostics of one task's scored rows: majority, chance, truncation, scorer errors."
+    n, ranked = len(rows), [r for r in rows if r.get("method") == "rank"]
+    gold = Counter(_gold_key(r["target"]) for r in rows)
+    pos = Counter(r["gold_index"] for r in ranked if r.get("gold_index") is not None)
+    msgs = [m for r in rows for m in r.get("scorer_errors") or []]
+    all_ranked = bool(ranked) and len(ranked) == n
+    return dict(n=n, method="rank" if all_ranked else ("generate" if not ranked else "mixed"),
+                score=_mean(r["score"] for r in rows), score_sum=_mean(r.get("score_sum", r["score"]) for r in rows),
+                n_options=_mean(r["n_options"] for r in ranked) if ranked else None,
+                chance=_mean(1 / r["n_options"] for r in ranked) if all_ranked else None,
+                majority=gold.most_common(1)[0][1] / n if n else None,
+                majority_option=pos.most_common(1)[0][1] / len(ranked) if pos else None,
+                truncated=sum(bool(r.get("truncated")) for r in rows),
+                scorer_errors=len(msgs), scorer_error_messages=msgs[:max_messages])
+
 def aggregate(rows: list[dict], held_out: Iterable[str] = ()) -> dict:
-    "Mean score per task, per cluster (mean of its tasks), over held-out clusters, and over all tasks."
+    "Mean score (and summed-ranking score) per task, per cluster (mean of its tasks), held-out and overall, plus `task_report`s."
     by_task, cluster_of = defaultdict(list), {}
-    for r in rows: by_task[r["task"]].append(r["score"]); cluster_of[r["task"]] = r["cluster"]
-    per_task = {t: _mean(v) for t, v in sorted(by_task.items())}
-    by_cluster = defaultdict(list)
-    for t, v in per_task.items(): by_cluster[cluster_of[t]].append(v)
-    per_cluster = {c: _mean(v) for c, v in sorted(by_cluster.items())}
-    held = [c for c in held_out if c in per_cluster]
-    return dict(score=_mean(per_task.values()), num_examples=len(rows), per_task=per_task,
-                per_cluster=per_cluster, held_out=_mean(per_cluster[c] for c in held) if held else None,
-                held_out_clusters=list(held_out))
+    for r in rows: by_task[r["task"]].append(r); cluster_of[r["task"]] = r["cluster"]
+    out = dict(num_examples=len(rows), held_out_clusters=list(held_out))
+    for key, suffix in (("score", ""), ("score_sum", "_sum")):
+        per_task = {t: _mean(r.get(key, r["score"]) for r in v) for t, v in sorted(by_task.items())}
+        by_cluster = defaultdict(list)
+        for t, v in per_task.items(): by_cluster[cluster_of[t]].append(v)
+        per_cluster = {c: _mean(v) for c, v in sorted(by_cluster.items())}
+        held = [c for c in held_out if c in per_cluster]
+        out.update({f"score{suffix}": _mean(per_task.values()), f"per_task{suffix}": per_task, f"per_cluster{suffix}": per_cluster,
+                    f"held_out{suffix}": _mean(per_cluster[c] for c in held) if held else None})
+    out["tasks"] = {t: task_report(v) for t, v in sorted(by_task.items())}
+    out["truncated"] = sum(v["truncated"] for v in out["tasks"].values())
+    out["scorer_errors"] = sum(v["scorer_errors"] for v in out["tasks"].values())
+    return out
 
 def evaluate(model, tok, eval_set, mode: str = "auto", held_out: Iterable[str] = (), scorers: dict | None = None,
-             batch_size: int = 32, max_new_tokens: int = 32, max_input_len: int = 512, normalize: str = "sum",
+             batch_size: int = 32, max_new_tokens: int = 32, max_input_len: int = 512,
              pad_id: int = 0, eos_id: int = 1, device=None) -> dict:
-    "Score `model` on `eval_set` (`mode`: auto | rank | generate); returns aggregates plus per-example rows."
+    "Score `model` on `eval_set` (`mode`: auto | rank | generate); aggregates, per-task baselines and diagnostics, per-example rows."
     if mode not in ("auto", "rank", "generate"): raise ValueError(f"mode must be auto, rank or generate (got mode={mode!r})")
+    if isinstance(max_input_len, bool) or not isinstance(max_input_len, int) or max_input_len < 2:
+        raise ValueError(f"max_input_len must be an int >= 2 (got max_input_len={max_input_len!r})")
     exs = [as_example(r) for r in eval_set]
     if mode == "rank" and any(not e["options"] for e in exs):
         raise ValueError(f"mode='rank' needs options on every row (task {next(e['task'] for e in exs if not e['options'])!r} has none)")
@@ -185,16 +209,29 @@ def evaluate(model, tok, eval_set, mode: str = "auto", held_out: Iterable[str] =
     if hasattr(model, "eval"): model.eval()
     t0 = time.time()
     kw = dict(batch_size=batch_size, max_input_len=max_input_len, pad_id=pad_id, eos_id=eos_id, device=device)
-    for e, (pred, s) in zip(ranked, rank_answers(model, tok, ranked, normalize=normalize, **kw) if ranked else []):
-        e.update(pred=pred, option_scores=s, method="rank")
+    for e, r in zip(ranked, rank_answers(model, tok, ranked, **kw) if ranked else []):
+        e.update(r, method="rank")
     preds = generate_answers(model, tok, [e["prompt"] for e in gen], max_new_tokens, **kw) if gen else []
-    for e, pred in zip(gen, preds): e.update(pred=pred, method="generate")
+    for e, pred in zip(gen, preds):
+        e.update(pred=pred, pred_sum=pred, method="generate", truncated=len(tokenize(tok, e["prompt"], eos_id)) > max_input_len)
     if was_training and hasattr(model, "train"): model.train()
     rows = []
     for e in exs:
-        e["score"] = score_prediction(e["pred"], e, scorers)
-        rows.append({k: e[k] for k in ("task", "cluster", "method", "prompt", "target", "pred", "score")})
+        errs = []
+        e["score"] = score_prediction(e["pred"], e, scorers, errs)
+        e["score_sum"] = e["score"] if e["pred_sum"] == e["pred"] else score_prediction(e["pred_sum"], e, scorers, errs)
+        opts = e["options"] if e["method"] == "rank" else None
+        rows.append({**{k: e[k] for k in ("task", "cluster", "method", "prompt", "target", "pred", "pred_sum", "score", "score_sum", "truncated")},
+                     "n_options": len(opts) if opts else None, "gold_index": _gold_index(opts, e["target"]) if opts else None,
+                     "scorer_errors": errs})
     return {**aggregate(rows, held_out), "seconds": time.time() - t0, "examples": rows}
+
+def _gold_index(options: list, target) -> int | None:
+    "Position of the gold answer among `options` (None if it is not one of them)."
+    keys = [normalize_answer(o) for o in options]
+    for t in (target if isinstance(target, (list, tuple)) else [target]):
+        if normalize_answer(t) in keys: return keys.index(normalize_answer(t))
+    return None
 
 def write_eval(result: dict, path, max_examples: int = 200) -> Path:
     "Write an `evaluate` result (or a dict of them) to `path` as JSON, keeping at most `max_examples` rows each."

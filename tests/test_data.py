@@ -46,6 +46,28 @@ def test_unknown_names_list_close_matches(call, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("field,value,needle", [
+    ("n_train", 2.5, "int >= 1"), ("n_train", 0, "int >= 1"), ("seed", -1, "int >= 0"), ("seed", True, "int >= 0"),
+    ("n_options", 1, "int >= 2"), ("mixing_cap", 0, "int >= 1"), ("temperature", 0.0, "> 0"), ("temperature", float("nan"), "> 0"),
+    ("shots", (3, 1), "0 <= a <= b"), ("shots", (1, 2, 3), "pair"), ("shots", (-1, 2), ">= 0"), ("shots", 2, "list"),
+    ("template_kinds", {"zs_noopt": 0.0}, "positive sum"), ("template_kinds", {"zs_nopt": 1.0}, "zs_noopt"),
+    ("template_kinds", {"zs_noopt": -1.0, "zs_opt": 2.0}, ">= 0"), ("template_kinds", ["zs_noopt"], "mapping"),
+    ("vocab_size", 100, "int >= 400"), ("max_input_len", 0, "int >= 1"), ("noise_density", 0.0, "> 0 and < 1"),
+    ("noise_density", 1.5, "< 1"), ("tokenizer_model", "wordpiece", "one of"), ("pack", 1, "True or False"),
+    ("train_sizes", {"gcd": 0}, "ints >= 1"), ("mixture_size", 0, "int >= 1"), ("tasks", "gcd", "list"),
+])
+def test_data_config_validation(field, value, needle):
+    with pytest.raises(D.ConfigError) as e: D.get_config("tiny", **{field: value})
+    msg = str(e.value)
+    assert f"DataConfig.{field}" in msg and f"{field}={value!r}" in msg and needle in msg, msg
+
+
+def test_data_config_accepts_and_normalises():
+    cfg = D.get_config("tiny", tasks=["gcd"], shots=[0, 2], cache_dir=Path("/tmp/x"), temperature=2, mixture_size=None)
+    assert cfg.tasks == ("gcd",) and cfg.shots == (0, 2) and cfg.cache_dir == "/tmp/x" and cfg.temperature == 2.0
+    with pytest.raises(D.ConfigError, match="n_test"): dataclasses.replace(cfg, n_test=0)   # replace re-validates
+
+
 # ---------------------------------------------------------------- splits and scorers
 @pytest.fixture(scope="module")
 def all_splits():
@@ -89,9 +111,41 @@ def test_options_contain_gold_and_distractors_are_rejected(all_splits):
                 assert r["kind"] == "zs_noopt"; continue
             assert ex["answer"] in r["options"], t
             assert len(set(r["options"])) == len(r["options"])
-            if not D.TASKS[t].answer_set:
-                assert sum(D.score_answer(ex, o) == 1.0 for o in r["options"]) == 1, t
+            assert sum(D.score_answer(ex, o) == 1.0 for o in r["options"]) == 1, t   # exactly one right option
             assert all(f"- {o}" in r["inputs"] for o in r["options"])
+            if D.TASKS[t].closed: assert r["options"] == D.answer_options(ex), t      # closed sets are shown whole
+
+
+CLOSED = {"aiw": 6, "circuit_logic": 2, "knights_knaves": 4, "self_reference": 8, "syllogism": 2, "course_schedule": 2,
+          "family_relationships": 12, "mahjong_puzzle": 3, "maze": 6, "color_cube_rotation": 16, "acre": 3}
+
+
+def test_answer_options_closed_sets(all_splits):
+    assert {t for t, s in D.TASKS.items() if s.closed} == set(CLOSED) | {"largest_island", "needle_haystack"}
+    for t, sp in all_splits.items():
+        for ex in sp["test"] + sp["train"]:
+            opts = D.answer_options(ex)
+            if not D.TASKS[t].closed: assert opts == [], t; continue
+            assert ex["answer"] in opts and len(set(opts)) == len(opts), (t, ex["answer"], opts)
+            if t in CLOSED: assert len(opts) == CLOSED[t], (t, opts)
+    kk = all_splits["knights_knaves"]["test"][0]
+    names = [str(n) for n in D.generator_entry(kk)["metadata"]["names"]]
+    assert all(o.startswith(names[0] + " is ") and f", and {names[1]} is " in o and o.endswith(".") for o in D.answer_options(kk))
+    isl = all_splits["largest_island"]["test"][0]
+    g = D.generator_entry(isl)["metadata"]["grid"]
+    assert D.answer_options(isl) == [str(i) for i in range(len(g) * len(g[0]) + 1)]
+    with pytest.raises(ValueError, match="not in its closed answer set"): D.answer_options(dict(kk, answer="Nobody is a knight."))
+    with pytest.raises(ValueError, match="generator coordinates"): D.answer_options(dict(kk, source_index=-1))
+
+
+def test_tiny_preset_fills_200_test_items_for_every_task():
+    cfg = D.get_config("tiny")
+    assert cfg.n_test == 200 == D.PRESETS["tiny"]["n_test"]
+    for t in D.TASKS:
+        sp = D.generate_task(t, cfg.seed, cfg.n_train, cfg.n_validation, cfg.n_test)
+        assert (len(sp["test"]), len(sp["validation"]), len(sp["train"])) == (200, 10, 200), t
+    with pytest.raises(ValueError, match="'coin_flip' yields only"):     # 980 distinct questions at most
+        D.generate_task("coin_flip", n_train=1, n_validation=0, n_test=1000)
 
 
 def test_different_seeds_different_examples():
@@ -175,13 +229,19 @@ def test_held_out_clusters_never_reach_training(cache):
 
 
 def test_eval_sets_zero_and_few_shot(cache):
-    cfg = micro(cache, held_out_clusters=("logic",))
+    cfg = micro(cache, tasks=tuple(t for t in MICRO_TASKS if D.TASKS[t].cluster != "logic"), held_out_clusters=("logic",))
     zs, fs = D.build_eval_sets(cfg, shots=0), D.build_eval_sets(cfg, shots=2)
     assert len(zs) == len(fs) == cfg.n_test * len(D.clusters()["logic"])
-    assert set(zs["kind"]) <= {"zs_opt", "zs_noopt"}
-    assert np.mean([k.startswith("fs") for k in fs["kind"]]) > 0.7   # few-shot unless 2 exemplars overflow max_input_len
+    assert set(zs["kind"]) == {"zs_opt"}                              # every logic task has a closed answer set
+    assert set(fs["kind"]) <= {"fs_opt", "zs_opt"}
+    tok = D.build_tokenizer(cfg)
+    for r in fs:   # exemplars are dropped until the prompt fits max_input_len tokens
+        assert r["kind"] == "zs_opt" or len(tok(r["inputs"])["input_ids"]) <= cfg.max_input_len
+    assert np.mean([k.startswith("fs") for k in fs.filter(lambda r: r["task"] == "syllogism")["kind"]]) == 1.0
+    for ds in (zs, fs):
+        for r in ds: assert r["options"] == D.answer_options(r) and r["answer"] in r["options"], r["task"]
     syl = [r for r in zs if r["task"] == "syllogism"]
-    assert all(r["options"] == ["No", "Yes"] and r["answer"] in r["options"] for r in syl)
+    assert all(r["options"] == ["No", "Yes"] for r in syl)
     train_q = {t: [x["question"] for x in D.task_splits(t, cfg)["train"]] for t in D.held_out_tasks(cfg)}
     for r in fs.select(range(0, len(fs), 7)):
         assert r["inputs"].rstrip().endswith(("", ":", "?")) and r["question"] in r["inputs"]
@@ -209,7 +269,8 @@ def test_tokenizer_t5_ids_and_reload(cache):
     s = "Find the GCD of 12 and 18.\nAnswer: 6"
     ids = tok(s)["input_ids"]
     assert ids[-1] == 1 and tok.decode(ids, skip_special_tokens=True) == s
-    assert all(tok.convert_ids_to_tokens(i) in list("0123456789") for i in tok("1234", add_special_tokens=False)["input_ids"][1:])
+    assert tok.convert_ids_to_tokens(tok("1234", add_special_tokens=False)["input_ids"]) == list("1234")   # digits one by one
+    assert tok.convert_ids_to_tokens(tok(" 250", add_special_tokens=False)["input_ids"])[-3:] == list("250")
     again = D.build_tokenizer(dataclasses.replace(cfg, tokenizer_path=str(D.tokenizer_dir(cfg))))
     assert again(s)["input_ids"] == ids
     with pytest.raises(FileNotFoundError, match="tokenizer_path"): D.load_tokenizer(cache / "nope")
@@ -220,6 +281,11 @@ def test_tokenizer_models():
     assert D.tokenizer_fingerprint(D.train_tokenizer(texts, 600)) == D.tokenizer_fingerprint(D.train_tokenizer(texts, 600))  # BPE: reproducible
     tok = D.train_tokenizer(texts, vocab_size=600, model="unigram")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, len(tok)) == (0, 1, 2, 600)
+    odd = "│&&─┘ ⊕⊕ ↑↑ x≤y ½ 🙂"                       # byte-level: no <unk>, exact round trip, for unigram too
+    for m in (tok, D.train_tokenizer(texts, 600)):
+        ids = m(odd)["input_ids"]
+        assert 2 not in ids and m.decode(ids, skip_special_tokens=True) == odd
+    with pytest.raises(ValueError, match="vocab_size must be"): D.train_tokenizer(["a"], 399)
     with pytest.raises(ValueError, match="model must be"): D.train_tokenizer(["a"], 600, model="wordpiece")
 
 

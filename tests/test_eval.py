@@ -13,6 +13,12 @@ class FixedLogits(torch.nn.Module):
         return self.row.expand(labels.shape[0], labels.shape[1], -1)
 
 
+class GenB(FixedLogits):
+    "Generates `b` then EOS."
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=8):
+        return torch.tensor([[0, 3, 1, 0]] * input_ids.shape[0])
+
+
 class PerPosition(torch.nn.Module):
     "Logits depend on the decoder position and on the first input token (so batching mistakes show)."
     def __init__(self, table):  # table [P, V]
@@ -29,26 +35,32 @@ class CharTok:
 
 
 @pytest.mark.parametrize("a,b,want", [
-    ("The cat.", "cat", 1.0), ("  A  big   dog!", "big dog", 1.0), ("Yes", "yes.", 1.0),
-    ("no", "yes", 0.0), ("42", "42.0", 0.0), ("an", "", 1.0), ("Paris", ["London", "paris"], 1.0)])
+    ("  Big   dog ", "big dog", 1.0), ("Yes", "yes", 1.0), ("no", "yes", 0.0), ("42", "42.0", 0.0),
+    ("-3", "3", 0.0), ("1/2", "12", 0.0), ("3.5", "35", 0.0), ("The cat.", "cat", 0.0), ("Paris", ["London", "paris"], 1.0)])
 def test_exact_match(a, b, want):
     assert ev.exact_match(a, b) == want
 
 
-def test_normalize_answer():
-    assert ev.normalize_answer("The  Quick, brown fox!") == "quick brown fox"
+def test_one_exact_match_shared_with_data():
+    from flanmoe_nb import data
+    assert ev.exact_match is data.exact_match and ev.normalize_answer is data.normalize_answer
+    assert ev.normalize_answer("  The  Quick, brown fox!") == "the quick, brown fox!"
     assert ev.normalize_answer(3) == "3"
 
 
-def test_task_scorer_priority_and_clipping():
+def test_task_scorer_priority_and_errors():
     ex = dict(task="t", target="5")
     assert ev.score_prediction("5", ex) == 1.0                       # exact-match fallback
     assert ev.score_prediction("5.0", ex) == 0.0
     num = lambda p, e: float(float(p) == float(e["target"]))
     assert ev.score_prediction("5.0", ex, {"t": num}) == 1.0         # task's own scorer wins
-    assert ev.score_prediction("oops", ex, {"t": num}) == 0.0        # scorer raising -> 0
-    assert ev.score_prediction("x", ex, {"t": lambda p, e: 7.0}) == 1.0   # clipped to [0, 1]
-    assert ev.score_prediction("x", ex, {"t": lambda p, e: float("nan")}) == 0.0
+    errs = []
+    assert ev.score_prediction("oops", ex, {"t": num}, errors=errs) == 0.0   # scorer raising -> 0, reported
+    assert len(errs) == 1 and "could not convert" in errs[0] and "'t'" in errs[0]
+    assert ev.score_prediction("x", ex, {"t": lambda p, e: 7.0}, errs) == 0.0 and "outside [0, 1]" in errs[-1]
+    assert ev.score_prediction("x", ex, {"t": lambda p, e: float("nan")}, errs) == 0.0 and len(errs) == 3
+    with pytest.raises(ValueError, match="could not convert"):      # without an errors list: raises, never silent
+        ev.score_prediction("oops", ex, {"t": num})
 
 
 def test_tokenize_eos_and_truncation():
@@ -73,6 +85,7 @@ def test_rank_classification_matches_hand_computation():
     assert len(m.calls) == 2
     assert m.calls[0][1].tolist() == [[2, 1], [3, 1]] and m.calls[1][1].tolist() == [[1, -100, -100, -100], [2, 2, 2, 1]]
     mean = ev.score_options(FixedLogits(row), [[3, 1]], [opts[1][0:1] + opts[0][0:1]], normalize="mean")
+    with pytest.raises(ValueError, match="normalize"): ev.score_options(FixedLogits(row), [[3, 1]], [[[2, 1]]], normalize="max")
     assert math.isclose(mean[0][0], float(3 * ls[2] + ls[1]) / 4, rel_tol=1e-5)
     assert math.isclose(mean[0][1], float(ls[2] + ls[1]) / 2, rel_tol=1e-5)
 
@@ -100,7 +113,7 @@ def test_evaluate_rank_generate_and_aggregates(tmp_path):
             dict(inputs="pick", targets="a", options=["a", "b"], task="c1", cluster="nli"),
             dict(inputs="pick", targets="b", options=["a", "b"], task="c2", cluster="nli"),
             dict(prompt="x", target="b", task="g1", cluster="gen"),
-            dict(prompt="y", target="B.", task="g1", cluster="gen"),
+            dict(prompt="y", target=" B ", task="g1", cluster="gen"),
             dict(prompt="z", target="c", task="g2", cluster="qa")]
     r = ev.evaluate(m, CharTok(), rows, held_out=["gen", "qa", "missing"])
     assert r["per_task"] == {"c1": 0.5, "c2": 1.0, "g1": 1.0, "g2": 0.0}
@@ -116,6 +129,58 @@ def test_evaluate_rank_generate_and_aggregates(tmp_path):
     p = ev.write_eval({"zero_shot": r}, tmp_path / "eval.json", max_examples=2)
     back = json.loads(p.read_text())
     assert back["zero_shot"]["per_cluster"]["nli"] == 0.75 and len(back["zero_shot"]["examples"]) == 2
+    t = back["zero_shot"]["tasks"]
+    assert t["c1"]["chance"] == 0.5 and t["c1"]["majority"] == 0.5 and t["c1"]["method"] == "rank"
+    assert t["g1"]["chance"] is None and t["g1"]["majority"] == 1.0 and t["g1"]["method"] == "generate"
+    assert back["zero_shot"]["scorer_errors"] == 0 and back["zero_shot"]["truncated"] == 0
+
+
+def test_primary_ranking_is_length_normalised():
+    "Each `b` is likely but EOS is not: '" + "bbbbb</s>' wins per token and loses in sum to the shorter 'a</s>'."
+    m = FixedLogits([0.0, 1.0, 0.0, 3.0] + [0.0] * 26)
+    rows = [dict(prompt="pick", target="bbbbb", options=["a", "bbbbb"], task="len", cluster="c"),
+            dict(prompt="pick", target="a", options=["a", "bbbbb"], task="len", cluster="c")]
+    r = ev.evaluate(m, CharTok(), rows)
+    assert [e["pred"] for e in r["examples"]] == ["bbbbb", "bbbbb"] and [e["pred_sum"] for e in r["examples"]] == ["a", "a"]
+    assert (r["score"], r["score_sum"], r["per_task"]["len"], r["per_task_sum"]["len"]) == (0.5, 0.5, 0.5, 0.5)
+    assert [e["score"] for e in r["examples"]] == [1.0, 0.0] and [e["score_sum"] for e in r["examples"]] == [0.0, 1.0]
+    ranked = ev.rank_answers(m, CharTok(), [ev.as_example(rows[0])])[0]
+    lp = torch.log_softmax(torch.tensor([0.0, 1.0, 0.0, 3.0] + [0.0] * 26), -1)
+    assert math.isclose(ranked["scores_sum"][1], float(5 * lp[3] + lp[1]), rel_tol=1e-5)
+    assert math.isclose(ranked["scores"][1], float(5 * lp[3] + lp[1]) / 6, rel_tol=1e-5)
+
+
+def test_report_baselines_truncation_and_scorer_errors():
+    m = GenB([0.0, 1.0, 0.0, 3.0] + [0.0] * 26)
+    def picky(pred, ex):
+        if pred == "b": raise RuntimeError("scorer exploded")
+        return float(pred == ex["target"])
+    rows = [dict(prompt="x" * 20, target=t, options=["a", "b", "c"], task="r", cluster="c") for t in ("a", "a", "c", "b")]
+    rows += [dict(prompt="short", target="b", task="g", cluster="c")]
+    r = ev.evaluate(m, CharTok(), rows, max_input_len=10, scorers={"r": picky})
+    rep = r["tasks"]["r"]
+    assert rep["n"] == 4 and rep["n_options"] == 3 and math.isclose(rep["chance"], 1 / 3)
+    assert rep["majority"] == 0.5 and rep["majority_option"] == 0.5           # "a" (position 0) is gold twice
+    assert rep["truncated"] == 4 and r["tasks"]["g"]["truncated"] == 0 and r["truncated"] == 4
+    assert rep["scorer_errors"] == 4 and "scorer exploded" in rep["scorer_error_messages"][0] and len(rep["scorer_error_messages"]) == 3
+    assert rep["score"] == 0.0 and r["scorer_errors"] == 4
+    assert all(e["truncated"] for e in r["examples"][:4]) and r["examples"][0]["scorer_errors"]
+    with pytest.raises(ValueError, match="max_input_len"): ev.evaluate(m, CharTok(), rows, max_input_len=True)
+
+
+def test_data_rows_of_closed_tasks_are_ranked_over_their_whole_set():
+    from flanmoe_nb import data
+    import random
+    cfg = data.get_config("tiny")
+    rows = []
+    for t in ("syllogism", "knights_knaves", "self_reference", "aiw"):
+        sp = data.generate_task(t, seed=0, n_train=5, n_validation=0, n_test=3)
+        rows += [data.make_prompt(ex, "zs_opt", sp["train"], random.Random(0), cfg) for ex in sp["test"]]
+    m = FixedLogits([0.0] * 30)
+    r = ev.evaluate(m, CharTok(), rows)
+    assert {e["method"] for e in r["examples"]} == {"rank"}
+    assert {t: v["n_options"] for t, v in r["tasks"].items()} == {"aiw": 6, "knights_knaves": 4, "self_reference": 8, "syllogism": 2}
+    assert r["tasks"]["knights_knaves"]["chance"] == 0.25
 
 
 def test_evaluate_real_tiny_model_rank_equals_manual():
