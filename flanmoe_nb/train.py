@@ -8,8 +8,8 @@ Docs: https://flanmoe.github.io/flanmoe_nb/train.html.md"""
 
 # %% ../nbs/07_train.ipynb #fc8dcc82
 from __future__ import annotations
-import json, math, os, random, shutil, time, uuid
-from dataclasses import dataclass, field, asdict, replace
+import json, math, os, pickle, random, shutil, sys, time, uuid, warnings
+from dataclasses import dataclass, field, asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,24 +20,44 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import parallel, kernels
+from .checks import ConfigError, Int, Float, Bool, Choice, Str, Any_, check_config
 from .moe import MoELayer
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing',
-           'set_expert_dropout', 'param_groups', 'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches',
-           'as_stream', 'rng_state', 'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
-           'load_model', 'TrainResult', 'utilisation_entropy', 'micro_step', 'train', 'deepspeed_config',
-           'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'CHECKPOINT_FORMAT',
+           'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups',
+           'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches', 'as_stream', 'CheckpointError', 'rng_state',
+           'set_rng_state', 'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints', 'latest_checkpoint',
+           'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult', 'TrainingDiverged',
+           'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step', 'train',
+           'deepspeed_config', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
 FREEZE = ("none", "router", "experts", "moe", "non_moe")
 NAN_POLICIES = ("skip", "stop")
+ENGINES = ("torch", "deepspeed")
+RESUME_MODES = (False, True, "auto")
+
+TRAIN_SCHEMA = dict(
+    steps=Int(1), batch_size=Int(1), grad_accum=Int(1),
+    optimizer=Choice(*OPTIMIZERS), lr=Float(0, lo_open=True), weight_decay=Float(0),
+    schedule=Choice(*SCHEDULES), warmup_steps=Int(0), min_lr_ratio=Float(0, 1),
+    grad_clip=Float(0, lo_open=True, none=True),       # None = no clipping
+    bf16=Bool(), seed=Int(0, 2**32 - 1),                # numpy seeds are uint32
+    balance_coef=Float(0, none=True), z_coef=Float(0, none=True),
+    freeze=Choice(*FREEZE), expert_dropout=Float(0, 1, hi_open=True, none=True),
+    nan_policy=Choice(*NAN_POLICIES),
+    max_consecutive_skips=Int(1, none=True),            # None = no limit
+    max_skipped_fraction=Float(0, 1),                   # 1.0 = no limit
+    log_every=Int(1), ckpt_every=Int(0), keep_checkpoints=Int(0), eval_every=Int(0),
+    out_dir=Str(nonempty=True), resume=Any_(), export_hf=Bool(), ep_size=Int(1),
+    engine=Choice(*ENGINES), deepspeed_config=Any_(), progress=Bool(), compile=Bool())
 
 @dataclass
 class TrainConfig:
-    "Every knob of one training stage."
+    "Every knob of one training stage (checked against `TRAIN_SCHEMA`)."
     steps: int = 100
     batch_size: int = 8                 # examples per micro-batch (per process)
     grad_accum: int = 1
@@ -47,7 +67,7 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0           # cosine floor
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0       # None = no clipping
     bf16: bool = False
     seed: int = 0
     balance_coef: float | None = None   # None = model's
@@ -55,31 +75,31 @@ class TrainConfig:
     freeze: str = "none"
     expert_dropout: float | None = None # override the experts' dropout for this stage
     nan_policy: str = "skip"
+    max_consecutive_skips: int | None = 10    # skipped (non-finite) steps in a row before `TrainingDiverged`
+    max_skipped_fraction: float = 0.1         # skipped steps in all, as a fraction of `steps`
     log_every: int = 10                 # tqdm postfix refresh; metrics.jsonl gets every step
     ckpt_every: int = 0                 # 0 = only the final checkpoint
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2           # 0 = keep all
     eval_every: int = 0
     out_dir: str = "runs/train"
-    resume: bool = False
+    resume: bool | str = False          # False: fresh start; True: resume (error if nothing to resume); "auto"
     export_hf: bool = False
     ep_size: int = 1
     engine: str = "torch"               # "torch" | "deepspeed"
     deepspeed_config: str | dict | None = None
-    progress: bool = True
+    progress: bool = True               # a tqdm bar on an interactive stderr (a TTY or Jupyter)
     compile: bool = False               # torch.compile the forward (engine="torch"): one graph, no breaks
 
     def __post_init__(self):
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("freeze", FREEZE),
-                              ("nan_policy", NAN_POLICIES), ("engine", ("torch", "deepspeed"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed} (got {name}={getattr(self, name)!r})")
-        for name in ("steps", "batch_size", "grad_accum", "ep_size"):
-            if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1 (got {name}={getattr(self, name)})")
-        if self.lr <= 0: raise ValueError(f"lr must be > 0 (got lr={self.lr})")
-        if self.expert_dropout is not None and not 0 <= self.expert_dropout < 1:
-            raise ValueError(f"expert_dropout must be in [0, 1) (got expert_dropout={self.expert_dropout})")
+        if isinstance(self.out_dir, os.PathLike): self.out_dir = os.fspath(self.out_dir)
+        check_config(self, TRAIN_SCHEMA)
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ConfigError(f"TrainConfig.resume must be one of {RESUME_MODES} (got resume={self.resume!r})")
+        if not (self.deepspeed_config is None or isinstance(self.deepspeed_config, (str, os.PathLike, dict))):
+            raise ConfigError("TrainConfig.deepspeed_config must be a path, a dict or None "
+                              f"(got deepspeed_config={self.deepspeed_config!r})")
         if self.compile and self.engine != "torch":
-            raise ValueError(f"compile=True needs engine='torch' (got engine={self.engine!r})")
+            raise ConfigError(f"TrainConfig.compile=True needs engine='torch' (got engine={self.engine!r})")
 
 # %% ../nbs/07_train.ipynb #1f716ff7
 class Adafactor(torch.optim.Optimizer):
@@ -241,6 +261,14 @@ def as_stream(data, cfg: TrainConfig | None = None, collate: Callable | None = N
     return _Cycle(data)
 
 # %% ../nbs/07_train.ipynb #98474bf9
+CHECKPOINT_FORMAT = 2                  # 1: model.pt + pickled trainer.pt; 2: model.safetensors + trainer.json
+
+class CheckpointError(RuntimeError):
+    "A checkpoint file that cannot be read safely: missing, truncated, garbage, or a pickle that is not weights-only."
+
+def _fsync_write(path: Path, data: bytes):
+    with open(path, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+
 def _fsync_save(obj, path: Path):
     with open(path, "wb") as f:
         torch.save(obj, f); f.flush(); os.fsync(f.fileno())
@@ -251,22 +279,41 @@ def _fsync_dir(path: Path):
     finally: os.close(fd)
 
 def rng_state() -> dict:
-    "RNG states of torch (CPU and CUDA), python and numpy."
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    "RNG states of torch (CPU and CUDA), python and numpy, as tensors and plain values (`weights_only`-loadable)."
+    n = np.random.get_state(legacy=False)
+    n = dict(n, state=dict(key=torch.from_numpy(n["state"]["key"].astype(np.int64)), pos=int(n["state"]["pos"])))
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=n)
     if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 def set_rng_state(s: dict):
-    "Restore `rng_state()`."
-    torch.set_rng_state(s["torch"]); random.setstate(s["python"]); np.random.set_state(s["numpy"])
+    "Restore `rng_state()` (also the numpy tuple of format-1 checkpoints)."
+    torch.set_rng_state(s["torch"]); random.setstate(s["python"])
+    n = s["numpy"]
+    if isinstance(n, dict):
+        n = dict(n, state=dict(key=n["state"]["key"].numpy().astype(np.uint32), pos=n["state"]["pos"]))
+    np.random.set_state(n)
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
 def _barrier(env):
     if env is not None and env.distributed: dist.barrier()
 
+def _cfg_to_dict(cfg) -> dict | None:
+    return asdict(cfg) if is_dataclass(cfg) and not isinstance(cfg, type) else None
+
+def model_config_from_dict(d: dict):
+    "A `ModelConfig` (with its `MoEConfig`s) from `dataclasses.asdict` of one, as stored in `trainer.json`."
+    from flanmoe_nb.model import ModelConfig
+    from flanmoe_nb.moe import MoEConfig
+    d = dict(d)
+    for k in ("moe", "decoder_moe"):
+        if d.get(k) is not None: d[k] = MoEConfig(**d[k])
+    return ModelConfig(**d)
+
 def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, scheduler=None, data_state=None,
                     trainer_state: dict | None = None, env: parallel.DistEnv | None = None, keep: int = 0) -> Path:
-    "Write `ckpt_dir/step_{step}` atomically (temp dir + fsync + rename) and point `latest` at it."
+    "Write `ckpt_dir/step_{step}` atomically (temp dir + fsync + rename) and point `latest` at it; `keep`: newest kept, 0 all."
+    from safetensors.torch import save as st_save
     env = env or parallel.DistEnv()
     ckpt_dir = Path(ckpt_dir); final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp_step_{step:08d}"
@@ -279,10 +326,12 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, sched
     _fsync_save(dict(optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng_state(),
                      data=data_state), tmp / f"rank{env.rank}.pt")
     if env.is_main:
-        _fsync_save(model_sd, tmp / "model.pt")
-        _fsync_save(dict(step=step, world_size=env.world_size, ep_size=env.ep_size,
-                         scheduler=None if scheduler is None else scheduler.state_dict(),
-                         model_cfg=getattr(model, "cfg", None), **(trainer_state or {})), tmp / "trainer.pt")
+        _fsync_write(tmp / "model.safetensors", st_save({k: v.contiguous() for k, v in model_sd.items()},
+                                                        metadata={"format": str(CHECKPOINT_FORMAT)}))
+        meta = dict(format=CHECKPOINT_FORMAT, step=step, world_size=env.world_size, ep_size=env.ep_size,
+                    scheduler=None if scheduler is None else scheduler.state_dict(),
+                    model_cfg=_cfg_to_dict(getattr(model, "cfg", None)), **(trainer_state or {}))
+        _fsync_write(tmp / "trainer.json", json.dumps(meta, default=str).encode())
         if (p := os.environ.get("FLANMOE_CKPT_SLEEP")):        # test hook: a window to kill mid-write
             print(f"CKPT_WRITING {step}", flush=True); time.sleep(float(p))
     _barrier(env)
@@ -298,6 +347,10 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, sched
     _barrier(env)
     return final
 
+def complete_checkpoints(ckpt_dir) -> list[Path]:
+    "The complete checkpoints (`COMPLETE` marker present) under `ckpt_dir`, newest first."
+    return sorted((p for p in Path(ckpt_dir).glob("step_*") if (p / "COMPLETE").exists()), reverse=True)
+
 def latest_checkpoint(ckpt_dir) -> Path | None:
     "The newest complete checkpoint under `ckpt_dir` (the `latest` pointer, else a scan), or None."
     ckpt_dir = Path(ckpt_dir)
@@ -305,36 +358,126 @@ def latest_checkpoint(ckpt_dir) -> Path | None:
     if ptr.exists():
         p = ckpt_dir / ptr.read_text().strip()
         if (p / "COMPLETE").exists(): return p
-    done = [p for p in sorted(ckpt_dir.glob("step_*")) if (p / "COMPLETE").exists()]
-    return done[-1] if done else None
+    done = complete_checkpoints(ckpt_dir)
+    return done[0] if done else None
 
-def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, env: parallel.DistEnv | None = None,
-                    restore_rng: bool = True) -> dict:
-    "Load a checkpoint into `model` (any world size) and, at the same world size, optimizer/scheduler/RNG."
-    env = env or parallel.DistEnv(); path = Path(path)
+def _safe_globals(legacy: bool = False, deepspeed: bool = False) -> list:
+    "What `torch.load(weights_only=True)` may rebuild besides tensors and containers (format 1: configs, numpy RNG; DeepSpeed's bookkeeping)."
+    g = []
+    if legacy:
+        from flanmoe_nb.model import ModelConfig
+        from flanmoe_nb.moe import MoEConfig
+        g += [ModelConfig, MoEConfig, np.ndarray, np.dtype, np.dtypes.UInt32DType,
+              (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+              (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    if deepspeed:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        g += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return g
+
+def _torch_load(path: Path, legacy: bool = False, deepspeed: bool = False):
+    "`torch.load(path, weights_only=True)`; any failure (missing, damaged, unsafe) is a `CheckpointError` naming the file."
+    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals(legacy, deepspeed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = " ".join(l for l in str(e).splitlines() if "Unsupported" in l or "GLOBAL" in l)[:300] or str(e)[:300]
+        raise CheckpointError(f"refused to load {str(path)!r}: not a weights-only checkpoint file, it would run "
+                              f"code or build objects outside the allow-list ({why})") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e)[:300]}") from None
+
+def _read_json(path: Path) -> dict:
+    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
+    try: d = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("step"), int):
+        raise CheckpointError(f"cannot read {str(path)!r}: not a trainer state (no integer 'step')")
+    return d
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load as st_load
+    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
+    try: return st_load(path.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e)[:300]}") from None
+
+def read_checkpoint(path, env: parallel.DistEnv | None = None, ranks=(), weights: bool = True,
+                    deepspeed: bool = False) -> dict:
+    "Read (not apply) checkpoint `path`: `trainer` state, `model` tensors, `ranks` -> per-rank states; damage -> `CheckpointError`."
+    path = Path(path)
     if not (path / "COMPLETE").exists(): raise FileNotFoundError(f"not a complete checkpoint (got path={str(path)!r})")
-    parallel.load_full_state_dict(model, torch.load(path / "model.pt", map_location="cpu"))
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-    rank_file = path / f"rank{env.rank}.pt"
+    legacy = not (path / "trainer.json").exists() and (path / "trainer.pt").exists()
+    if legacy:
+        state = _torch_load(path / "trainer.pt", legacy=True)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"cannot read {str(path / 'trainer.pt')!r}: not a trainer state (no integer 'step')")
+        model_sd = _torch_load(path / "model.pt") if weights else None
+    else:
+        state = _read_json(path / "trainer.json")
+        if state.get("model_cfg") is not None:
+            try: state["model_cfg"] = model_config_from_dict(state["model_cfg"])
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"cannot read {str(path / 'trainer.json')!r}: bad model_cfg: {e}") from None
+        model_sd = _read_safetensors(path / "model.safetensors") if weights else None
+    if model_sd is not None and not (isinstance(model_sd, dict) and all(isinstance(v, torch.Tensor) for v in model_sd.values())):
+        raise CheckpointError(f"cannot read the model weights of {str(path)!r}: not a dict of tensors")
+    ranks = list(ranks)
+    if ranks:
+        env = env or parallel.DistEnv()
+        if state.get("world_size") != env.world_size or state.get("ep_size") != env.ep_size:
+            raise ValueError(f"optimizer/RNG state needs the same layout (checkpoint world_size={state.get('world_size')}, "
+                             f"ep_size={state.get('ep_size')}; got world_size={env.world_size}, ep_size={env.ep_size})")
+    rank_states = {}
+    for r in ranks:
+        f = path / f"rank{r}.pt"
+        rs = _torch_load(f, legacy=legacy, deepspeed=deepspeed)
+        if not isinstance(rs, dict) or not {"optimizer", "rng", "data"} <= set(rs):
+            raise CheckpointError(f"cannot read {str(f)!r}: not a rank state (keys optimizer, rng, data)")
+        rank_states[r] = rs
+    return dict(path=path, format=1 if legacy else state.get("format", CHECKPOINT_FORMAT), trainer=state,
+                model=model_sd, ranks=rank_states)
+
+def apply_checkpoint(ck: dict, model: nn.Module, optimizer=None, scheduler=None, env: parallel.DistEnv | None = None,
+                     restore_rng: bool = True) -> dict:
+    "Load what `read_checkpoint` read into `model` (any world size) and optimizer/scheduler/RNG (this rank) -> trainer state."
+    env = env or parallel.DistEnv()
+    state = dict(ck["trainer"])
+    if ck["model"] is not None: parallel.load_full_state_dict(model, ck["model"])
     if optimizer is not None or restore_rng:
-        if state["world_size"] != env.world_size or state["ep_size"] != env.ep_size:
-            raise ValueError(f"optimizer/RNG state needs the same layout (checkpoint world_size={state['world_size']}, "
-                             f"ep_size={state['ep_size']}; got world_size={env.world_size}, ep_size={env.ep_size})")
-        rs = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rs = ck["ranks"][env.rank]
         if optimizer is not None: optimizer.load_state_dict(rs["optimizer"])
         if restore_rng: set_rng_state(rs["rng"])
         state["data"] = rs["data"]
     if scheduler is not None and state.get("scheduler") is not None: scheduler.load_state_dict(state["scheduler"])
     return state
 
+def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, env: parallel.DistEnv | None = None,
+                    restore_rng: bool = True) -> dict:
+    "Load a checkpoint into `model` (any world size) and, at the same world size, optimizer/scheduler/RNG."
+    env = env or parallel.DistEnv()
+    ranks = (env.rank,) if optimizer is not None or restore_rng else ()
+    return apply_checkpoint(read_checkpoint(path, env, ranks), model, optimizer, scheduler, env, restore_rng)
+
 def load_model(path, device="cpu") -> nn.Module:
-    "An `EncoderDecoder` from a checkpoint directory (a `step_*` dir or a run's `checkpoints/`)."
+    "An `EncoderDecoder` from a checkpoint directory (a `step_*` dir or a run's `checkpoints/`); never runs pickled code."
     from flanmoe_nb.model import EncoderDecoder
     path = Path(path)
-    if not (path / "COMPLETE").exists(): path = latest_checkpoint(path)
-    cfg = torch.load(path / "trainer.pt", weights_only=False)["model_cfg"]
+    if not (path / "COMPLETE").exists():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint at {str(path)!r} (looked for {path}/COMPLETE and "
+                                    f"{path}/step_*/COMPLETE)")
+        path = found
+    ck = read_checkpoint(path)
+    cfg = ck["trainer"].get("model_cfg")
+    if cfg is None: raise CheckpointError(f"checkpoint {str(path)!r} holds no model config (model_cfg)")
     model = EncoderDecoder(cfg)
-    parallel.load_full_state_dict(model, torch.load(path / "model.pt", map_location="cpu"))
+    parallel.load_full_state_dict(model, ck["model"])
     return model.to(device)
 
 # %% ../nbs/07_train.ipynb #dbd446a3
@@ -343,13 +486,35 @@ class TrainResult:
     "What a run returns."
     step: int
     losses: list
-    skipped: int
+    skipped: int                        # skipped (non-finite) steps of the stage, resumed ones included
     out_dir: str
     checkpoint: str | None = None
     tokens_per_s: float = 0.0
     eval: dict | None = None
     metrics: list = field(default_factory=list)
     resumed_from: int | None = None     # step of the checkpoint this run resumed from
+    max_consecutive_skipped: int = 0    # the longest run of skipped steps in a row
+    skipped_fraction: float = 0.0       # skipped / steps
+
+class TrainingDiverged(RuntimeError):
+    "The stage skipped more non-finite steps than `max_consecutive_skips` / `max_skipped_fraction` allow; it did not train."
+    def __init__(self, step: int, steps: int, skipped: int, consecutive: int, max_consecutive_skips, max_skipped_fraction,
+                 checkpoint: str | None = None, out_dir: str | None = None):
+        self.step, self.steps, self.skipped, self.consecutive = step, steps, skipped, consecutive
+        self.max_consecutive_skips, self.max_skipped_fraction = max_consecutive_skips, max_skipped_fraction
+        self.checkpoint, self.out_dir = checkpoint, out_dir
+        allowed = math.floor(max_skipped_fraction * steps + 1e-9)
+        super().__init__(
+            f"training diverged at step {step}/{steps}: {skipped} steps skipped in all, {consecutive} in a row "
+            f"(non-finite loss or gradient); limits max_consecutive_skips={max_consecutive_skips}, "
+            f"max_skipped_fraction={max_skipped_fraction} (at most {allowed} of {steps} steps). No final checkpoint "
+            f"was written; last complete checkpoint: {checkpoint}. Lower lr, set grad_clip, train without bf16, "
+            "or raise the limits if such skips are expected.")
+
+def skip_limit_exceeded(skipped: int, consecutive: int, cfg: TrainConfig) -> bool:
+    "Whether `skipped` steps in all / `consecutive` in a row exceed the stage's limits."
+    return ((cfg.max_consecutive_skips is not None and consecutive > cfg.max_consecutive_skips)
+            or skipped > cfg.max_skipped_fraction * cfg.steps + 1e-9)
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "decoder_attention_mask")
 
@@ -372,11 +537,72 @@ def _coefs(model, cfg):
     zc = cfg.z_coef if cfg.z_coef is not None else getattr(mc, "z_coef", 0.0)
     return bc, zc
 
-def _truncate_metrics(path: Path, step: int):
-    "Keep only the lines of steps <= `step` (a resumed run rewrites the rest)."
-    if not path.exists(): return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp"); tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
+def _aside(path: Path, tag: str) -> Path:
+    "A free name next to `path`: `metrics.jsonl` -> `metrics.<tag>.jsonl` (`-1`, `-2`... if taken)."
+    stem, suffix = (path.name.split(".", 1) + [""])[:2]
+    suffix = f".{suffix}" if suffix else ""
+    cand, i = path.parent / f"{stem}.{tag}{suffix}", 1
+    while cand.exists(): cand, i = path.parent / f"{stem}.{tag}-{i}{suffix}", i + 1
+    return cand
+
+def _set_aside_previous_run(out: Path) -> list[Path]:
+    "Fresh start in a used `out`: move its `metrics.jsonl` and `checkpoints/` to timestamped names (never delete)."
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    for name in ("metrics.jsonl", "checkpoints"):
+        src = out / name
+        if not src.exists() or (src.is_dir() and not any(src.iterdir())): continue
+        dst = _aside(src, stamp); os.replace(src, dst); moved.append(dst)
+    if moved: warnings.warn(f"fresh start (resume=False) in {str(out)!r}: the previous run's files were moved "
+                            f"aside to {', '.join(p.name for p in moved)}", RuntimeWarning, stacklevel=3)
+    return moved
+
+def _truncate_metrics(path: Path, step: int) -> Path | None:
+    "Keep the lines of steps <= `step` (a resumed run rewrites the rest); the others, and any unreadable (torn) line, go to `metrics.dropped-<step>.jsonl`."
+    if not path.exists(): return None
+    keep, drop = [], []
+    for l in path.read_text().splitlines():
+        if not l.strip(): continue
+        try: s = json.loads(l).get("step")
+        except (ValueError, AttributeError): s = None
+        (keep if isinstance(s, int) and s <= step else drop).append(l)
+    dropped = None
+    if drop:
+        dropped = path.parent / f"metrics.dropped-{step}.jsonl"
+        with open(dropped, "a") as f: f.write("".join(l + "\n" for l in drop)); f.flush(); os.fsync(f.fileno())
+    tmp = path.with_suffix(".tmp"); _fsync_write(tmp, "".join(l + "\n" for l in keep).encode()); os.replace(tmp, path)
+    return dropped
+
+def _all_ranks(ok: bool, env) -> bool:
+    "`ok` on every rank (a MIN all-reduce under several processes)."
+    if env is None or not env.distributed: return ok
+    t = torch.tensor([int(ok)], device=env.device); dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+def find_resume_checkpoint(ckpt_dir, env: parallel.DistEnv | None = None, deepspeed: bool = False):
+    "The newest complete checkpoint under `ckpt_dir` that every rank reads intact -> `(path, read_checkpoint(...))`, or None if there is none; damaged ones are warned about (file and error) and the previous one tried."
+    env = env or parallel.DistEnv()
+    ranks = range(env.world_size) if deepspeed else (env.rank,)   # ZeRO needs every rank's partition
+    errors = []
+    for path in complete_checkpoints(ckpt_dir):
+        try: ck, err = read_checkpoint(path, env, ranks, deepspeed=deepspeed), None
+        except CheckpointError as e: ck, err = None, str(e)
+        if _all_ranks(err is None, env): return path, ck
+        err = err or "another rank could not read its rank file"
+        warnings.warn(f"checkpoint {path.name} is damaged, trying the previous complete one: {err}", RuntimeWarning)
+        errors.append(err)
+    if errors:
+        raise CheckpointError(f"no loadable checkpoint under {str(ckpt_dir)!r}; every complete one is damaged:\n  "
+                              + "\n  ".join(errors))
+    return None
+
+def _show_progress() -> bool:
+    "Whether a progress bar is wanted: stderr is a terminal, or this runs in Jupyter."
+    try:
+        if sys.stderr.isatty(): return True
+    except (AttributeError, ValueError): pass
+    ip = sys.modules.get("IPython")
+    try: return ip is not None and type(ip.get_ipython()).__name__ == "ZMQInteractiveShell"
+    except Exception: return False
 
 def micro_step(model, batch, cfg, bc, zc, device):
     "Forward one micro-batch -> (total loss, output)."
@@ -401,55 +627,74 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     stream = as_stream(train_data, cfg, collate, env.rank if collate else 0, env.world_size if collate else 1)
     out = Path(cfg.out_dir); ckpts = out / "checkpoints"
-    if env.is_main: out.mkdir(parents=True, exist_ok=True)
-    step, skipped, losses, engine, resumed_from = 0, 0, [], None, None
-    if cfg.resume and (last := latest_checkpoint(ckpts)) is not None:
-        ds = cfg.engine == "deepspeed"                       # DeepSpeed: its optimizer state after the engine exists
-        st = load_checkpoint(last, model, None if ds else opt, sched, env)
+    ds = cfg.engine == "deepspeed"                           # DeepSpeed: its optimizer state after the engine exists
+    step, skipped, streak, longest, losses, engine, resumed_from, found = 0, 0, 0, 0, [], None, None, None
+    if cfg.resume:
+        found = find_resume_checkpoint(ckpts, env, deepspeed=ds)
+        if found is None and cfg.resume is True:
+            raise FileNotFoundError(
+                f"resume=True but there is nothing to resume from in out_dir={str(out)!r}: no complete checkpoint "
+                f"(looked for {ckpts}/step_*/COMPLETE). Check out_dir, or pass resume='auto' to start fresh when "
+                "there is none, or resume=False for a fresh start")
+    if found is not None:
+        last, ck = found
+        st = apply_checkpoint(ck, model, None if ds else opt, sched, env)
         step, skipped, losses = st["step"], st.get("skipped", 0), st.get("losses", [])
+        streak, longest = st.get("consecutive_skips", 0), st.get("max_consecutive_skipped", 0)
         stream.load_state_dict(st["data"]); resumed_from = step
         if env.is_main: _truncate_metrics(out / "metrics.jsonl", step)
-    elif env.is_main: (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.engine == "deepspeed":
+    elif env.is_main:
+        out.mkdir(parents=True, exist_ok=True); _set_aside_previous_run(out)
+    if ds:
         engine, opt, sched = deepspeed_engine(model, opt, sched, cfg, env)
-        if resumed_from is not None: load_deepspeed_optimizer(last, opt, env)
+        if found is not None: load_deepspeed_optimizer(found[0], opt, env, [found[1]["ranks"][r] for r in range(env.world_size)])
     _barrier(env)
     bc, zc = _coefs(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     fwd = torch.compile(model) if cfg.compile else None     # checkpoints and gradients stay on `model`
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and env.is_main), desc="train")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and env.is_main and _show_progress()), desc="train")
     log, last_eval, history = open(out / "metrics.jsonl", "a") if env.is_main else None, None, []
     tok_total, t_total = 0, 0.0
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        if engine is None:
-            m = _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd); sched.step()
-        else: m = _train_step_deepspeed(engine, stream, cfg, bc, zc, env)
-        step += 1
-        dt = time.perf_counter() - t0
-        skipped += m.pop("skipped_now")
-        tok_total += m["tokens"]; t_total += dt
-        m.update(step=step, skipped=skipped,
-                 tokens_per_s=m["tokens"] * env.world_size / dt, time=dt)
-        losses.append(m["loss"])
-        if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            model.eval(); m["eval"] = last_eval = eval_fn(model); model.train()
-        if log: log.write(json.dumps(m) + "\n"); log.flush()
-        history.append(m)
-        if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
-        bar.update(1)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
-            ck = save_checkpoint(ckpts, step, model, opt, sched, stream.state_dict(),
-                                 dict(skipped=skipped, losses=losses, train_cfg=asdict(cfg)), env, cfg.keep_checkpoints)
-    bar.close()
-    if log: log.close()
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            if engine is None:
+                m = _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd); sched.step()
+            else: m = _train_step_deepspeed(engine, stream, cfg, bc, zc, env)
+            step += 1
+            dt = time.perf_counter() - t0
+            now = m.pop("skipped_now")
+            skipped += now; streak = streak + 1 if now else 0; longest = max(longest, streak)
+            tok_total += m["tokens"]; t_total += dt
+            m.update(step=step, skipped=skipped, consecutive_skips=streak,
+                     tokens_per_s=m["tokens"] * env.world_size / dt, time=dt)
+            losses.append(m["loss"])
+            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                model.eval(); m["eval"] = last_eval = eval_fn(model); model.train()
+            if log: log.write(json.dumps(m) + "\n"); log.flush()
+            history.append(m)
+            if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}",
+                                **({"skipped": skipped} if skipped else {}))
+            bar.update(1)
+            if skip_limit_exceeded(skipped, streak, cfg):    # before any checkpoint of this step: none marks it done
+                last = latest_checkpoint(ckpts)
+                raise TrainingDiverged(step, cfg.steps, skipped, streak, cfg.max_consecutive_skips,
+                                       cfg.max_skipped_fraction, None if last is None else str(last), str(out))
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                save_checkpoint(ckpts, step, model, opt, sched, stream.state_dict(),
+                                dict(skipped=skipped, consecutive_skips=streak, max_consecutive_skipped=longest,
+                                     losses=losses, train_cfg=asdict(cfg)), env, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        if log: log.close()
     if eval_fn is not None and last_eval is None:
         model.eval(); last_eval = eval_fn(model); model.train()
     if cfg.export_hf and env.is_main: export_hf(model, out / "hf", env)
     return TrainResult(step, losses, skipped, str(out), str(latest_checkpoint(ckpts)),
-                       tok_total * env.world_size / max(t_total, 1e-9), last_eval, history, resumed_from)
+                       tok_total * env.world_size / max(t_total, 1e-9), last_eval, history, resumed_from,
+                       longest, skipped / cfg.steps)
 
 def _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd=None) -> dict:
     "Accumulate `grad_accum` micro-batches, sync, guard, clip and step -> metrics of the step."
@@ -518,12 +763,13 @@ def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
                                                  config=deepspeed_config(cfg, env.world_size))
     return engine, opt, sched
 
-def load_deepspeed_optimizer(path, opt, env):
-    "Restore the engine's optimizer from checkpoint `path`: ZeRO 1/2 takes every rank's partition, others their own."
+def load_deepspeed_optimizer(path, opt, env, states: list | None = None):
+    "Restore the engine's optimizer from checkpoint `path` (or its already read rank `states`): ZeRO 1/2 takes every rank's partition, others their own."
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     path = Path(path)
-    sds = [torch.load(path / f"rank{r}.pt", map_location="cpu", weights_only=False)["optimizer"]
-           for r in range(env.world_size)]
+    if states is None:
+        states = list(read_checkpoint(path, env, range(env.world_size), weights=False, deepspeed=True)["ranks"].values())
+    sds = [s["optimizer"] for s in states]
     if any(sd is None for sd in sds): raise ValueError(f"checkpoint has no optimizer state (got path={str(path)!r})")
     if isinstance(opt, DeepSpeedZeroOptimizer): opt.load_state_dict(sds)
     else: opt.load_state_dict(sds[env.rank])

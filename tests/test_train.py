@@ -70,8 +70,8 @@ def _nan_hook(m, when):
 
 def test_nan_skip_counts_and_keeps_params(tmp_path):
     m = model(); _nan_hook(m, {2})
-    res = train(m, W.batches(2), cfg(tmp_path, steps=4))
-    assert res.skipped == 1 and not torch.isfinite(torch.tensor(res.losses[1]))
+    res = train(m, W.batches(2), cfg(tmp_path, steps=4, max_skipped_fraction=0.25))   # 1 of 4 skipped is allowed here
+    assert res.skipped == 1 and res.max_consecutive_skipped == 1 and res.skipped_fraction == 0.25 and not torch.isfinite(torch.tensor(res.losses[1]))
     assert all(torch.isfinite(torch.tensor(res.losses[i])) for i in (0, 2, 3))
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["skipped"] for l in lines] == [0, 1, 1, 1]
@@ -159,7 +159,7 @@ def test_sigkill_mid_run_and_during_checkpoint_write_resume_exactly(tmp_path, re
     while f"CKPT_WRITING {nxt}" not in line:
         line = p.stdout.readline()
         assert line or p.poll() is None, p.communicate()[1][-2000:]
-    assert (tmp_path / f"checkpoints/.tmp_step_{nxt:08d}/model.pt").exists()
+    assert (tmp_path / f"checkpoints/.tmp_step_{nxt:08d}/model.safetensors").exists()
     os.kill(p.pid, signal.SIGKILL); p.wait()
     assert latest_checkpoint(tmp_path / "checkpoints") == last
     # 3) resume to the end: same losses as the uninterrupted run, bit for bit
