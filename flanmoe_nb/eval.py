@@ -111,18 +111,48 @@ def sequence_logprobs(model, input_ids: list[list[int]], target_ids: list[list[i
     tok = lp.gather(-1, y.clamp_min(0)[..., None])[..., 0]
     return (tok * mask).sum(-1).cpu()
 
+def _shared_encoder(model) -> bool:
+    "Whether `model` can encode a prompt once and decode several targets against it (`encode`/`decode`, like `model.EncoderDecoder`)."
+    return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None)) and hasattr(model, "cfg")
+
+@torch.no_grad()
+def _option_logprobs_shared(model, input_ids, options, pad_id, batch_size, device) -> list[float]:
+    "Summed log-likelihood of every option, each prompt encoded once: examples are batched so that a batch holds about `batch_size` options."
+    from flanmoe_nb.model import shift_right
+    out, i, n_ex = [], 0, len(input_ids)
+    while i < n_ex:
+        j, n = i + 1, len(options[i])
+        while j < n_ex and n + len(options[j]) <= batch_size: n += len(options[j]); j += 1
+        x = pad_batch(input_ids[i:j], pad_id)
+        if device is not None: x = x.to(device)
+        am = x.ne(pad_id)
+        enc, _ = model.encode(x, am)
+        idx = torch.tensor([k for k in range(j - i) for _ in options[i + k]], device=x.device)
+        y = pad_batch([o for k in range(i, j) for o in options[k]], -100).to(x.device)
+        dec_in = shift_right(y, model.cfg.decoder_start_token_id, model.cfg.pad_token_id)
+        logits, _ = model.decode(dec_in, enc[idx], am[idx])
+        lp = torch.log_softmax(logits.float(), -1)
+        tok = lp.gather(-1, y.clamp_min(0)[..., None])[..., 0]
+        out += (tok * y.ne(-100)).sum(-1).cpu().tolist()
+        i = j
+    return out
+
 @torch.no_grad()
 def score_options(model, input_ids: list[list[int]], options: list[list[list[int]]], pad_id: int = 0,
                   batch_size: int = 32, normalize: str = "sum", device=None) -> list[list[float]]:
-    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token)."
+    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token); an encoder-decoder encodes each prompt once."
     if normalize not in ("sum", "mean"): raise ValueError(f"normalize must be 'sum' or 'mean' (got normalize={normalize!r})")
     pairs = [(i, o) for i, opts in enumerate(options) for o in opts]
-    scores = []
-    for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b:b + batch_size]
-        s = sequence_logprobs(model, [input_ids[i] for i, _ in chunk], [o for _, o in chunk], pad_id, device)
-        if normalize == "mean": s = s / torch.tensor([max(1, len(o)) for _, o in chunk], dtype=s.dtype)
-        scores += s.tolist()
+    if _shared_encoder(model):       # one encoder pass per prompt, not one per option
+        scores = _option_logprobs_shared(model, input_ids, options, pad_id, batch_size, device)
+        if normalize == "mean": scores = [s / max(1, len(o)) for s, (_, o) in zip(scores, pairs)]
+    else:
+        scores = []
+        for b in range(0, len(pairs), batch_size):
+            chunk = pairs[b:b + batch_size]
+            s = sequence_logprobs(model, [input_ids[i] for i, _ in chunk], [o for _, o in chunk], pad_id, device)
+            if normalize == "mean": s = s / torch.tensor([max(1, len(o)) for _, o in chunk], dtype=s.dtype)
+            scores += s.tolist()
     out, k = [], 0
     for opts in options: out.append(scores[k:k + len(opts)]); k += len(opts)
     return out

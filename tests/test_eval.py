@@ -221,3 +221,23 @@ def test_registry_scorer_from_data_module():
     # the generator's own scorer (partial credit is its business), not exact match
     assert ev.score_prediction("12345", row) == data.score_answer(ex, "12345") < 1.0
     assert ev.task_scorer("not_a_registered_task") is ev._em_scorer
+
+
+def test_score_options_encodes_each_prompt_once_with_the_same_scores():
+    "An encoder-decoder's options are scored against one encoder pass per prompt; the scores equal the per-pair forward's."
+    import torch
+    from flanmoe_nb.model import ModelConfig, EncoderDecoder
+    torch.manual_seed(0)
+    m = EncoderDecoder(ModelConfig.preset("tiny", vocab_size=64, moe=dict(num_experts=4, eval_capacity_factor=None))).eval()
+    xs = [[5, 6, 7, 1], [9, 1], [3, 4, 5, 6, 7, 8, 1], [2, 1]]
+    opts = [[[10, 1], [11, 12, 1]], [[13, 1]], [[14, 1], [15, 1], [16, 17, 18, 1]], [[19, 20, 1], [21, 1]]]
+    pairs = [(i, o) for i, os in enumerate(opts) for o in os]
+    ref = ev.sequence_logprobs(m, [xs[i] for i, _ in pairs], [o for _, o in pairs]).tolist()
+    calls = []
+    enc = m.encode
+    m.encode = lambda *a, **k: (calls.append(a[0].shape[0]), enc(*a, **k))[1]
+    for bs in (1, 3, 64):
+        calls.clear()
+        got = [s for row in ev.score_options(m, xs, opts, batch_size=bs) for s in row]
+        assert got == pytest.approx(ref, abs=1e-4)
+        assert sum(calls) == len(xs)          # every prompt encoded exactly once
