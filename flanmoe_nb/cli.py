@@ -19,8 +19,8 @@ def _delegate(module: str, fn: str, argv: list[str]) -> int:
     return int(getattr(importlib.import_module(f"flanmoe_nb.{module}"), fn)(argv) or 0)
 
 _DELEGATED = {  # command: (module, function, help)
-    "run": ("runs", "run_main", "the main job: the tiny FLAN-MoE grid end to end, then the results notebook"),
-    "grid": ("runs", "grid_main", "run a papermill grid: `flanmoe grid papermill_runs/<name>.yaml`"),
+    "run": ("runs", "run_main", "the main job: the tiny FLAN-MoE grid into runs/, then its results notebook"),
+    "grid": ("runs", "grid_main", "validate and run a papermill grid: `flanmoe grid papermill_runs/<name>.yaml [--check]`"),
     "results": ("runs", "results_main", "collect all runs into the results table and notebook"),
     "bench": ("bench", "main", "benchmarks (e.g. `flanmoe bench moe --quick`)"),
 }
