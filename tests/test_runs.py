@@ -127,3 +127,35 @@ def test_experiment_notebooks_have_parameters_cells():
     assert runs.train_config(runs.experiment_params(torch_compile=True)).compile
     assert not runs.train_config(runs.experiment_params()).compile
     with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="slurm")
+
+
+def test_reuse_needs_same_parameters_even_when_stale(project, capsys):
+    "A DONE point is reused only with its fingerprint; --reuse-stale accepts older code but never changed parameters."
+    grid = project / "papermill_runs/g.yaml"
+    out = project / "papermill_runs/g_reuse"
+    assert runs.grid_main([str(grid), "--out", str(out), "--only", "a1"]) == 0
+    done = json.loads((out / "a1/DONE").read_text())
+    assert done["fingerprint"] and done["params_fingerprint"]
+    # the code changed (simulated by another recorded fingerprint): rerun by default, reused with --reuse-stale
+    (out / "a1/DONE").write_text(json.dumps({**done, "fingerprint": "older-code"}))
+    capsys.readouterr()
+    assert runs.grid_main([str(grid), "--out", str(out), "--only", "a1", "--reuse-stale"]) == 0
+    assert "a1: reused (same parameters, older code: --reuse-stale)" in capsys.readouterr().out
+    # the parameters changed: rerun even with --reuse-stale, and the earlier attempt is kept aside
+    (out / "a1/DONE").write_text(json.dumps({**done, "fingerprint": "older-code", "params_fingerprint": "other-params"}))
+    assert runs.grid_main([str(grid), "--out", str(out), "--only", "a1", "--reuse-stale"]) == 0
+    assert "a1: rerun (parameters or code changed)" in capsys.readouterr().out
+    assert len(list((out / ".previous").glob("a1-*"))) == 1
+
+
+def test_compare_runs_against_a_lab_book(tmp_path):
+    "compare_runs: same score, within the spread of the point's seeds, outside it, or no lab-book run."
+    def run(root, rid, score):
+        d = root / "g" / rid; d.mkdir(parents=True)
+        (d / "params.yaml").write_text(yaml.safe_dump({"notebook": "setup1_direct_finetune.ipynb", "params": {"model": "moe"}}))
+        (d / "eval.json").write_text(json.dumps({"score": score})); (d / "DONE").write_text("{}")
+    for rid, s in [("s1_seed0", 0.70), ("s1_seed1", 0.80), ("s1_seed2", 0.75)]: run(tmp_path / "lab", rid, s)
+    for rid, s in [("s1_seed0", 0.70), ("s1_seed1", 0.72), ("s1_seed2", 0.90), ("s1_seed3", 0.75)]: run(tmp_path / "new", rid, s)
+    got = runs.compare_runs(tmp_path / "new", tmp_path / "lab").set_index("run_id")["reproduced"].to_dict()
+    assert got == {"s1_seed0": "same score", "s1_seed1": "within the seeds' spread", "s1_seed2": "outside the seeds' spread",
+                   "s1_seed3": "no lab-book run"}
