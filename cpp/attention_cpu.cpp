@@ -55,9 +55,9 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
     const int64_t want[] = {d.B, d.H, d.Lq, d.Lk};
     for (int i = 0; i < 3; ++i)
       FLANMOE_CHECK(b.size(i) == want[i] || b.size(i) == 1, op, ": bias must broadcast to [B, H, Lq, Lk] = [",
-                    d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk, "] (got ", shape_str(b), ")");
+                    d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk, "] (B, Lq, H of q; Lk of k; got ", shape_str(b), ")");
     FLANMOE_CHECK(b.size(3) == d.Lk && (d.Lk <= 1 || b.stride(3) == 1), op,
-                  ": bias must have Lk = ", d.Lk, " columns with stride 1 (got shape ", shape_str(b),
+                  ": bias must have Lk = ", d.Lk, " columns (Lk of k) with stride 1 (got shape ", shape_str(b),
                   " with strides ", b.strides(), ")");
   }
   if (key_mask.has_value()) {
@@ -67,7 +67,7 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
                   ", key_mask is ", m.scalar_type(), ")");
     check_same_device(m, q, op, "key_mask", "q");
     FLANMOE_CHECK((m.size(0) == d.B || m.size(0) == 1) && m.size(1) == d.Lk && (d.Lk <= 1 || m.stride(1) == 1), op,
-                  ": key_mask must be [B, Lk] = [", d.B, ", ", d.Lk, "] (additive, contiguous rows; got shape ",
+                  ": key_mask must be [B, Lk] = [", d.B, ", ", d.Lk, "] (B of q, Lk of k; additive, contiguous rows; got shape ",
                   shape_str(m), " with strides ", m.strides(), ")");
   }
   return d;
@@ -80,7 +80,8 @@ void check_dropout_mult(const std::optional<at::Tensor>& m, const Dims& d, const
   if (!m.has_value()) return;
   const std::vector<int64_t> want{d.B, d.H, d.Lq, d.Lk};
   FLANMOE_CHECK(m->sizes() == at::IntArrayRef(want) && m->scalar_type() == q.scalar_type() && m->is_contiguous(), op,
-                ": dropout_mult must be a contiguous [B, H, Lq, Lk] = ", at::IntArrayRef(want), " tensor of q's dtype (got ",
+                ": dropout_mult must be a contiguous [B, H, Lq, Lk] = ", at::IntArrayRef(want),
+                " tensor of q's dtype (B, Lq, H of q; Lk of k; got ",
                 shape_str(*m), " ", m->scalar_type(), ")");
   check_same_device(*m, q, op, "dropout_mult", "q");
 }
@@ -196,8 +197,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const char* op = "flanmoe::attention";
   const Dims d = check_attention_args(q, k, v, bias, op, key_mask);
   check_dropout_mult(dropout_mult, d, q, op);
-  auto out = at::empty({d.B, d.Lq, d.H, d.D}, q.options());
-  auto probs = at::empty({d.B, d.H, d.Lq, d.Lk}, q.options());
+  auto out = make_output(op, "the output [B, Lq, H, D] (the shape of q)", {d.B, d.Lq, d.H, d.D}, q.scalar_type(),
+                         [&] { return at::empty({d.B, d.Lq, d.H, d.D}, q.options()); });
+  auto probs = make_output(op, "probs [B, H, Lq, Lk] (B, Lq, H of q; Lk of k)", {d.B, d.H, d.Lq, d.Lk}, q.scalar_type(),
+                           [&] { return at::empty({d.B, d.H, d.Lq, d.Lk}, q.options()); });
   if (out.numel() == 0) return {out, probs};
   if (d.Lk == 0) { out.zero_(); return {out, probs}; }
   if (q.scalar_type() == at::kDouble) {
@@ -230,16 +233,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                 shape_str(dout), " ", dout.scalar_type(), ")");
   const std::vector<int64_t> pshape{d.B, d.H, d.Lq, d.Lk};
   FLANMOE_CHECK(probs.sizes() == at::IntArrayRef(pshape) && probs.scalar_type() == q.scalar_type(), op,
-                ": probs must be the [B, H, Lq, Lk] probabilities from attention (got ", shape_str(probs), " ",
+                ": probs must be the [B, H, Lq, Lk] = ", at::IntArrayRef(pshape),
+                " probabilities from attention (B, Lq, H of q; Lk of k; got ", shape_str(probs), " ",
                 probs.scalar_type(), ")");
   check_same_device(dout, q, op, "dout", "q");
   check_same_device(probs, q, op, "probs", "q");
-  const auto go = dout.contiguous(), p = probs.contiguous();
-  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous), dk = at::empty_like(k, at::MemoryFormat::Contiguous),
-       dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  const auto go = contiguous_arg(dout, op, "dout"), p = contiguous_arg(probs, op, "probs");
+  auto grad_like = [&](const at::Tensor& t, const char* what) {
+    return make_output(op, what, t.sizes(), t.scalar_type(),
+                       [&] { return at::empty_like(t, at::MemoryFormat::Contiguous); });
+  };
+  auto dq = grad_like(q, "dq (the shape of q)"), dk = grad_like(k, "dk (the shape of k)"),
+       dv = grad_like(v, "dv (the shape of v)");
   // the bias gradient per batch row ([B, H, Lq, Lk]) or summed over the batch ([1, H, Lq, Lk]: a bias shared by it)
   const bool batched = bias_batched || d.B <= 1;
-  auto dbias = bias_grad ? at::empty(batched ? pshape : std::vector<int64_t>{1, d.H, d.Lq, d.Lk}, q.options())
+  const std::vector<int64_t> dbshape = batched ? pshape : std::vector<int64_t>{1, d.H, d.Lq, d.Lk};
+  auto dbias = bias_grad ? make_output(op, "dbias (the shape of probs)", dbshape, q.scalar_type(),
+                                       [&] { return at::empty(dbshape, q.options()); })
                          : at::empty({0}, q.options());
   if (d.B * d.H == 0) return {dq, dk, dv, dbias};
   if (d.Lq == 0 || d.Lk == 0 || d.D == 0) {   // an empty contraction: every gradient is 0
@@ -247,7 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     return {dq, dk, dv, dbias};
   }
   if (q.scalar_type() == at::kDouble) {
-    auto full = bias_grad && !batched ? at::empty(pshape, q.options()) : dbias;
+    auto full = bias_grad && !batched ? make_output(op, "dbias per batch row (the shape of probs)", pshape,
+                                                    q.scalar_type(), [&] { return at::empty(pshape, q.options()); })
+                                      : dbias;
     bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(),
                       dropout_mult ? dropout_mult->data_ptr<double>() : nullptr, dq.data_ptr<double>(),
                       dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? full.data_ptr<double>() : nullptr);

@@ -9,6 +9,7 @@
 // FLANMOE_CPU_CACHE_MB (default 4096; 0 disables caching). `flanmoe_nb.kernels.cpu_cache_info()` reports
 // it and `empty_cpu_cache()` returns the free blocks to the OS.
 #include "cpu_cache.h"
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -81,8 +82,12 @@ void give_back(void* p, size_t padded) {
 }  // namespace
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  size_t nbytes = c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  for (auto s : sizes) nbytes *= static_cast<size_t>(s);
+  // The byte count, overflow-checked: a wrapped product (e.g. [2**62 + 2**20, 1] floats: 4 MiB mod 2**64) would
+  // hand out a block far smaller than the tensor. On overflow (or a negative size) at::empty raises its error.
+  uint64_t nbytes = c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
+  bool bad = false;
+  for (auto s : sizes) bad |= s < 0 || __builtin_mul_overflow(nbytes, static_cast<uint64_t>(s), &nbytes);
+  if (bad || nbytes > static_cast<uint64_t>(INT64_MAX)) return at::empty(sizes, opt);
   if (opt.device().is_cpu() && nbytes >= 2 * kHuge) {
     const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
     if (void* p = take(padded))

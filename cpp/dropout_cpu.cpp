@@ -46,8 +46,8 @@ at::Tensor dropout_cpu(const at::Tensor& x, double p, int64_t seed) {
   check_float_dtype(x, op, "x");
   check_device_of(x, op, "x", false);
   FLANMOE_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1) (got p=", p, ")");
-  const auto xc = x.contiguous();
-  auto y = at::empty_like(xc);
+  const auto xc = contiguous_arg(x, op, "x");
+  auto y = make_output(op, "the output (the shape of x)", xc.sizes(), xc.scalar_type(), [&] { return at::empty_like(xc); });
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "flanmoe_dropout", [&] {
     apply_mask(xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(), p, seed);

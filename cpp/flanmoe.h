@@ -1,9 +1,18 @@
 // Shared helpers for the flanmoe_nb compiled core: argument validation with messages that name the
-// argument and the offending value. Every op validates its inputs before touching memory.
+// argument and the offending value. Every op validates its inputs before touching memory: values that are
+// summed (group sizes) are checked against what is left before each addition (never a wrapped int64 sum),
+// indices against their range before they offset a pointer, and a size that comes from an argument (num_tokens,
+// num_experts, an output shape from the operands' dims) is checked to fit int64 before anything is allocated
+// for it; an allocation that still fails names the argument (`make_output`, `allocating`).
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <algorithm>
+#include <cstdint>
+#include <new>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 
 namespace flanmoe {
@@ -42,25 +51,94 @@ inline void check_int64(const at::Tensor& t, const char* op, const char* name) {
   FLANMOE_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64 (got ", t.scalar_type(), ")");
 }
 
-// Validates group_sizes for a grouped op over `n` rows and `g` groups. On CPU it reads the sizes and
-// checks that none is negative and that they sum to at most n (rows past the sum are padding: grouped_mm
-// writes zeros there, grouped_mm_wgrad ignores them). On CUDA that check would synchronise the host,
-// so it is left to the device kernels (which clamp to the buffer and never read or write out of bounds).
-inline void check_group_sizes(const at::Tensor& group_sizes, int64_t n, int64_t g, const char* op) {
+// Runs `make`, an allocation whose size comes from the arguments (an output, a contiguous copy of an input, a
+// working array), and turns an allocator failure into an error that names `what` (the argument it comes from)
+// instead of the allocator's bare message. CUDA out-of-memory stays a torch.OutOfMemoryError.
+template <typename F>
+auto allocating(const char* op, const std::string& what, F&& make) -> decltype(make()) {
+  std::string why;
+  bool oom = false;
+  try {
+    return make();
+  } catch (const c10::OutOfMemoryError& e) {
+    why = e.what_without_backtrace();
+    oom = true;
+  } catch (const c10::Error& e) {
+    why = e.what_without_backtrace();
+  } catch (const std::bad_alloc&) {
+    why = "out of host memory (std::bad_alloc)";
+  } catch (const std::length_error& e) {
+    why = e.what();
+  }
+  std::ostringstream msg;
+  msg << op << ": cannot allocate " << what << ": " << why;
+  if (oom) C10_THROW_ERROR(OutOfMemoryError, msg.str());
+  C10_THROW_ERROR(Error, msg.str());
+}
+
+// A tensor of `sizes` elements of `itemsize` bytes must be addressable: the running product of the sizes (as
+// ATen computes it, so an overflow counts even before a 0) and the byte count fit in int64. `what` names it.
+inline void check_size_fits(at::IntArrayRef sizes, int64_t itemsize, const char* op, const std::string& what) {
+  uint64_t prod = 1, bytes = 0;
+  bool over = false;
+  for (auto s : sizes) {
+    FLANMOE_CHECK(s >= 0, op, ": ", what, " would have a negative size (shape ", sizes, ")");
+    over |= __builtin_mul_overflow(prod, static_cast<uint64_t>(s), &prod);
+  }
+  over |= __builtin_mul_overflow(prod, static_cast<uint64_t>(itemsize), &bytes);
+  FLANMOE_CHECK(!over && bytes <= static_cast<uint64_t>(INT64_MAX), op, ": ", what, " would have shape ", sizes,
+                ": more bytes than int64 can count");
+}
+
+// An output (or working copy) of `sizes` whose size comes from the arguments: checked to fit (check_size_fits),
+// then made by `make` under `allocating`. `what` says which arguments give its shape, e.g.
+// "the output [num_tokens, columns of y]".
+template <typename F>
+at::Tensor make_output(const char* op, const std::string& what, at::IntArrayRef sizes, at::ScalarType dtype,
+                       F&& make) {
+  check_size_fits(sizes, static_cast<int64_t>(c10::elementSize(dtype)), op, what);
+  std::ostringstream desc;
+  desc << what << " = " << sizes;
+  return allocating(op, desc.str(), std::forward<F>(make));
+}
+
+// t.contiguous(), where t may be a huge stride-0 expansion: a failed copy names the argument.
+inline at::Tensor contiguous_arg(const at::Tensor& t, const char* op, const char* name) {
+  if (t.is_contiguous()) return t;
+  return make_output(op, std::string("a contiguous copy of ") + name, t.sizes(), t.scalar_type(),
+                     [&] { return t.contiguous(); });
+}
+
+// Validates group_sizes for a grouped op over the `n` rows of `an` and the `g` groups of `bn`. On CPU it reads
+// the sizes and checks that none is negative and that they sum to at most n (rows past the sum are padding:
+// grouped_mm writes zeros there, grouped_mm_wgrad ignores them); each size is compared with the rows still left
+// before it is added, so no int64 sum can wrap (e.g. four sizes of 2**62 "summing" to 0). On CUDA that check
+// would synchronise the host, so it is left to the device kernels (which clamp to the buffer, in the same
+// overflow-free way, and never read or write out of bounds).
+inline void check_group_sizes(const at::Tensor& group_sizes, int64_t n, int64_t g, const char* op,
+                              const char* an = "a", const char* bn = "b") {
   check_rank(group_sizes, 1, op, "group_sizes");
   check_int64(group_sizes, op, "group_sizes");
-  FLANMOE_CHECK(group_sizes.size(0) == g, op, ": group_sizes must have one entry per group (", g,
-                " groups in b) but has ", group_sizes.size(0), " entries");
+  FLANMOE_CHECK(group_sizes.size(0) == g, op, ": group_sizes must have one entry per group (", g, " groups in ", bn,
+                ") but has ", group_sizes.size(0), " entries");
+  FLANMOE_CHECK(group_sizes.is_cpu() || group_sizes.is_cuda(), op, ": group_sizes must be on the CPU or a CUDA device (got ",
+                group_sizes.device(), ")");
   if (group_sizes.is_cpu()) {
-    auto gs = group_sizes.contiguous();
-    const int64_t* p = gs.data_ptr<int64_t>();
-    int64_t total = 0;
+    auto gs = contiguous_arg(group_sizes, op, "group_sizes");
+    const int64_t* p = gs.const_data_ptr<int64_t>();
+    int64_t left = n;
     for (int64_t i = 0; i < g; ++i) {
       FLANMOE_CHECK(p[i] >= 0, op, ": group_sizes must be non-negative (group_sizes[", i, "] = ", p[i], ")");
-      total += p[i];
+      if (p[i] > left) {
+        if (i == 0)
+          FLANMOE_CHECK(false, op, ": group_sizes[0] = ", p[0], " exceeds the ", n, " rows of ", an,
+                        " (group_sizes must sum to at most the rows of ", an, "; rows past the sum are padding)");
+        FLANMOE_CHECK(false, op, ": group_sizes[", i, "] = ", p[i], " exceeds the ", left, " rows of ", an,
+                      " left after groups 0..", i - 1, " (", an, " has ", n, " rows; group_sizes must sum to at most ",
+                      "that, rows past the sum are padding)");
+      }
+      left -= p[i];
     }
-    FLANMOE_CHECK(total <= n, op, ": group_sizes must sum to at most the number of rows of a (sum = ", total,
-                  ", rows = ", n, "); rows past the sum are padding");
   }
 }
 
@@ -77,6 +155,16 @@ inline void check_route_plan_args(const at::Tensor& expert_idx, int64_t num_expe
   check_int64(expert_idx, op, "expert_idx");
   check_contiguous(expert_idx, op, "expert_idx");
   FLANMOE_CHECK(num_experts >= 1, op, ": num_experts must be >= 1 (got num_experts=", num_experts, ")");
+  // The kernels bucket assignments into num_experts + 1 buckets (the last: invalid tokens) and the CUDA one sorts by
+  // the key bucket * T*k + rank: (num_experts + 2) and (num_experts + 1) * T*k must fit int64.
+  {
+    const int64_t A = expert_idx.size(0) * expert_idx.size(1);   // (expert_idx exists: no overflow)
+    int64_t e2 = 0, span = 0;
+    FLANMOE_CHECK(!__builtin_add_overflow(num_experts, int64_t(2), &e2) &&
+                      !__builtin_mul_overflow(num_experts + 1, std::max<int64_t>(A, 1), &span),
+                  op, ": num_experts=", num_experts, " is too large: (num_experts + 1) * ", A,
+                  " assignments (the sort keys) overflow int64");
+  }
   FLANMOE_CHECK(!capacity.has_value() || *capacity >= 0, op, ": capacity must be >= 0 or None (got capacity=",
                 capacity.value_or(0), ")");
   if (priority.has_value()) {
@@ -89,7 +177,7 @@ inline void check_route_plan_args(const at::Tensor& expert_idx, int64_t num_expe
   }
   if (valid.has_value()) {
     const auto& v = *valid;
-    FLANMOE_CHECK(v.dim() == 1 && v.size(0) == expert_idx.size(0), op, ": valid must have shape [",
+    FLANMOE_CHECK(v.dim() == 1 && v.size(0) == expert_idx.size(0), op, ": valid must have shape [rows of expert_idx] = [",
                   expert_idx.size(0), "] (one flag per token; got ", shape_str(v), ")");
     FLANMOE_CHECK(v.scalar_type() == at::kBool, op, ": valid must be bool (got ", v.scalar_type(), ")");
     check_same_device(v, expert_idx, op, "valid", "expert_idx");

@@ -18,9 +18,10 @@
 namespace flanmoe {
 namespace {
 
+// Prefix sums of group_sizes, which check_group_sizes has validated (each size at most the rows left: no overflow).
 std::vector<int64_t> group_offsets(const at::Tensor& group_sizes) {
-  auto gs = group_sizes.to(at::kCPU).contiguous();
-  const int64_t* p = gs.data_ptr<int64_t>();
+  auto gs = group_sizes.contiguous();
+  const int64_t* p = gs.const_data_ptr<int64_t>();
   std::vector<int64_t> off(gs.numel() + 1, 0);
   for (int64_t i = 0; i < gs.numel(); ++i) off[i + 1] = off[i] + p[i];
   return off;
@@ -86,16 +87,18 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   const int64_t bK = trans_b ? b.size(2) : b.size(1);
   const int64_t M = trans_b ? b.size(1) : b.size(2);
   FLANMOE_CHECK(bK == K, op, ": inner dimensions differ: ", an, " is ", shape_str(a), ", b is ", shape_str(b),
-                trans_b ? " (trans_b=True: b must be [G, M, K])" : " (b must be [G, K, M])");
-  check_group_sizes(group_sizes, N, G, op);
+                trans_b ? " (trans_b=True: b must be [G, M, K])" : " (trans_b=False: b must be [G, K, M])");
+  check_same_device(group_sizes, a, op, "group_sizes", an);
+  check_group_sizes(group_sizes, N, G, op, an, "b");
   if (mask) {
     check_gmm_operands(*mask, a, op, an, "h");
-    FLANMOE_CHECK(mask->size(0) == N && mask->size(1) == M, op, ": h must be [", N, ", ", M, "] (got ",
-                  shape_str(*mask), ")");
+    FLANMOE_CHECK(mask->size(0) == N && mask->size(1) == M, op, ": h must be [rows of ", an, ", b.shape[1]] = [", N,
+                  ", ", M, "] (got ", shape_str(*mask), ")");
   }
 
   at::AutoDispatchBelowADInplaceOrView guard;
-  auto out = empty_large({N, M}, a.options());
+  auto out = make_output(op, std::string("the output [rows of ") + an + ", " + (trans_b ? "b.shape[1]" : "b.shape[2]") + "]",
+                         {N, M}, a.scalar_type(), [&] { return empty_large({N, M}, a.options()); });
   if (N == 0 || M == 0) return out;
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
@@ -134,12 +137,15 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
                 shape_str(a), ", dy is ", shape_str(dy), ")");
   const int64_t N = a.size(0), K = a.size(1), M = dy.size(1);
   check_rank(group_sizes, 1, op, "group_sizes");
+  check_same_device(group_sizes, a, op, "group_sizes", an);
   const int64_t G = group_sizes.size(0);
-  check_group_sizes(group_sizes, N, G, op);
+  check_group_sizes(group_sizes, N, G, op, an, "group_sizes");
 
   at::AutoDispatchBelowADInplaceOrView guard;
-  if (N == 0 || K == 0 || M == 0) return at::zeros({G, K, M}, a.options());
-  auto out = empty_large({G, K, M}, a.options());
+  const std::string what = std::string("the output [entries of group_sizes, columns of ") + an + ", columns of dy]";
+  if (N == 0 || K == 0 || M == 0)
+    return make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return at::zeros({G, K, M}, a.options()); });
+  auto out = make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return empty_large({G, K, M}, a.options()); });
   const auto off = group_offsets(group_sizes);
   // Items split the output columns of a group; groups with no rows get a zero gradient.
   std::vector<int64_t> cols(G);

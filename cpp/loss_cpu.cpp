@@ -29,8 +29,8 @@ void check_ce_args(const at::Tensor& logits, const at::Tensor& target, int64_t i
   const int64_t V = logits.size(1);
   const int64_t* t = target.data_ptr<int64_t>();
   for (int64_t i = 0; i < target.size(0); ++i)
-    FLANMOE_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), op, ": target must be in [0, ", V,
-                  ") or ignore_index=", ignore_index, " (got target[", i, "] = ", t[i], ")");
+    FLANMOE_CHECK(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), op, ": target must be in [0, ", V, ") (", V,
+                  " = the columns of logits) or ignore_index=", ignore_index, " (got target[", i, "] = ", t[i], ")");
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
@@ -92,8 +92,9 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   check_ce_args(logits, target, ignore_index, op);
   FLANMOE_CHECK(grad.numel() == 1, op, ": grad must be the scalar gradient of the loss (got ", shape_str(grad), ")");
   FLANMOE_CHECK(lse.dim() == 1 && lse.size(0) == logits.size(0) && lse.scalar_type() == logits.scalar_type(), op,
-                ": lse must be the per-row logsumexp from cross_entropy, shape [", logits.size(0), "] (got ",
-                shape_str(lse), " ", lse.scalar_type(), ")");
+                ": lse must be the per-row logsumexp from cross_entropy: shape [rows of logits] = [", logits.size(0),
+                "], the dtype of logits (", logits.scalar_type(), "); got ", shape_str(lse), " ", lse.scalar_type());
+  check_same_device(lse, logits, op, "lse", "logits");
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t* t = target.data_ptr<int64_t>();
   int64_t count = 0;

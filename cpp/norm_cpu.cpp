@@ -114,7 +114,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
   FLANMOE_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0 (got eps=", eps, ")");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   auto y = at::empty_like(x);
-  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options());
+  auto rstd = make_output(op, "rstd [x.shape[:-1]]", x.sizes().slice(0, x.dim() - 1), x.scalar_type(),
+                          [&] { return at::empty(x.sizes().slice(0, x.dim() - 1), x.options()); });
   if (x.numel() == 0) return {y, rstd.fill_(std::nan(""))};   // (d = 0: the mean of nothing, as in torch)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flanmoe_rms_norm", [&] {
     fwd<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), scalar_t(eps), rows, d, y.data_ptr<scalar_t>(),
@@ -132,11 +133,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& dy, c
                 ": dy must have the shape and dtype of x (x is ", shape_str(x), ", dy is ", shape_str(dy), " ",
                 dy.scalar_type(), ")");
   FLANMOE_CHECK(rstd.sizes() == x.sizes().slice(0, x.dim() - 1) && rstd.scalar_type() == x.scalar_type(), op,
-                ": rstd must be the per-row statistic from rms_norm, shape ", x.sizes().slice(0, x.dim() - 1),
+                ": rstd must be the per-row statistic from rms_norm, shape x.shape[:-1] = ", x.sizes().slice(0, x.dim() - 1),
                 " (got ", shape_str(rstd), " ", rstd.scalar_type(), ")");
   check_same_device(dy, x, op, "dy", "x");
   check_same_device(rstd, x, op, "rstd", "x");
-  const auto g = dy.contiguous(), r = rstd.contiguous();
+  const auto g = contiguous_arg(dy, op, "dy"), r = contiguous_arg(rstd, op, "rstd");
   const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
   auto dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());
   auto dw = need_dweight ? at::empty_like(weight) : at::empty({0}, x.options());

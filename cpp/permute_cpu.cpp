@@ -9,7 +9,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace flanmoe {
@@ -32,7 +34,8 @@ at::Tensor permute_cpu(const at::Tensor& x, const at::Tensor& token_idx, const s
   check_permute_args(x, token_idx, weights, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
   check_index_values(token_idx, T, op, "token_idx", "rows of x");
-  auto out = empty_large({S, d}, x.options());
+  auto out = make_output(op, "the output [entries of token_idx, columns of x]", {S, d}, x.scalar_type(),
+                         [&] { return empty_large({S, d}, x.options()); });
   if (S == 0 || d == 0) return out;
   const int64_t* idx = token_idx.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "flanmoe_permute", [&] {
@@ -59,17 +62,24 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& token_idx, const
   check_unpermute_args(y, token_idx, weights, num_tokens, op);
   const int64_t S = token_idx.size(0), d = y.size(1);
   check_index_values(token_idx, num_tokens, op, "token_idx", "num_tokens");
-  auto out = empty_large({num_tokens, d}, y.options());
+  auto out = make_output(op, "the output [num_tokens, columns of y]", {num_tokens, d}, y.scalar_type(),
+                         [&] { return empty_large({num_tokens, d}, y.options()); });
   if (num_tokens == 0 || d == 0) return out;
   const int64_t* idx = token_idx.data_ptr<int64_t>();
-  // Rows of each token, in ascending row order (deterministic summation order).
-  std::vector<int64_t> start(num_tokens + 1, 0), rows(S);
+  // Rows of each token, in ascending row order (deterministic summation order). (num_tokens * d elements were
+  // allocated above, so num_tokens + 1 cannot overflow; the arrays are 2x its size and named if they fail.)
+  std::vector<int64_t> start, rows, fill;
+  allocating(op, "the [num_tokens + 1] row offsets of unpermute (num_tokens=" + std::to_string(num_tokens) + ")", [&] {
+    start.assign(num_tokens + 1, 0);
+    fill.resize(num_tokens);
+    rows.resize(S);
+    return 0;
+  });
   for (int64_t s = 0; s < S; ++s) ++start[idx[s] + 1];
   for (int64_t t = 0; t < num_tokens; ++t) start[t + 1] += start[t];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t s = 0; s < S; ++s) rows[fill[idx[s]]++] = s;
-  }
+  std::copy(start.begin(), start.end() - 1, fill.begin());
+  for (int64_t s = 0; s < S; ++s) rows[fill[idx[s]]++] = s;
+  fill = std::vector<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "flanmoe_unpermute", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* yp = y.data_ptr<scalar_t>();

@@ -5,6 +5,7 @@
 #include "flanmoe.h"
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace flanmoe {
@@ -16,8 +17,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_route_plan_args(expert_idx, num_experts, capacity, priority, valid, op);
   const int64_t T = expert_idx.size(0), k = expert_idx.size(1), A = T * k, E = num_experts;
   const auto lopt = expert_idx.options();
-  auto group_sizes = at::zeros({E}, lopt);
-  auto requested = at::zeros({E}, lopt);
+  auto group_sizes = make_output(op, "the output group_sizes [num_experts]", {E}, at::kLong,
+                                 [&] { return at::zeros({E}, lopt); });
+  auto requested = make_output(op, "the output requested [num_experts]", {E}, at::kLong,
+                               [&] { return at::zeros({E}, lopt); });
   auto token_idx = at::empty({A}, lopt);
   auto assign_idx = at::empty({A}, lopt);
   auto keep = at::empty({T, k}, lopt.dtype(at::kBool));
@@ -33,7 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   a / k, ", ", a % k, "] = ", e, ")");
   }
   // Counting sort in the default priority order (choice j, then token t); bucket E holds invalid tokens.
-  std::vector<int64_t> count(E + 1, 0), start(E + 2, 0);
+  std::vector<int64_t> count, start;   // (E + 2 fits: check_route_plan_args)
+  allocating(op, "the [num_experts + 2] bucket counts (num_experts=" + std::to_string(E) + ")", [&] {
+    count.assign(E + 1, 0);
+    start.assign(E + 2, 0);
+    return 0;
+  });
   auto bucket = [&](int64_t a) { return (vp && !vp[a / k]) ? E : ei[a]; };
   for (int64_t a = 0; a < A; ++a) ++count[bucket(a)];
   for (int64_t e = 0; e <= E; ++e) start[e + 1] = start[e] + count[e];
@@ -42,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t t = 0; t < T; ++t) { const int64_t a = t * k + j; order[fill[bucket(a)]++] = a; }
 
   if (priority.has_value()) {
-    auto pr = priority->to(at::kDouble).contiguous();
+    auto pr = make_output(op, "a float64 copy of priority", priority->sizes(), at::kDouble,
+                          [&] { return priority->to(at::kDouble).contiguous(); });
     const double* p = pr.data_ptr<double>();
     auto higher = [p](int64_t x, int64_t y) {  // strict weak order: descending, NaN last
       const double a = p[x], b = p[y];

@@ -124,3 +124,38 @@ def test_route_plan_large_random(T, k, E, cap, seed):
     prio = torch.rand(T, k, generator=g)
     for a, b in zip(K.route_plan(eidx, E, cap, prio), K.route_plan_reference(eidx, E, cap, prio)):
         assert torch.equal(a, b)
+
+
+# Sizes whose int64 sum wraps: [2**62] * 4 "sums" to 0 and [int64 max, int64 max, 3] to 1, which passed the old
+# `total <= rows` check and then offset pointers by 2**62 rows (a segfault in grouped_mm and grouped_mm_wgrad).
+WRAPPING_GROUP_SIZES = [[2**62] * 4, [2**62, 2**62], [2**63 - 1, 2**63 - 1, 3], [2**63 - 1, 1], [1, 2**63 - 1, 2**63 - 1]]
+
+
+@pytest.mark.parametrize("gs", WRAPPING_GROUP_SIZES, ids=str)
+def test_group_sizes_that_overflow_int64_are_refused(gs):
+    a, G = torch.randn(6, 4), len(gs)
+    first_bad = 0 if gs[0] > 6 else 1
+    pat = rf"group_sizes\[{first_bad}\] = {gs[first_bad]} exceeds the \d+ rows of a"
+    with pytest.raises(ValueError, match=pat):
+        K.grouped_mm(a, torch.randn(G, 4, 3), torch.tensor(gs))
+    with pytest.raises(ValueError, match=pat):
+        K.grouped_mm(a, torch.randn(G, 3, 4), torch.tensor(gs), trans_b=True)
+    with pytest.raises(ValueError, match=pat):
+        ops.grouped_mm_wgrad(a, torch.randn(6, 3), torch.tensor(gs))
+    with pytest.raises(ValueError, match=pat.replace("of a", "of h")):
+        ops.relu_grouped_mm(a, torch.randn(G, 4, 3), torch.tensor(gs))
+    with pytest.raises(ValueError, match=pat.replace("of a", "of dy")):
+        ops.relu_grouped_mm_backward(torch.randn(6, 3), a, torch.randn(G, 4, 3), torch.tensor(gs), True, True)
+
+
+def test_huge_output_shapes_are_refused_by_name():
+    "Zero-element operands with huge dims: the output size is checked before anything is allocated."
+    # 4 * (2**62 + 2**20) bytes wraps to 4 MiB: the host cache once handed out a 4 MiB block for it
+    with pytest.raises(ValueError, match=r"output \[rows of a, b.shape\[2\]\]"):
+        ops.grouped_mm(torch.empty(2**62 + 2**20, 0), torch.empty(1, 0, 1), torch.tensor([0]), False)
+    with pytest.raises(ValueError, match=r"num_tokens"):
+        ops.unpermute(torch.randn(2, 2), torch.tensor([0, 1]), None, 2**63 - 1)
+    with pytest.raises(ValueError, match=r"num_experts=9223372036854775807 is too large"):
+        ops.route_plan(torch.zeros(3, 2, dtype=torch.long), 2**63 - 1)
+    with pytest.raises(ValueError, match=r"probs \[B, H, Lq, Lk\]"):
+        ops.attention(*(torch.empty(2**31, 1, 2**31, 0),) * 3)

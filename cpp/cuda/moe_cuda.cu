@@ -5,6 +5,9 @@
 // rows) cannot be checked here without a sync; the kernels clamp instead and never read or write out
 // of bounds: an out-of-range expert index is treated like an invalid token (never kept), an
 // out-of-range token index reads zeros / is skipped, group offsets are clamped to the buffer.
+// What the host can check without a sync it does, as the CPU ops do (flanmoe.h): shapes, num_experts and
+// num_tokens against int64 overflow, output sizes (make_output: an allocation that fails names the argument), and
+// launch grids against CUDA's limits (a grid cast to unsigned would otherwise silently drop blocks).
 #include "flanmoe.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +28,14 @@ namespace {
 
 constexpr int kThreads = 256;
 inline int64_t blocks_for(int64_t n, int64_t per = kThreads) { return std::max<int64_t>(1, (n + per - 1) / per); }
+
+// A launch grid computed from the operands' sizes must fit CUDA's limits (x < 2^31, y and z < 2^16): past them
+// the cast to unsigned would launch fewer blocks than rows or columns, leaving outputs unwritten. `what` names
+// the arguments whose sizes give the grid.
+inline void check_grid(const char* op, int64_t x, int64_t y, int64_t z, const char* what) {
+  FLANMOE_CHECK(x <= INT32_MAX && y <= 65535 && z <= 65535, op, ": ", what, " too large for one CUDA launch (grid ", x,
+                " x ", y, " x ", z, "; at most 2147483647 x 65535 x 65535)");
+}
 
 // ------------------------------------------------------------------ group offsets (device)
 // off[0] = 0, off[g+1] = min(off[g] + max(gs[g], 0), n): clamped prefix sums, one thread (G is small).
@@ -591,16 +602,22 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::T
   check_same_device(group_sizes, a, op, "group_sizes", "a");
   const int64_t N = a.size(0), K = a.size(1), G = b.size(0);
   const int64_t bK = trans_b ? b.size(2) : b.size(1), M = trans_b ? b.size(1) : b.size(2);
-  FLANMOE_CHECK(bK == K, op, ": inner dimensions differ: a is ", shape_str(a), ", b is ", shape_str(b));
+  FLANMOE_CHECK(bK == K, op, ": inner dimensions differ: a is ", shape_str(a), ", b is ", shape_str(b),
+                trans_b ? " (trans_b=True: b must be [G, M, K])" : " (trans_b=False: b must be [G, K, M])");
   check_group_sizes(group_sizes, N, G, op);   // shape/dtype only on CUDA (no sync)
   c10::cuda::CUDAGuard guard(a.device());
-  if (N == 0 || M == 0 || K == 0 || G == 0) return at::zeros({N, M}, a.options());
+  const char* what = trans_b ? "the output [rows of a, b.shape[1]]" : "the output [rows of a, b.shape[2]]";
+  if (N == 0 || M == 0 || K == 0 || G == 0)
+    return make_output(op, what, {N, M}, a.scalar_type(), [&] { return at::zeros({N, M}, a.options()); });
+  check_grid(op, (N + 63) / 64 + G, (M + 63) / 64, 1, "a (rows) plus b (groups, columns) are");  // both kernels' grids
   if (tc::use_tc(a) && tc::tc_aligned(a, b, K, M, /*need_m8=*/!trans_b)) {   // tensor cores (see tc::)
-    auto out = at::empty({N, M}, a.options());                             // padding rows: zeroed by the kernel
+    auto out = make_output(op, what, {N, M}, a.scalar_type(),                // padding rows: zeroed by the kernel
+                           [&] { return at::empty({N, M}, a.options()); });
     tc::grouped_mm(a, b, group_sizes, trans_b, G, N, K, M, out);
     return out;
   }
-  auto out = at::zeros({N, M}, a.options());                               // SIMT: padding rows stay zero
+  auto out = make_output(op, what, {N, M}, a.scalar_type(),                 // SIMT: padding rows stay zero
+                         [&] { return at::zeros({N, M}, a.options()); });
   auto off = device_offsets(group_sizes, N);
   const dim3 grid(static_cast<unsigned>((N + BM - 1) / BM + G), static_cast<unsigned>((M + BN - 1) / BN));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "flanmoe_grouped_mm_cuda", [&] {
@@ -621,11 +638,13 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, cons
                 ", dy is ", shape_str(dy), ")");
   check_rank(group_sizes, 1, op, "group_sizes");
   const int64_t N = a.size(0), K = a.size(1), M = dy.size(1), G = group_sizes.size(0);
-  check_group_sizes(group_sizes, N, G, op);
+  check_group_sizes(group_sizes, N, G, op, "a", "group_sizes");
   c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({G, K, M}, a.options());
+  auto out = make_output(op, "the output [entries of group_sizes, columns of a, columns of dy]", {G, K, M},
+                         a.scalar_type(), [&] { return at::empty({G, K, M}, a.options()); });
   if (G == 0 || K == 0 || M == 0) return out;
   if (N == 0) return out.zero_();
+  check_grid(op, G, (K + 63) / 64, (M + 63) / 64, "group_sizes (entries), a and dy (columns) are");
   if (tc::use_tc(a) && tc::tc_aligned(a, dy, K, M, /*need_m8=*/true)) {   // tensor cores (see tc::)
     tc::grouped_wgrad(a, dy, group_sizes, G, N, K, M, out);
     return out;
@@ -702,7 +721,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::cuda::CUDAGuard guard(expert_idx.device());
   const int64_t T = expert_idx.size(0), k = expert_idx.size(1), A = T * k, E = num_experts;
   const auto lopt = expert_idx.options();
-  auto gs = at::zeros({E}, lopt), req = at::zeros({E}, lopt);
+  auto gs = make_output(op, "the output group_sizes [num_experts]", {E}, at::kLong, [&] { return at::zeros({E}, lopt); });
+  auto req = make_output(op, "the output requested [num_experts]", {E}, at::kLong, [&] { return at::zeros({E}, lopt); });
   auto tok = at::empty({A}, lopt), asg = at::empty({A}, lopt);
   auto keep = at::empty({T, k}, lopt.dtype(at::kBool)), slot = at::empty({T, k}, lopt);
   if (A == 0) return {gs, req, tok, asg, keep, slot};
@@ -719,7 +739,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     rank.scatter_(0, default_order, at::arange(A, lopt));
   }
-  auto count = at::zeros({E + 1}, lopt);
+  auto count = make_output(op, "the [num_experts + 1] bucket counts", {E + 1}, at::kLong,   // (E + 2 fits: checked)
+                           [&] { return at::zeros({E + 1}, lopt); });
   count_kernel<<<blocks_for(A), kThreads, 0, stream>>>(expert_idx.data_ptr<int64_t>(), vp, A, k, E,
                                                        count.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -728,7 +749,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                      A, k, E, key.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  auto start = at::empty({E + 1}, lopt), kept_start = at::empty({E + 1}, lopt), drop_start = at::empty({E + 1}, lopt);
+  auto starts = make_output(op, "the 3 x [num_experts + 1] bucket starts", {3, E + 1}, at::kLong,
+                            [&] { return at::empty({3, E + 1}, lopt); });
+  auto start = starts[0], kept_start = starts[1], drop_start = starts[2];
   const int64_t cap = capacity.has_value() ? *capacity : A;
   finish_counts_kernel<<<1, 1, 0, stream>>>(count.data_ptr<int64_t>(), E, cap, gs.data_ptr<int64_t>(),
                                             req.data_ptr<int64_t>(), start.data_ptr<int64_t>(),
@@ -810,8 +833,10 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& token_idx, const 
   check_permute_args(x, token_idx, weights, op);
   const int64_t S = token_idx.size(0), T = x.size(0), d = x.size(1);
   c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty({S, d}, x.options());
+  auto out = make_output(op, "the output [entries of token_idx, columns of x]", {S, d}, x.scalar_type(),
+                         [&] { return at::empty({S, d}, x.options()); });
   if (S == 0 || d == 0) return out;
+  check_grid(op, S, 1, 1, "token_idx (entries, one block each) is");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flanmoe_permute_cuda", [&] {
     permute_kernel<scalar_t><<<S, row_threads(d), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), token_idx.data_ptr<int64_t>(),
@@ -828,8 +853,10 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& token_idx, cons
   const int64_t S = token_idx.size(0), d = y.size(1);
   c10::cuda::CUDAGuard guard(y.device());
   const bool f64 = y.scalar_type() == at::kDouble;
-  auto acc = at::zeros({num_tokens, d}, y.options().dtype(f64 ? at::kDouble : at::kFloat));
+  auto acc = make_output(op, "the output [num_tokens, columns of y]", {num_tokens, d}, f64 ? at::kDouble : at::kFloat,
+                         [&] { return at::zeros({num_tokens, d}, y.options().dtype(f64 ? at::kDouble : at::kFloat)); });
   if (S == 0 || d == 0 || num_tokens == 0) return acc.to(y.scalar_type());
+  check_grid(op, S, 1, 1, "token_idx (entries, one block each) is");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "flanmoe_unpermute_cuda", [&] {
     const scalar_t* wp = weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr;
     if (f64)
@@ -850,6 +877,7 @@ at::Tensor gather_dot_cuda(const at::Tensor& x, const at::Tensor& token_idx, con
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({S}, x.options());
   if (S == 0) return out;
+  check_grid(op, S, 1, 1, "token_idx (entries, one block each) is");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flanmoe_gather_dot_cuda", [&] {
     gather_dot_kernel<scalar_t><<<S, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), token_idx.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), S, T, d,
