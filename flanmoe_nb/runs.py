@@ -56,6 +56,7 @@ PARAMS: dict[str, Param] = dict(
     init_checkpoint=Param("", Str(), "required: the starting run folder (or checkpoint folder)", _INIT),
     steps=Param(100, Int(1), "optimizer steps"),
     batch_size=Param(16, Int(1), "examples per step"),
+    bucket_factor=Param(8, Int(0), "0: random batches; k: batches of similar length, sorted within random chunks of k batches"),
     lr=Param(1e-3, Float(0, lo_open=True), "learning rate (constant for Adafactor by default)"),
     optimizer=Param("adafactor", Choice("adafactor", "adamw"), "optimizer"),
     schedule=Param("constant", Choice("constant", "inverse_sqrt", "cosine"), "learning-rate schedule"),
@@ -798,7 +799,7 @@ def train_config(p: dict):
     from flanmoe_nb import train as T
     z = None if p["setup"] == 0 or p["z_coef"] is None else p["z_coef"]
     return T.TrainConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], optimizer=p["optimizer"],
-                         schedule=p["schedule"], warmup_steps=p["warmup_steps"], bf16=p["bf16"], seed=p["seed"],
+                         schedule=p["schedule"], warmup_steps=p["warmup_steps"], bf16=p["bf16"], seed=p["seed"], bucket_factor=p["bucket_factor"],
                          balance_coef=p["balance_coef"], z_coef=z, freeze=p["freeze"],
                          expert_dropout=p["expert_dropout"], out_dir=p["out_dir"], ep_size=p["ep_size"],
                          engine="deepspeed" if p["launcher"] == "deepspeed" else "torch", deepspeed_config=_ds_config(p),

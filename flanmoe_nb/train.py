@@ -26,11 +26,12 @@ from .moe import MoELayer
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'CHECKPOINT_FORMAT',
            'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups',
-           'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches', 'as_stream', 'CheckpointError', 'rng_state',
-           'set_rng_state', 'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints', 'latest_checkpoint',
-           'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult', 'TrainingDiverged',
-           'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step', 'train',
-           'deepspeed_config', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage', 'bench_train']
+           'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches', 'example_length', 'as_stream', 'CheckpointError',
+           'rng_state', 'set_rng_state', 'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints',
+           'latest_checkpoint', 'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
+           'TrainingDiverged', 'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step',
+           'train', 'deepspeed_config', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage',
+           'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -53,7 +54,8 @@ TRAIN_SCHEMA = dict(
     max_skipped_fraction=Float(0, 1),                   # 1.0 = no limit
     log_every=Int(1), ckpt_every=Int(0), keep_checkpoints=Int(0), eval_every=Int(0),
     out_dir=Str(nonempty=True), resume=Any_(), export_hf=Bool(), ep_size=Int(1),
-    engine=Choice(*ENGINES), deepspeed_config=Any_(), progress=Bool(), compile=Bool())
+    engine=Choice(*ENGINES), deepspeed_config=Any_(), progress=Bool(), compile=Bool(),
+    bucket_factor=Int(0))
 
 @dataclass
 class TrainConfig:
@@ -70,6 +72,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0       # None = no clipping
     bf16: bool = False
     seed: int = 0
+    bucket_factor: int = 0              # 0: random batches; k: similar lengths, sorted within random chunks of k batches
     balance_coef: float | None = None   # None = model's
     z_coef: float | None = None
     freeze: str = "none"
@@ -216,20 +219,36 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 class Batches:
     "Endless micro-batches of `examples` in seeded per-epoch order; resumable via `state_dict`."
     def __init__(self, examples, batch_size: int, collate: Callable, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, bucket_factor: int = 0, length: Callable | None = None):
         if len(examples) < batch_size * world_size:
             raise ValueError(f"need at least batch_size*world_size examples (got {len(examples)} < {batch_size}*{world_size})")
+        if not (isinstance(bucket_factor, int) and bucket_factor >= 0):
+            raise ValueError(f"bucket_factor must be an int >= 0 (got bucket_factor={bucket_factor!r})")
         self.examples, self.bs, self.collate, self.seed, self.shuffle = examples, batch_size, collate, seed, shuffle
-        self.rank, self.world = rank, world_size
+        self.rank, self.world, self.bucket_factor = rank, world_size, bucket_factor
+        self.length = length or example_length
         self.epoch, self.pos = 0, 0
-        self._order = None
+        self._order, self._lengths = None, None
+
+    def _bucketed(self, order: torch.Tensor) -> torch.Tensor:
+        "`order` (a multiple of the global batch) sorted by length within chunks of `bucket_factor` global batches, batches shuffled."
+        if self._lengths is None: self._lengths = torch.tensor([self.length(e) for e in self.examples], dtype=torch.long)
+        gb = self.bs * self.world
+        chunks = [c[torch.sort(self._lengths[c], stable=True).indices] for c in order.split(gb * self.bucket_factor)]
+        batches = torch.cat(chunks).view(-1, gb)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
+            batches = batches[torch.randperm(len(batches), generator=g)]
+        return batches.reshape(-1)
 
     def _perm(self):
         if self._order is None:
             n = len(self.examples)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-            self._order = order[: n - n % (self.bs * self.world)].view(-1, self.world, self.bs)[:, self.rank]
+            order = order[: n - n % (self.bs * self.world)]
+            if self.bucket_factor: order = self._bucketed(order)
+            self._order = order.view(-1, self.world, self.bs)[:, self.rank]
         return self._order
 
     def __iter__(self): return self
@@ -242,6 +261,11 @@ class Batches:
 
     def state_dict(self) -> dict: return dict(epoch=self.epoch, pos=self.pos)
     def load_state_dict(self, s: dict): self.epoch, self.pos, self._order = s["epoch"], s["pos"], None
+
+def example_length(e) -> int:
+    "Tokens in one example: `input_ids` + `labels` of a dict row, else `len(e)`."
+    if isinstance(e, dict): return len(e.get("input_ids", ())) + len(e.get("labels", ()))
+    return len(e)
 
 class _Cycle:
     "A list of ready batches, cycled, with a position."
@@ -257,7 +281,7 @@ def as_stream(data, cfg: TrainConfig | None = None, collate: Callable | None = N
     "A resumable batch stream from a stream, a list of batches, or examples + `collate`."
     if hasattr(data, "state_dict") and hasattr(data, "__next__"): return data
     if collate is not None:
-        return Batches(data, cfg.batch_size, collate, cfg.seed, rank=rank, world_size=world_size)
+        return Batches(data, cfg.batch_size, collate, cfg.seed, rank=rank, world_size=world_size, bucket_factor=cfg.bucket_factor)
     return _Cycle(data)
 
 # %% ../nbs/07_train.ipynb #98474bf9
