@@ -826,9 +826,9 @@ def _ds_config(p: dict) -> str | None:
     "The DeepSpeed config file: `deepspeed_config`, else `papermill_runs/deepspeed/<preset>.json` (deepspeed launcher only)."
     if _engine(p) != "deepspeed": return None
     if p["deepspeed_config"]: return str(p["deepspeed_config"])
-    root = project_root()
+    root = project_root() or project_root(Path(__file__).parent)   # the run's folder may lie outside the project
     f = (root / "papermill_runs" / "deepspeed" / f"{p['preset']}.json") if root else None
-    if f is None or not f.exists(): raise ConfigError(f"launcher='deepspeed' needs deepspeed_config (no {f})")
+    if f is None or not f.exists(): raise ConfigError(f"the DeepSpeed engine needs deepspeed_config (no {f})")
     return str(f)
 
 def train_config(p: dict):
@@ -908,7 +908,7 @@ def _master_addr(p: dict) -> str:
 
 def _root() -> Path:
     "Where launchers start (the project root; remote nodes need the same path): the ranks import `flanmoe_nb` from there."
-    return project_root() or Path.cwd()
+    return project_root() or project_root(Path(__file__).parent) or Path.cwd()
 
 def _hostfile(p: dict) -> Path:
     "`hostfile`, relative to the project root unless absolute."
@@ -957,8 +957,7 @@ def sbatch_script(p: dict, spec: str | Path) -> str:
     "The Slurm batch script of a stage: `nodes` nodes, one task per node, each task one torchrun with its node rank."
     import shlex
     spec, nodes, out = Path(spec), p["nodes"], Path(p["out_dir"])
-    node = _torchrun(p, spec, "$SLURM_NODEID")
-    node[node.index(f"--master_addr={_master_addr(p)}")] = "--master_addr=$MASTER_ADDR"
+    node = _torchrun({**p, "hostfile": "", "master_addr": "$MASTER_ADDR"}, spec, "$SLURM_NODEID")   # Slurm picks the hosts
     inner = " ".join(a if "$" in a else shlex.quote(a) for a in node)
     env = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
     return (f"#!/bin/bash\n#SBATCH --job-name=flanmoe-{p.get('run_id') or out.name}\n#SBATCH --nodes={nodes}\n"
@@ -1000,6 +999,7 @@ def train_experiment(p: dict) -> dict:
     "Train one stage by `p['launcher']`: in this process, or by torchrun (one or several nodes), the deepspeed launcher or Slurm."
     out = Path(p["out_dir"]); out.mkdir(parents=True, exist_ok=True)
     if p["launcher"] == "local" and p["nodes"] == 1: return _train_here(p)
+    p = {**p, "deepspeed_config": _ds_config(p) or p["deepspeed_config"]}   # resolved here: the ranks may start elsewhere
     spec = out / "stage.json"; spec.write_text(json.dumps(p, indent=1))
     cmds = launch_commands(p, spec)
     if p["launcher"] == "slurm": (out / "sbatch.sh").write_text(sbatch_script(p, spec))

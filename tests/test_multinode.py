@@ -114,3 +114,24 @@ def test_two_localhost_nodes_give_the_single_process_result(tmp_path):
     sd2 = T.load_model(tmp_path / "two/checkpoints").state_dict()
     for k, v in T.load_model(tmp_path / "one/checkpoints").state_dict().items():
         torch.testing.assert_close(sd2[k], v, rtol=0, atol=3e-5, msg=k)   # AdamW, 3 steps of lr 1e-3: fp32 reduction order only
+
+
+
+def test_slurm_ignores_the_hostfile():
+    p = params(launcher="slurm", nodes=2, nproc=8, hostfile="/not/written")
+    assert "--master_addr=$MASTER_ADDR" in runs.sbatch_script(p, "/x/s.json")
+
+
+def test_base_2nodes_dry_run(tmp_path, capsys, monkeypatch):
+    "The committed two-node grid: the deepspeed launcher over the hostfile's two nodes for all 20 points, MoE experts 8-way sharded."
+    (tmp_path / "pyproject.toml").touch()
+    shutil.copytree(ROOT / "nbs/experiments", tmp_path / "nbs/experiments")
+    (tmp_path / "papermill_runs").mkdir()
+    shutil.copy(ROOT / "papermill_runs/base_2nodes.yaml", tmp_path / "papermill_runs")
+    (tmp_path / "hostfile").write_text("node-a slots=8\nnode-b slots=8\n")
+    monkeypatch.chdir(tmp_path)
+    out = runs.dry_run(tmp_path / "papermill_runs/base_2nodes.yaml")
+    cmds = [l for l in out.splitlines() if l.startswith("  [localhost] deepspeed ")]
+    assert len(cmds) == 20 and all(f"--num_gpus=8 --num_nodes=2 --hostfile={tmp_path / 'hostfile'} --master_addr=node-a" in c for c in cmds)
+    header, specs = runs.load_grid(tmp_path / "papermill_runs/base_2nodes.yaml")
+    assert {s.params["ep_size"] for s in specs} == {8}
