@@ -98,7 +98,10 @@ class PlanConfig:
         moe = None if self.experts == 0 else dict(num_experts=self.experts, top_k=self.top_k, router=self.router,
                                                   capacity_factor=self.capacity_factor,
                                                   eval_capacity_factor=self.capacity_factor)
-        return ModelConfig.preset(self.preset, moe=moe, sparse_step=self.sparse_step)
+        # expert choice looks at future tokens: the decoder gets token-choice top-2 (FLAN-EC), as the grids do
+        dec = dict(router="token_choice", top_k=2) if self.experts and self.router == "expert_choice" else None
+        try: return ModelConfig.preset(self.preset, moe=moe, decoder_moe=dec, sparse_step=self.sparse_step)
+        except (ValueError, TypeError) as e: raise ConfigError(f"PlanConfig: {e}") from None
 
 # %% ../nbs/04a_plan.ipynb #7d6e2a3e
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -349,7 +352,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, default=D.experts, help="experts per MoE layer (0: dense)")
     ap.add_argument("--top-k", type=int, default=D.top_k)
     ap.add_argument("--router", default=D.router, help="token_choice | expert_choice")
-    ap.add_argument("--capacity-factor", type=float, default=D.capacity_factor)
+    ap.add_argument("--capacity-factor", type=lambda s: None if s.lower() in ("none", "dropless") else float(s),
+                    default=D.capacity_factor, help="expert capacity factor; none: dropless")
     ap.add_argument("--sparse-step", type=int, default=D.sparse_step, help="MoE in every n-th FFN")
     ap.add_argument("--gpus", type=int, default=D.gpus, help="devices per node")
     ap.add_argument("--nodes", type=int, default=D.nodes)

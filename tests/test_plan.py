@@ -138,3 +138,13 @@ def test_all_to_all_bytes_against_gloo(tmp_path):
         assert s["total"] == planned["total"]                    # dropless: every token's top_k rows, both ways
     off = sum(s["off_device"] for s in ranks) / 2
     assert abs(off / planned["off_device"] - 1) < 0.5           # routing of an untrained model is only roughly uniform
+
+
+def test_expert_choice_and_dropless(capsys):
+    p = P.plan(P.PlanConfig(preset="small", experts=8, router="expert_choice", capacity_factor=2.0, ep_size=8))
+    enc = [v for k, v in p.a2a["per_layer_step"].items() if k.startswith("encoder")][0]
+    dec = [v for k, v in p.a2a["per_layer_step"].items() if k.startswith("decoder")][0]
+    assert enc / 512 == pytest.approx(dec / 128)      # encoder: capacity factor 2 rows per token, decoder: token-choice top-2
+    assert P.plan_main(["--preset", "tiny", "--experts", "4", "--capacity-factor", "none"]) == 0
+    assert P.plan_main(["--preset", "tiny", "--experts", "4", "--capacity-factor", "-1"]) == 2
+    assert "capacity_factor" in capsys.readouterr().err
