@@ -128,7 +128,8 @@ def param_counts(cfg: ModelConfig) -> dict:
 def zero_memory(n_params: int, dp: int, zero: int, precision: str = "bf16", optimizer: str = "adamw",
                 factored_state: int | None = None) -> dict:
     "Bytes per device for weights, gradients and optimizer state of `n_params` parameters data-parallel over `dp` ranks under ZeRO stage `zero`."
-    w_b, g_b, master = (2, 2, 4) if precision == "bf16" else (4, 4, 0)
+    w_b, g_b = (2, 2) if precision == "bf16" else (4, 4)
+    master = 4 if precision == "bf16" or zero >= 1 else 0     # ZeRO keeps an fp32 copy of its partition even in fp32
     if optimizer == "adamw": state = 8 * n_params                  # exp_avg + exp_avg_sq, fp32
     elif zero == 0 and factored_state is not None: state = 4 * factored_state   # factored second moments
     else: state = 4 * n_params        # ZeRO hands the optimizer flat 1-D partitions: Adafactor keeps a full variance

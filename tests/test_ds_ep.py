@@ -91,3 +91,17 @@ def test_ds_expert_parallel_sigkill_resume_and_layout_change(tmp_path):
     res = torch.load(cut / "result.pt", weights_only=False)
     assert res["resumed_from"] == 2
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage,ep", [(2, 2), (1, 4)])
+def test_zero_partitions_are_the_planned_ones(stage, ep, tmp_path):
+    "ZeRO's real fp32 partitions and AdamW state per rank (4 processes) equal the planner's optimizer bytes."
+    from flanmoe_nb import plan as P
+    launch(4, tmp_path, stage, ep, "--zero-sizes")
+    sizes = json.loads((tmp_path / "zero_sizes.json").read_text())
+    c = P.param_counts(W.tiny())
+    planned = (P.zero_memory(c["dense"], 4, stage, "fp32", "adamw")["optimizer"]
+               + P.zero_memory(c["expert"] // ep, 4 // ep, stage, "fp32", "adamw")["optimizer"])
+    for s in sizes:
+        assert s["dense_master"] == c["dense"] // 4 and s["expert_master"] == c["expert"] // ep // (4 // ep)
+        assert 4 * (s["dense_master"] + s["dense_state"] + s["expert_master"] + s["expert_state"]) == planned
