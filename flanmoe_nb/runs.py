@@ -943,7 +943,8 @@ def launch_commands(p: dict, spec: str | Path) -> list[tuple[str, list[str]]]:
             out.append((host, cmd))
         return out
     if L == "deepspeed":
-        cmd = ["deepspeed", f"--num_gpus={p['nproc']}"]
+        ds = Path(sys.executable).with_name("deepspeed")       # the launcher of this Python's DeepSpeed, PATH or not
+        cmd = [str(ds) if ds.exists() else "deepspeed", f"--num_gpus={p['nproc']}"]
         if nodes > 1 or p["hostfile"]:
             if not p["hostfile"]: raise ConfigError(f"launcher='deepspeed' with nodes={nodes} needs a hostfile (got hostfile='')")
             _node_hosts(p)
