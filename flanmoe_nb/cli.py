@@ -23,6 +23,7 @@ _DELEGATED = {  # command: (module, function, help)
     "grid": ("runs", "grid_main", "validate and run a papermill grid: `flanmoe grid papermill_runs/<name>.yaml [--check]`"),
     "results": ("runs", "results_main", "collect all runs into the results table and notebook"),
     "bench": ("bench", "main", "benchmarks (e.g. `flanmoe bench moe --quick`)"),
+    "plan": ("plan", "plan_main", "size a preset for N GPUs / nodes: memory, FLOPs, all-to-all, step time (`flanmoe plan --help`)"),
 }
 
 def _cmd_docs(args) -> int:

@@ -15,13 +15,13 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['SETUPS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
+__all__ = ['SETUPS', 'LAUNCHERS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
            'moe_overrides', 'moe_block', 'model_config', 'apply_moe_changes', 'RunSpec', 'project_root', 'plain_name',
            'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy', 'execute_run', 'code_version', 'GridLock',
-           'run_grid', 'format_table', 'grid_main', 'collect_results', 'compare_runs', 'execute_results',
+           'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs', 'execute_results',
            'results_main', 'run_main', 'stage_data_config', 'stage_data', 'stage_model', 'train_config',
-           'train_experiment', 'train_drop_rates', 'validation_ce', 'evaluate_experiment', 'cluster_rows',
-           'routing_analysis', 'read_metrics', 'plot_training']
+           'read_hostfile', 'launch_commands', 'sbatch_script', 'train_experiment', 'train_drop_rates', 'validation_ce',
+           'evaluate_experiment', 'cluster_rows', 'routing_analysis', 'read_metrics', 'plot_training']
 
 # %% ../nbs/09_runs.ipynb #b2fc82c5
 from .checks import ConfigError, Field, Int, Float, Bool, Choice, Str, Seq, Map, Any_, check_mapping, did_you_mean
@@ -36,6 +36,8 @@ class Param:
     field: Field
     doc: str
     setups: tuple = _ALL
+
+LAUNCHERS = ("local", "torchrun2", "torchrun", "deepspeed", "slurm")
 
 PARAMS: dict[str, Param] = dict(
     preset=Param("tiny", Choice("tiny", "small", "base"), "data + model size: tiny (CPU) | small | base (8-GPU node)"),
@@ -63,8 +65,13 @@ PARAMS: dict[str, Param] = dict(
     warmup_steps=Param(0, Int(0), "linear warm-up steps"),
     bf16=Param(False, Bool(), "bf16 autocast"),
     torch_compile=Param(False, Bool(), "torch.compile the model while training (not with the deepspeed launcher)"),
-    launcher=Param("local", Choice("local", "torchrun2", "deepspeed"), "local | torchrun2 (2 processes) | deepspeed"),
-    nproc=Param(2, Int(1), "processes for torchrun2 / deepspeed"),
+    launcher=Param("local", Choice(*LAUNCHERS), "local | torchrun2 (nproc processes, one node) | torchrun | deepspeed | slurm (sbatch, one torchrun per node)"),
+    nproc=Param(2, Int(1), "processes per node (torchrun2 / torchrun / deepspeed / slurm)"),
+    nodes=Param(1, Int(1), "nodes (torchrun / deepspeed / slurm)"),
+    hostfile=Param("", Str(), "DeepSpeed-format hostfile (host slots per line); torchrun starts node i on line i, by ssh unless local"),
+    master_addr=Param("", Str(), "rendezvous host (empty: the first hostfile host, else 127.0.0.1)"),
+    master_port=Param(29500, Int(1, 65535), "rendezvous port"),
+    engine=Param("auto", Choice("auto", "torch", "deepspeed"), "training engine (auto: deepspeed under the deepspeed launcher, else torch)"),
     ep_size=Param(1, Int(1), "expert-parallel group size"),
     model_overrides=Param({}, Map(), "ModelConfig fields on top of the preset (e.g. num_encoder_layers)", (0,)),
     data_overrides=Param({}, Map(), "DataConfig fields on top of the preset"),
@@ -576,6 +583,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["  ".join(cell(r[c]).ljust(w[c]) for c in cols) for r in rows])
 
 # %% ../nbs/09_runs.ipynb #e57ffc1e
+def dry_run(path: str | Path, out: str | Path | None = None, only: list[str] | None = None) -> str:
+    "What `run_grid` would launch, point by point: the launcher commands (one per node) and Slurm scripts, with the parameters the notebook gets."
+    import shlex
+    header, specs = load_grid(path)
+    root = Path(out or header["out"]).resolve()
+    dirs = {s.id: root / s.id for s in specs}
+    lines = []
+    for s in specs:
+        if only and s.id not in only: continue
+        setup = notebook_schema(s.notebook)[0]
+        params = {**resolve_refs(s.params, dirs), "out_dir": str(dirs[s.id]), "run_id": s.id}
+        p = experiment_params(setup, **params) if setup is not None else params
+        lines.append(f"# {s.id}: {s.notebook.name} -> {dirs[s.id]}")
+        if setup is None or p.get("launcher", "local") == "local":
+            lines.append("  (trains in the notebook's own process: no launcher)"); continue
+        spec = dirs[s.id] / "stage.json"
+        for host, cmd in launch_commands(p, spec): lines.append(f"  [{host}] {shlex.join(cmd)}")
+        if p["launcher"] == "slurm":
+            lines.append(f"  {dirs[s.id] / 'sbatch.sh'}:")
+            lines += ["    " + l for l in sbatch_script(p, spec).splitlines()]
+    return "\n".join(lines)
+
 def grid_main(argv: list[str] | None = None) -> int:
     "`flanmoe grid FILE [--check] [--only ID ...] [--force]`: validate and run a grid, print the summary; 1 if a run failed, 2 on a bad grid."
     p = argparse.ArgumentParser(prog="flanmoe grid", description="execute a papermill grid (papermill_runs/<name>.yaml)")
@@ -589,9 +618,12 @@ def grid_main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, help="per-cell timeout in seconds")
     p.add_argument("--list", action="store_true", help="list the runs and their parameters, run nothing")
     p.add_argument("--log", action="store_true", help="stream the notebooks' output")
+    p.add_argument("--dry-run", action="store_true", help="print the exact launcher commands (and Slurm scripts) of every point, run nothing")
     a = p.parse_args(argv)
     try:
         header, specs = load_grid(a.file)
+        if a.dry_run:
+            print(dry_run(a.file, a.out, a.only)); return 0
         if a.check or a.list:
             if a.list:
                 for s in specs: print(f"{s.id:24s} {s.notebook.name:34s} deps={s.deps}\n    {s.params}")
@@ -785,13 +817,18 @@ def stage_model(p: dict, vocab_size: int):
     torch.manual_seed(p["seed"])
     return M.EncoderDecoder(cfg)
 
+def _engine(p: dict) -> str:
+    "The training engine of a stage: `engine`, or with `auto` DeepSpeed under the deepspeed launcher and torch otherwise."
+    e = p.get("engine", "auto")
+    return ("deepspeed" if p["launcher"] == "deepspeed" else "torch") if e == "auto" else e
+
 def _ds_config(p: dict) -> str | None:
     "The DeepSpeed config file: `deepspeed_config`, else `papermill_runs/deepspeed/<preset>.json` (deepspeed launcher only)."
-    if p["launcher"] != "deepspeed": return None
+    if _engine(p) != "deepspeed": return None
     if p["deepspeed_config"]: return str(p["deepspeed_config"])
-    root = project_root()
+    root = project_root() or project_root(Path(__file__).parent)   # the run's folder may lie outside the project
     f = (root / "papermill_runs" / "deepspeed" / f"{p['preset']}.json") if root else None
-    if f is None or not f.exists(): raise ConfigError(f"launcher='deepspeed' needs deepspeed_config (no {f})")
+    if f is None or not f.exists(): raise ConfigError(f"the DeepSpeed engine needs deepspeed_config (no {f})")
     return str(f)
 
 def train_config(p: dict):
@@ -802,7 +839,7 @@ def train_config(p: dict):
                          schedule=p["schedule"], warmup_steps=p["warmup_steps"], bf16=p["bf16"], seed=p["seed"], bucket_factor=p["bucket_factor"],
                          balance_coef=p["balance_coef"], z_coef=z, freeze=p["freeze"],
                          expert_dropout=p["expert_dropout"], out_dir=p["out_dir"], ep_size=p["ep_size"],
-                         engine="deepspeed" if p["launcher"] == "deepspeed" else "torch", deepspeed_config=_ds_config(p),
+                         engine=_engine(p), deepspeed_config=_ds_config(p),
                          compile=bool(p["torch_compile"]), progress=False)
 
 # %% ../nbs/09_runs.ipynb #a326461d
@@ -830,20 +867,144 @@ def _train_here(p: dict) -> dict:
         _atomic_write(out / "train.json", json.dumps(info, indent=1))
     return dict(model=model, tok=tok, result=res)
 
+def read_hostfile(path: str | Path) -> list[tuple[str, int | None]]:
+    "`(host, slots)` per line of a DeepSpeed-format hostfile (`host slots=N`; `#` comments and blank lines skipped)."
+    path = Path(path)
+    if not path.is_file(): raise ConfigError(f"hostfile not found (got hostfile={str(path)!r})")
+    hosts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line: continue
+        host, *rest = line.split()
+        slots = None
+        for r in rest:
+            if not r.startswith("slots="): raise ConfigError(f"{path}:{n}: expected 'host slots=N' (got {line!r})")
+            try: slots = int(r.split("=", 1)[1])
+            except ValueError: raise ConfigError(f"{path}:{n}: slots must be an int (got {line!r})") from None
+        hosts.append((host, slots))
+    if not hosts: raise ConfigError(f"hostfile lists no hosts (got hostfile={str(path)!r})")
+    return hosts
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+def _is_local(host: str) -> bool:
+    import socket
+    return host in _LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn())
+
+def _node_hosts(p: dict) -> list[str]:
+    "Host of each node: the hostfile's first `nodes` lines, or localhost for every node (nodes simulated on this machine)."
+    if not p["hostfile"]: return ["localhost"] * p["nodes"]
+    hosts = read_hostfile(_hostfile(p))
+    if len(hosts) < p["nodes"]:
+        raise ConfigError(f"hostfile {p['hostfile']!r} lists {len(hosts)} hosts, fewer than nodes={p['nodes']}")
+    for h, slots in hosts[:p["nodes"]]:
+        if slots is not None and slots < p["nproc"]:
+            raise ConfigError(f"hostfile host {h!r} has slots={slots}, fewer than nproc={p['nproc']}")
+    return [h for h, _ in hosts[:p["nodes"]]]
+
+def _master_addr(p: dict) -> str:
+    if p["master_addr"]: return p["master_addr"]
+    return read_hostfile(_hostfile(p))[0][0] if p["hostfile"] else "127.0.0.1"
+
+def _root() -> Path:
+    "Where launchers start (the project root; remote nodes need the same path): the ranks import `flanmoe_nb` from there."
+    return project_root() or project_root(Path(__file__).parent) or Path.cwd()
+
+def _hostfile(p: dict) -> Path:
+    "`hostfile`, relative to the project root unless absolute."
+    f = Path(p["hostfile"])
+    return f if f.is_absolute() else _root() / f
+
+def _torchrun(p: dict, spec: Path, node_rank: str | int | None) -> list[str]:
+    "One torchrun invocation: `--standalone` on one node, else a static rendezvous at `master_addr:master_port` as node `node_rank`."
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if node_rank is None: cmd += ["--standalone", f"--nproc_per_node={p['nproc']}"]
+    else: cmd += [f"--nnodes={p['nodes']}", f"--nproc_per_node={p['nproc']}", f"--node_rank={node_rank}",
+                  f"--master_addr={_master_addr(p)}", f"--master_port={p['master_port']}"]
+    return cmd + ["-m", "flanmoe_nb.runs", str(spec)]
+
+def launch_commands(p: dict, spec: str | Path) -> list[tuple[str, list[str]]]:
+    "`(host, argv)` of every launcher process one stage starts (none for `local`; for `slurm` the `sbatch` call of `sbatch_script`)."
+    spec, L, nodes = Path(spec), p["launcher"], p["nodes"]
+    if L != "local" and nodes > 1 and L == "torchrun2":
+        raise ConfigError(f"launcher='torchrun2' is one node; use launcher='torchrun' for nodes={nodes}")
+    if L == "local":
+        if nodes > 1: raise ConfigError(f"launcher='local' is one process; use torchrun, deepspeed or slurm for nodes={nodes}")
+        return []
+    if L == "torchrun2" or (L == "torchrun" and nodes == 1): return [("localhost", _torchrun(p, spec, None))]
+    if L == "torchrun":
+        out = []
+        for i, host in enumerate(_node_hosts(p)):
+            cmd = _torchrun(p, spec, i)
+            if not _is_local(host):   # same Python and project path on every node (a shared file system)
+                import shlex
+                env = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
+                cmd = ["ssh", host, f"cd {shlex.quote(str(_root()))} && {env}{shlex.join(cmd)}"]
+            out.append((host, cmd))
+        return out
+    if L == "deepspeed":
+        ds = Path(sys.executable).with_name("deepspeed")       # the launcher of this Python's DeepSpeed, PATH or not
+        cmd = [str(ds) if ds.exists() else "deepspeed", f"--num_gpus={p['nproc']}"]
+        if nodes > 1 or p["hostfile"]:
+            if not p["hostfile"]: raise ConfigError(f"launcher='deepspeed' with nodes={nodes} needs a hostfile (got hostfile='')")
+            _node_hosts(p)
+            cmd += [f"--num_nodes={nodes}", f"--hostfile={_hostfile(p)}", f"--master_addr={_master_addr(p)}"]
+        cmd += [f"--master_port={p['master_port']}", "--module", "flanmoe_nb.runs", str(spec)]
+        return [("localhost", cmd)]
+    if L == "slurm": return [("localhost", ["sbatch", "--wait", str(spec.parent / "sbatch.sh")])]
+    raise ConfigError(f"launcher must be one of {LAUNCHERS} (got launcher={L!r})")
+
+def sbatch_script(p: dict, spec: str | Path) -> str:
+    "The Slurm batch script of a stage: `nodes` nodes, one task per node, each task one torchrun with its node rank."
+    import shlex
+    spec, nodes, out = Path(spec), p["nodes"], Path(p["out_dir"])
+    node = _torchrun({**p, "hostfile": "", "master_addr": "$MASTER_ADDR"}, spec, "$SLURM_NODEID")   # Slurm picks the hosts
+    inner = " ".join(a if "$" in a else shlex.quote(a) for a in node)
+    env = f"export PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])}\n" if os.environ.get("PYTHONPATH") else ""
+    return (f"#!/bin/bash\n#SBATCH --job-name=flanmoe-{p.get('run_id') or out.name}\n#SBATCH --nodes={nodes}\n"
+            f"#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node={p['nproc']}\n#SBATCH --output={out}/slurm-%j.log\n"
+            f"set -euo pipefail\ncd {shlex.quote(str(_root()))}\n{env}"
+            "export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\n"
+            f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}\n")
+
+def _run_launchers(cmds: list[tuple[str, list[str]]], out: Path) -> None:
+    "Start every launcher process at once (node 0 first), wait for all; on a failure stop the others and raise with its log."
+    import signal, subprocess
+    logs = [out / ("launcher.log" if len(cmds) == 1 else f"launcher-node{i}.log") for i in range(len(cmds))]
+    procs = []
+    for (host, cmd), log in zip(cmds, logs):
+        f = open(log, "w")
+        procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=_root()), f, log))
+    failed = None
+    try:
+        while any(pr.poll() is None for pr, _, _ in procs):
+            bad = [(i, pr.returncode) for i, (pr, _, _) in enumerate(procs) if pr.returncode not in (None, 0)]
+            if bad: failed = bad[0]; break
+            time.sleep(0.2)
+        if failed is None:
+            bad = [(i, pr.returncode) for i, (pr, _, _) in enumerate(procs) if pr.returncode != 0]
+            failed = bad[0] if bad else None
+    finally:
+        for pr, f, _ in procs:
+            if pr.poll() is None:
+                os.killpg(pr.pid, signal.SIGTERM)
+                try: pr.wait(30)
+                except subprocess.TimeoutExpired: os.killpg(pr.pid, signal.SIGKILL); pr.wait()
+            f.close()
+    if failed is not None:
+        i, rc = failed
+        raise RuntimeError(f"{cmds[i][1][0]} launcher of node {i} ({cmds[i][0]}) failed (exit {rc}); last output of {logs[i].name}:\n"
+                           f"{logs[i].read_text()[-3000:]}")
+
 def train_experiment(p: dict) -> dict:
-    "Train one stage by `p['launcher']`: in this process, 2 gloo/NCCL processes (torchrun), or the deepspeed launcher."
+    "Train one stage by `p['launcher']`: in this process, or by torchrun (one or several nodes), the deepspeed launcher or Slurm."
     out = Path(p["out_dir"]); out.mkdir(parents=True, exist_ok=True)
-    if p["launcher"] == "local": return _train_here(p)
+    if p["launcher"] == "local" and p["nodes"] == 1: return _train_here(p)
+    p = {**p, "deepspeed_config": _ds_config(p) or p["deepspeed_config"]}   # resolved here: the ranks may start elsewhere
     spec = out / "stage.json"; spec.write_text(json.dumps(p, indent=1))
-    if p["launcher"] == "torchrun2":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p['nproc']}",
-               "-m", "flanmoe_nb.runs", str(spec)]
-    else:
-        cmd = ["deepspeed", f"--num_gpus={p['nproc']}", "--module", "flanmoe_nb.runs", str(spec)]
-    import subprocess
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    (out / "launcher.log").write_text(r.stdout + r.stderr)
-    if r.returncode != 0: raise RuntimeError(f"{cmd[0]} launcher failed (exit {r.returncode}); last output:\n{(r.stdout + r.stderr)[-3000:]}")
+    cmds = launch_commands(p, spec)
+    if p["launcher"] == "slurm": (out / "sbatch.sh").write_text(sbatch_script(p, spec))
+    _run_launchers(cmds, out)
     from flanmoe_nb import data, train as T
     return dict(model=T.load_model(out / "checkpoints"), tok=data.load_tokenizer(out / "tokenizer"),
                 result=json.loads((out / "train.json").read_text()))

@@ -30,8 +30,8 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESU
            'rng_state', 'set_rng_state', 'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints',
            'latest_checkpoint', 'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
            'TrainingDiverged', 'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step',
-           'train', 'deepspeed_config', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf', 'run_stage',
-           'bench_train']
+           'train', 'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer',
+           'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -774,17 +774,50 @@ def _free_port() -> int:
     import socket
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
+_DS_MOE_CLASSES: dict = {}
+
+def _deepspeed_moe_class(cls):
+    "`cls` (an `ExpertParallelMoE`) that DeepSpeed's engine also takes for one of its MoE layers: same forward, groups given, not made."
+    if cls not in _DS_MOE_CLASSES:
+        from deepspeed.moe.layer import MoE
+        def set_deepspeed_parallelism(self, *args, **kwargs): pass   # the groups exist already (`deepspeed_expert_parallel`)
+        _DS_MOE_CLASSES[cls] = type(f"DeepSpeed{cls.__name__}", (cls, MoE), dict(set_deepspeed_parallelism=set_deepspeed_parallelism))
+    return _DS_MOE_CLASSES[cls]
+
+def deepspeed_expert_parallel(model: nn.Module, opt, env) -> str | None:
+    "Hand the expert-parallel layout to DeepSpeed -> its group name: DeepSpeed's expert and expert-data-parallel groups (`ep_size_<P>`) carry the all-to-alls, expert parameters are marked as MoE parameters of that group, the optimizer's expert group takes its name, and the layers count as DeepSpeed MoE layers (so ZeRO reduces and partitions expert gradients over the expert-data-parallel group)."
+    from deepspeed.utils import groups
+    if env.ep_size == 1: return None
+    name = f"ep_size_{env.ep_size}"
+    if name not in groups._get_expert_parallel_group_dict(): groups._create_expert_and_data_parallel(env.ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    moe_groups = [g for g in opt.param_groups if g.get("moe")]
+    for _, layer in parallel.moe_layers(model):
+        if not isinstance(layer, parallel.ExpertParallelMoE):
+            raise ValueError(f"deepspeed_expert_parallel needs expert-parallel layers (got {type(layer).__name__}; call parallel.expert_parallel first)")
+        layer.ep_group = ep_group
+        if moe_groups:          # frozen experts: no expert gradients, nothing for ZeRO to reduce
+            layer.__class__ = _deepspeed_moe_class(type(layer))
+            layer.num_experts, layer.expert_group_name = layer.cfg.num_experts, name
+            for p in layer.experts.parameters(): p.allreduce, p.group_name = False, name
+    for g in moe_groups: g["name"] = name
+    return name
+
 def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
-    "Wrap model/optimizer/scheduler in a DeepSpeed engine (ZeRO 1/2 over dense params; experts in their own group)."
+    "Wrap model/optimizer/scheduler in a DeepSpeed engine: ZeRO 1/2 over the dense parameters, and under expert parallelism over each expert's data-parallel group."
     import deepspeed
-    if cfg.ep_size != 1: raise ValueError(f"engine='deepspeed' supports ep_size=1 only for now (got ep_size={cfg.ep_size})")
     if not dist.is_initialized():
         for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"), ("LOCAL_RANK", "0"),
                      ("WORLD_SIZE", "1")):
             os.environ.setdefault(k, v)
-        deepspeed.init_distributed(dist_backend=env.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                 config=deepspeed_config(cfg, env.world_size))
+    deepspeed.init_distributed(dist_backend=env.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    ds = deepspeed_config(cfg, env.world_size)
+    if cfg.ep_size > 1:
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2):
+            raise ValueError(f"engine='deepspeed' with ep_size>1 needs ZeRO stage 1 or 2 (got stage={stage}, ep_size={cfg.ep_size})")
+        deepspeed_expert_parallel(model, opt, env)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, opt, sched
 
 def load_deepspeed_optimizer(path, opt, env, states: list | None = None):

@@ -126,7 +126,7 @@ def test_experiment_notebooks_have_parameters_cells():
     with pytest.raises(ValueError, match="takes no parameter|unknown parameter 'task'"): runs.experiment_params(setup=0, task="syllogism")
     assert runs.train_config(runs.experiment_params(torch_compile=True)).compile
     assert not runs.train_config(runs.experiment_params()).compile
-    with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="slurm")
+    with pytest.raises(ValueError, match="launcher"): runs.experiment_params(launcher="mpirun")
 
 
 def test_reuse_needs_same_parameters_even_when_stale(project, capsys):
