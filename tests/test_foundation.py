@@ -67,10 +67,10 @@ def test_docs_site_builds_from_notebooks(tmp_path):
     for nb in ("index.ipynb", "12_cli.ipynb"): shutil.copy(ROOT / "nbs" / nb, tmp_path / "nbs")
     index = docs.build_docs(tmp_path)
     assert index.exists()
-    page = (tmp_path / "_docs" / "12_cli.html").read_text()
+    page = (tmp_path / "_docs" / "cli.html").read_text()
     assert "build_parser" in page                      # show_doc signature of an exported function
     assert "#| export" not in page and "default_exp" not in page   # directives never leak
-    assert "12_cli.html" in index.read_text()           # in the table of contents
+    assert "cli.html" in index.read_text()           # in the table of contents
 
 
 def test_readme_renders_from_index(tmp_path):
