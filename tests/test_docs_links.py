@@ -94,3 +94,18 @@ def test_docs_summary_is_short(docs_site, capsys):
     out = docs_summary(report, index, 1.0)
     assert len(out.splitlines()) == 3 + len(report["notes"]) and "warning:" not in out, out
     assert not report["notes"], report["notes"]
+
+
+def test_source_links_follow_the_git_remote(tmp_path):
+    "With an `origin` remote, source links point at the file at the current commit; without one there is no link."
+    import subprocess
+    from flanmoe_nb.docs import git_source_url, fix_source_links
+    md = '[source](https://github.com/flanmoe/flanmoe_nb/blob/main/flanmoe_nb/moe.py#L34){target="_blank" style="float:right"}\n\n### MoEConfig'
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q"); (tmp_path / "f").write_text("x"); git("add", "f")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "x")
+    assert git_source_url(tmp_path) is None and fix_source_links(md, git_source_url(tmp_path)) == "### MoEConfig"
+    git("remote", "add", "origin", "git@example.org:lab/flanmoe_nb.git")
+    url = git_source_url(tmp_path)("flanmoe_nb/moe.py", 34)
+    assert url == f"https://example.org/lab/flanmoe_nb/blob/{git('rev-parse', 'HEAD')}/flanmoe_nb/moe.py#L34"
+    assert fix_source_links(md, git_source_url(tmp_path)) == f"[source]({url})\n\n### MoEConfig"
