@@ -53,8 +53,10 @@ test-nbs: install
 docs: install
 	$(BIN)/flanmoe docs
 
+## JupyterLab on the notebooks; as root (containers) it needs --allow-root.
+LAB_ARGS ?=
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/jupyter lab --notebook-dir=nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 bench: install
 	$(BIN)/flanmoe bench moe

@@ -31,8 +31,9 @@ def _cmd_docs(args) -> int:
     t0 = time.time()
     if not args.no_readme: print(f"wrote {docs.render_readme(args.root)}")
     if args.readme_only: return 0
-    index = docs.build_docs(args.root, out=args.out, quiet=not args.verbose)
-    print(f"docs site: {index} ({time.time() - t0:.0f}s)")
+    report = {}
+    index = docs.build_docs(args.root, out=args.out, quiet=not args.verbose, report=report)
+    print(docs.docs_summary(report, index, time.time() - t0))
     return 0
 
 def build_parser() -> argparse.ArgumentParser:

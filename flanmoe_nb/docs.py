@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['quarto_opts_to_tags', 'frontmatter_to_markdown', 'doc_notebooks', 'process_notebook', 'build_docs', 'render_readme']
+__all__ = ['quarto_opts_to_tags', 'frontmatter_to_markdown', 'doc_notebooks', 'page_name', 'fix_source_links', 'git_source_url',
+           'process_notebook', 'build_docs', 'docs_summary', 'fix_site_links', 'notebook_markdown', 'render_readme']
 
 # %% ../nbs/11_docs.ipynb #611c4c3f
 _OPT = re.compile(r"^\s*#\|\s*([\w-]+)\s*:\s*(.*?)\s*$")
@@ -32,14 +33,15 @@ def quarto_opts_to_tags(cell: dict) -> dict:
     return cell
 
 # %% ../nbs/11_docs.ipynb #1bfd55c3
-def frontmatter_to_markdown(cell: dict) -> dict:
-    "Turn nbdev's raw `---` front-matter cell into a Markdown title + description cell."
+def frontmatter_to_markdown(cell: dict, description: str | None = None) -> dict:
+    "Turn nbdev's raw `---` front-matter cell into a Markdown title + description cell (`description`, when given, replaces nbdev's one-line cut)."
     src = cell.get("source", "")
     if cell.get("cell_type") != "raw" or not src.lstrip().startswith("---"): return cell
     import yaml
     meta = yaml.safe_load(src.strip().strip("-")) or {}
     md = f"# {meta.get('title', '')}\n"
-    if meta.get("description"): md += f"\n> {meta['description']}\n"
+    desc = description or meta.get("description")
+    if desc: md += f"\n> {desc}\n"
     return {"cell_type": "markdown", "id": cell.get("id", "frontmatter"), "metadata": {}, "source": md}
 
 # %% ../nbs/11_docs.ipynb #94896e97
@@ -54,23 +56,86 @@ def doc_notebooks(nbs_path: Path) -> list[Path]:
     return sorted(p for p in Path(nbs_path).rglob("*.ipynb")
                   if not any(part.startswith(("_", ".")) for part in p.relative_to(nbs_path).parts))
 
+def page_name(rel: str | Path) -> str:
+    "The page of a notebook path relative to `nbs/`, named as nbdev names it (`03_moe.ipynb` -> `moe`), so nbdev's cross-links find it."
+    from nbdev.config import nbpath2html
+    return nbpath2html(Path(rel)).with_suffix("").as_posix()
+
+def _intro(cells) -> str | None:
+    "The whole `>` blockquote under a notebook's `# title` (nbdev's front matter keeps only its first line)."
+    md = next((c for c in cells if c["cell_type"] == "markdown"), None)
+    lines = ("".join(md["source"]) if md else "").splitlines()
+    if not lines or not lines[0].startswith("# "): return None
+    quote = []
+    for l in lines[1:]:
+        if l.startswith(">"): quote.append(l[1:].strip())
+        elif quote or l.strip(): break
+    return " ".join(q for q in quote if q) or None
+
+_SRC_LINK = re.compile(r'\[source\]\((?P<url>[^)\s]+)\)\{target="_blank"[^}]*\}\n*')
+_ATTRS = re.compile(r'(\]\([^)\s]+\))\{target="_blank"[^}]*\}')
+
+def fix_source_links(md: str, source_url=None) -> str:
+    "nbdev's `[source](url){target=...}` becomes `[source](source_url(path, line))`, or nothing when `source_url` is None or gives None; any other `{target=...}` markup after a link is dropped."
+    def sub(m):
+        path, _, line = m["url"].split("/blob/", 1)[-1].partition("/")[2].partition("#L")
+        url = source_url(path, int(line) if line.isdigit() else None) if source_url else None
+        return f"[source]({url})\n\n" if url else ""
+    return _ATTRS.sub(r"\1", _SRC_LINK.sub(sub, md))
+
+def git_source_url(root: str | Path):
+    "`(path, line) -> URL` of a file at the current commit in the repository's `origin` remote (https or ssh form), or None without one."
+    def git(*a):
+        try: r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30)
+        except OSError: return ""
+        return r.stdout.strip() if r.returncode == 0 else ""
+    remote, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
+    m = re.match(r"^(?:https?://|ssh://)?(?:[^@/]+@)?([\w.-]+\.\w+)[:/](.+?)(?:\.git)?/?$", remote)
+    if not m or not commit: return None
+    base = f"https://{m[1]}/{m[2]}"
+    return lambda path, line=None: f"{base}/blob/{commit}/{path}" + (f"#L{line}" if line else "")
+
 _NO_EXEC = ("exec_show_docs", "add_show_docs")
 
-def process_notebook(src: Path, execute_docs: bool = True) -> dict:
-    "Run nbdev's documentation processors on one notebook and return it with myst-nb tags."
-    import json
+def process_notebook(src: Path, execute_docs: bool = True, source_url=None, notes: list | None = None) -> dict:
+    "Run nbdev's documentation processors on one notebook and return it with myst-nb tags; what nbdev warns about goes to `notes`."
+    import json, warnings
     from fastcore.nbio import read_nb, nb2str
     from nbdev.process import NBProcessor
     from nbdev.processors import FilterDefaults
     nb = read_nb(src)
+    intro = _intro(nb.cells)
     procs = [p for p in FilterDefaults().procs() if execute_docs or p.__name__ not in _NO_EXEC]
-    with _cwd(Path(src).parent): NBProcessor(nb=nb, procs=procs, rm_directives="quarto").process()
+    with _cwd(Path(src).parent), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        NBProcessor(nb=nb, procs=procs, rm_directives="quarto").process()
+    for w in caught:
+        if "nbdev" not in Path(w.filename).parts: continue
+        msg = str(w.message)
+        if msg.startswith("Found cells containing imports"):
+            first = next((l for l in msg.split("---")[1].splitlines() if l.strip()), "")
+            msg = f"a cell mixes imports with other code, so nbdev re-runs it for the docs (give the imports a cell of their own): {first.strip()!r}"
+        if notes is not None: notes.append(f"{Path(src).name}: {msg}")
     d = json.loads(nb2str(nb))
     for c in d["cells"]:
         if isinstance(c["source"], list): c["source"] = "".join(c["source"])
         if c["cell_type"] == "code": c.setdefault("outputs", []); c.setdefault("execution_count", None)
-    d["cells"] = [quarto_opts_to_tags(frontmatter_to_markdown(c)) for c in d["cells"]
-                  if not c["source"].startswith("<!-- WARNING: THIS FILE WAS AUTOGENERATED")]
+    tags = lambda c: c.get("metadata", {}).get("tags", [])
+    injected = any("injected-parameters" in tags(c) for c in d["cells"])   # papermill's values replace the defaults
+    d["cells"] = [quarto_opts_to_tags(frontmatter_to_markdown(c, intro)) for c in d["cells"]
+                  if not c["source"].startswith("<!-- WARNING: THIS FILE WAS AUTOGENERATED")
+                  and not (injected and "parameters" in tags(c))]
+    for c in d["cells"]:
+        if c["cell_type"] == "markdown": c["source"] = fix_source_links(c["source"], source_url)
+        for o in c.get("outputs", []):
+            md = o.get("data", {}).get("text/markdown")
+            if md is not None:   # (show_doc's leading `---` is a transition docutils rejects inside an output)
+                o["data"]["text/markdown"] = re.sub(r"^---\n+", "", fix_source_links("".join(md), source_url))
+    keep = {"code": ("cell_type", "id", "metadata", "source", "outputs", "execution_count")}
+    for i, c in enumerate(d["cells"]):   # nbdev's processors add keys (`has_sd`, timings) that nbformat rejects
+        c = {k: v for k, v in c.items() if k in keep.get(c["cell_type"], ("cell_type", "id", "metadata", "source", "attachments"))}
+        c["metadata"] = {k: v for k, v in c.get("metadata", {}).items() if k != "execution"}
+        d["cells"][i] = c
     d.setdefault("metadata", {}).setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     d["metadata"].setdefault("language_info", {"name": "python"})
     d["nbformat"], d["nbformat_minor"] = 4, 5
@@ -84,61 +149,161 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "colon_fence", "attrs_inline"]
 html_theme = "furo"
 html_title = {title!r}
+html_static_path = ["_static"]
+html_css_files = ["flanmoe.css"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "conf.py"]
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type", "misc.highlighting_failure"]
-nb_output_stderr = "remove-warn"
+nb_output_stderr = "remove"
+'''
+
+# Signatures (show_doc's code blocks) wrap inside the column; any other long line scrolls instead of being clipped.
+_CSS = '''
+article .cell_output div.highlight pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+article pre { overflow-x: auto; max-width: 100%; }
 '''
 
 def _toctree(pages: list[str], caption: str) -> str:
     body = "\n".join(pages)
     return f"```{{toctree}}\n:maxdepth: 1\n:caption: {caption}\n\n{body}\n```\n"
 
-def _add_run_pages(root: Path, proc: Path) -> list[str]:
+def _run_links(run_dir: Path, grid: str, run: str) -> dict:
+    "A Markdown cell under a run page's title: the notebook it executed, the runs it started from, the results page."
+    import yaml
+    try: meta = yaml.safe_load((run_dir / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError): meta = {}
+    nb, deps = str(meta.get("notebook", "")), [str(d) for d in meta.get("deps") or []]
+    src = f"executed from [`{nb}`](../../experiments/{Path(nb).stem}.ipynb)" if nb else "executed"
+    if deps: src += ", starting from " + ", ".join(f"[{grid}/{d}]({d}.ipynb)" for d in deps)
+    md = f"Run `{run}` of the grid `{grid}`, {src}; all runs side by side: [results](../../experiments/results.ipynb)."
+    return {"cell_type": "markdown", "id": "runlinks", "metadata": {}, "source": md}
+
+def _add_run_pages(root: Path, proc: Path, notes: list | None = None) -> list[str]:
     "Executed run notebooks (`papermill_runs/<grid>/<run>/notebook.ipynb`) as pages `runs/<grid>/<run>`, as they ran."
     import json
     pages = []
     for src in sorted(root.glob("papermill_runs/*/*/notebook.ipynb")):
         grid, run = src.parts[-3], src.parts[-2]
-        nb = process_notebook(src, execute_docs=False)
+        nb = process_notebook(src, execute_docs=False, notes=notes)
         first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
         if first is not None and first["source"].startswith("# "):
             first["source"] = f"# {grid}/{run}: " + first["source"][2:]
+            nb["cells"].insert(nb["cells"].index(first) + 1, _run_links(src.parent, grid, run))
         dst = proc / "runs" / grid / f"{run}.ipynb"; dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps(nb, indent=1))
         pages.append(f"runs/{grid}/{run}")
     return pages
 
-def build_docs(root: str | Path = ".", out: str = "_docs", quiet: bool = True) -> Path:
-    "Render every notebook under `nbs/`, and every executed run under `papermill_runs/`, into an HTML site in `root/out`."
+def _doc_base(root: Path) -> str:
+    "nbdev's address of the published site (`doc_host` + `doc_baseurl`), which its cross-links start with."
+    from nbdev.config import get_config
+    try:
+        with _cwd(root): cfg = get_config()
+        return (cfg.doc_host.rstrip("/") + "/" + cfg.doc_baseurl.strip("/")).rstrip("/") + "/"
+    except Exception: return ""
+
+def build_docs(root: str | Path = ".", out: str = "_docs", quiet: bool = True, report: dict | None = None) -> Path:
+    "Render every notebook under `nbs/`, and every executed run under `papermill_runs/`, into an HTML site in `root/out` whose links stay inside it."
     import json
     root = Path(root).resolve(); nbs = root / "nbs"; proc = root / "_proc"
     if not (nbs / "index.ipynb").exists(): raise FileNotFoundError(f"nbs/index.ipynb is missing under {root}")
     shutil.rmtree(proc, ignore_errors=True); proc.mkdir()
+    notes, src_url = [], git_source_url(root)
     pages = {"Library": [], "Experiments": []}
     for src in doc_notebooks(nbs):
         rel = src.relative_to(nbs)
-        nb = process_notebook(src)
+        nb = process_notebook(src, source_url=src_url, notes=notes)
         if rel.as_posix() == "index.ipynb": index = nb; continue
-        pages["Experiments" if len(rel.parts) > 1 else "Library"].append(rel.with_suffix("").as_posix())
-        dst = proc / rel; dst.parent.mkdir(parents=True, exist_ok=True)
+        page = page_name(rel)
+        pages["Experiments" if len(rel.parts) > 1 else "Library"].append(page)
+        dst = proc / f"{page}.ipynb"; dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps(nb, indent=1))
-    pages["Experiment runs"] = _add_run_pages(root, proc)
+    pages["Experiment runs"] = _add_run_pages(root, proc, notes)
     toc = "\n".join(_toctree(p, cap) for cap, p in pages.items() if p)
     index["cells"].append({"cell_type": "markdown", "id": "toctree", "metadata": {}, "source": toc})
     (proc / "index.ipynb").write_text(json.dumps(index, indent=1))
     (proc / "conf.py").write_text(_CONF.format(title="flanmoe_nb"))
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html"] + (["-q"] if quiet else []) + [str(proc), str(root / out)]
+    (proc / "_static").mkdir(); (proc / "_static" / "flanmoe.css").write_text(_CSS)
+    site = root / out
+    if site.exists() and (site / ".buildinfo").exists(): shutil.rmtree(site)   # a fresh site: no page of an earlier layout stays
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html"] + (["-q"] if quiet else []) + [str(proc), str(site)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0: raise RuntimeError(f"sphinx-build failed ({' '.join(cmd)}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return root / out / "index.html"
+    notes += [l for l in r.stderr.splitlines() if "WARNING" in l or "ERROR" in l]
+    for nb in proc.rglob("*.ipynb"):   # each page also as Markdown (`moe.html.md`), the form nbdev's llms.txt links to
+        if "_build" in nb.parts or ".ipynb_checkpoints" in nb.parts: continue
+        md = site / nb.relative_to(proc).with_suffix(".html.md")
+        if md.parent.exists(): md.write_text(notebook_markdown(json.loads(nb.read_text())))
+    links = fix_site_links(site, _doc_base(root))
+    notes += [f"link to a missing page: {b}" for b in links["broken"]] + [f"link to a missing anchor: {b}" for b in links["missing_anchors"]]
+    if report is not None:
+        report.update(pages={k: len(v) for k, v in pages.items()}, links=links, notes=notes,
+                      source_links="to " + src_url("", None).rsplit("/blob/", 1)[0] if src_url else "none (no git remote)")
+    return site / "index.html"
+
+def docs_summary(report: dict, index: Path, seconds: float) -> str:
+    "What `flanmoe docs` prints: the site, its pages and links in three lines, then one `warning:` line per problem."
+    p, l = report["pages"], report["links"]
+    try: where = Path(index).relative_to(Path.cwd())
+    except ValueError: where = index
+    lines = [f"docs site: {where} ({seconds:.0f}s)",
+             f"  {sum(p.values()) + 1} pages: the index, " + ", ".join(f"{n} {k.lower()}" for k, n in p.items()),
+             f"  links: {l['internal']} inside the site ({l['rewritten']} made relative; {l['to_class']} to a class entry, "
+             f"{len(l['to_page'])} to a module page), {l['external']} to other sites; source links: {report['source_links']}"]
+    return "\n".join(lines + [f"warning: {n}" for n in report["notes"]])
+
+# %% ../nbs/11_docs.ipynb #0de81150
+_HREF = re.compile(r'(<[a-zA-Z][^<>]*?\shref=")([^"]*)(")')   # in a tag, not in escaped text
+_ID = re.compile(r'\sid="([^"]+)"')
+_SCHEME = re.compile(r"^(?:[a-zA-Z][\w+.-]*:|//)")
+
+def fix_site_links(site: str | Path, doc_base: str = "") -> dict:
+    "Make every link of a built site relative: nbdev's absolute cross-links (`doc_base` + `moe.html#moeconfig`) and relative ones point at the page and the anchor Sphinx wrote; returns counts, and the links whose page or anchor is missing."
+    import html, posixpath
+    from docutils.nodes import make_id
+    site = Path(site)
+    files = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
+    ids = {}
+    def ids_of(page):
+        if page not in ids: ids[page] = set(_ID.findall((site / page).read_text(errors="replace")))
+        return ids[page]
+    st = dict(internal=0, external=0, rewritten=0, to_class=0, to_page=[], broken=[], missing_anchors=[])
+    for page in sorted(f for f in files if f.endswith(".html")):
+        here = posixpath.dirname(page)
+        def fix(m):
+            href = html.unescape(m[2])
+            path, hash_, anchor = href.partition("#")
+            if not path and not anchor: return m[0]
+            from_nbdev = bool(doc_base) and href.startswith(doc_base)
+            if from_nbdev: target = path[len(doc_base):] or "index.html"
+            elif _SCHEME.match(href): st["external"] += 1; return m[0]
+            elif not path: target = page
+            else: target = posixpath.normpath(posixpath.join(here, path.split("?")[0]))
+            if target.endswith("/"): target += "index.html"
+            st["internal"] += 1
+            if target not in files:
+                if target + ".html" in files: target += ".html"
+                else: st["broken"].append(f"{page}: {href}"); return m[0]
+            if anchor and target.endswith(".html") and anchor not in ids_of(target):
+                cls = make_id(anchor.split(".")[0]) if "." in anchor and from_nbdev else None
+                if make_id(anchor) in ids_of(target): anchor = make_id(anchor)
+                elif cls in ids_of(target): anchor = cls; st["to_class"] += 1   # a method without an entry of its own: its class
+                elif from_nbdev: st["to_page"].append(f"{page}: {href}"); anchor = ""   # a name nbdev indexes but no page documents
+                else: st["missing_anchors"].append(f"{page}: {href}"); anchor = ""
+            query = "?" + path.split("?", 1)[1] if "?" in path and not href.startswith(doc_base or "\0") else ""
+            new = ("" if target == page and anchor else posixpath.relpath(target, here or ".") + query) + (f"#{anchor}" if anchor else "")
+            if new != href: st["rewritten"] += 1
+            return m[1] + html.escape(new, quote=True) + m[3]
+        text = (site / page).read_text(errors="replace")
+        new_text = _HREF.sub(fix, text)
+        if new_text != text: (site / page).write_text(new_text)
+    return st
 
 # %% ../nbs/11_docs.ipynb #8591957e
-def render_readme(root: str | Path = ".") -> Path:
-    "Render `nbs/index.ipynb` (through the same processors) to `README.md` as GitHub-flavoured Markdown."
+def notebook_markdown(nb: dict) -> str:
+    "A processed notebook (`process_notebook`) as GitHub-flavoured Markdown, honouring the remove-cell/-input/-output tags."
     import json, nbformat
     from nbconvert import MarkdownExporter
-    root = Path(root).resolve()
-    nb = nbformat.reads(json.dumps(process_notebook(root / "nbs" / "index.ipynb")), as_version=4)
+    nb = nbformat.reads(json.dumps(nb), as_version=4)
     nb.cells = [c for c in nb.cells if "remove-cell" not in c.get("metadata", {}).get("tags", [])]
     for c in nb.cells:
         tags = c.get("metadata", {}).get("tags", [])
@@ -146,7 +311,12 @@ def render_readme(root: str | Path = ".") -> Path:
         if "remove-output" in tags: c.outputs = []
     body, _ = MarkdownExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(nb)
     body = re.sub(r"\n```(python)?\n\n```\n", "\n", body)
-    body = re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
+
+def render_readme(root: str | Path = ".") -> Path:
+    "Render `nbs/index.ipynb` (through the same processors) to `README.md` as GitHub-flavoured Markdown."
+    root = Path(root).resolve()
+    body = notebook_markdown(process_notebook(root / "nbs" / "index.ipynb"))
     readme = root / "README.md"
     readme.write_text("<!-- Rendered from nbs/index.ipynb by `flanmoe docs`: edit the notebook, not this file. -->\n\n" + body)
     return readme

@@ -18,7 +18,8 @@ from .moe import MoEConfig
 from .model import ModelConfig, EncoderDecoder, sparse_layers
 
 # %% auto #0
-__all__ = ['UnsupportedHFConfig', 'config_from_hf', 'load_hf', 'from_hf', 'config_to_hf', 'to_hf']
+__all__ = ['EXPORT_FORMAT', 'UnsupportedHFConfig', 'config_from_hf', 'load_hf', 'from_hf', 'config_to_hf', 'to_hf', 'hf_refusal',
+           'model_card', 'export_model', 'load_pretrained', 'export_run']
 
 # %% ../nbs/05_hf.ipynb #d8a7cb09
 class UnsupportedHFConfig(ValueError):
@@ -255,3 +256,117 @@ def to_hf(model: EncoderDecoder, expert_capacity: int | None = None):
         raise RuntimeError(f"to_hf: name table out of step with transformers (missing {missing}, unexpected {unexpected})")
     dtype = model.shared.weight.dtype
     return hf.to(dtype=dtype, device=model.shared.weight.device).train(model.training)
+
+# %% ../nbs/05_hf.ipynb #75514e9d
+EXPORT_FORMAT = "flanmoe_nb"   # `config.json` marker of the project's own format (version 1)
+
+def hf_refusal(cfg: ModelConfig, expert_capacity: int | None = None) -> str | None:
+    "Why HF's T5/SwitchTransformers cannot hold `cfg` exactly (None: they can)."
+    try: config_to_hf(cfg, expert_capacity)
+    except ValueError as e: return str(e)
+    return None
+
+def _run_facts(run_dir) -> dict:
+    "What a run folder says about the model: grid, run id, notebook, parameters, training steps and loss, scores."
+    import json, yaml
+    d = Path(run_dir); facts = dict(grid=d.parent.name, run_id=d.name)
+    def read(name, parse):
+        try: return parse((d / name).read_text())
+        except (OSError, ValueError, yaml.YAMLError): return None
+    meta = read("params.yaml", yaml.safe_load) or {}
+    facts.update(notebook=meta.get("notebook"), params=meta.get("params") or {}, train=read("train.json", json.loads) or {})
+    ev = read("eval.json", json.loads) or {}
+    facts["scores"] = {k: v["score"] for k, v in ev.get("evals", {}).items() if isinstance(v, dict) and "score" in v}
+    if "score" in ev: facts["scores"].setdefault("headline", ev["score"])
+    return facts
+
+def model_card(model: EncoderDecoder, fmt: str, run_dir=None, reason: str | None = None) -> str:
+    "README.md of an export: what the model is, how to load it, and (from `run_dir`) what it was trained on, its scores and its run."
+    from flanmoe_nb.model import count_params
+    cfg = model.cfg; moe = cfg.moe
+    n = count_params(model)
+    kind = "dense" if moe is None else f"MoE ({moe.num_experts} experts, top-{moe.top_k}, {moe.router} router, in 1 of every {cfg.sparse_step} FFNs)"
+    tags = ["flanmoe_nb", "t5", "encoder-decoder"] + ([] if moe is None else ["mixture-of-experts"])
+    lines = ["---", "library_name: " + ("transformers" if fmt == "hf" else "flanmoe_nb"), "tags:"] + [f"- {t}" for t in tags] + ["---", "",
+             f"# {'dense' if moe is None else 'MoE'} T5-style encoder-decoder from flanmoe_nb", "",
+             f"- **Architecture:** {kind}; d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
+             f"{cfg.num_heads} heads, activation `{cfg.activation}`, vocabulary {cfg.vocab_size}."]
+    lines.append(f"- **Parameters:** {n['total']:,} in all, {round(n['active']):,} active per token.")
+    if fmt == "hf":
+        lines += [f"- **Format:** transformers `{type(config_to_hf(cfg)).__name__.replace('Config', 'ForConditionalGeneration')}`, safetensors.",
+                  "", "```python", "from transformers import AutoTokenizer, AutoModelForSeq2SeqLM",
+                  "tok = AutoTokenizer.from_pretrained(path); model = AutoModelForSeq2SeqLM.from_pretrained(path)", "```"]
+    else:
+        lines += [f"- **Format:** flanmoe_nb's own (`config.json` with `\"format\": \"{EXPORT_FORMAT}\"`, `model.safetensors`): "
+                  f"transformers cannot express this model ({reason}).",
+                  "", "```python", "from flanmoe_nb.hf import load_pretrained", "from transformers import AutoTokenizer",
+                  "model = load_pretrained(path); tok = AutoTokenizer.from_pretrained(path)", "```"]
+    if run_dir is not None:
+        f = _run_facts(run_dir); p = f["params"]
+        lines += ["", "## Training", "",
+                  f"- **Run:** `{f['grid']}/{f['run_id']}`, executed from `{f['notebook']}`"
+                  + (f", starting from `{p['init_checkpoint']}`" if p.get("init_checkpoint") else "") + ".",
+                  f"- **Data:** the offline FLAN-style mixture of flanmoe_nb (preset `{p.get('preset', '?')}`"
+                  + (f", held-out clusters {p['held_out_clusters']}" if p.get("held_out_clusters") else "")
+                  + (f", task `{p['task']}`" if p.get("task") else "") + ").",
+                  f"- **Steps:** {p.get('steps', '?')}, batch size {p.get('batch_size', '?')}, lr {p.get('lr', '?')}, "
+                  f"seed {p.get('seed', 0)}; final training loss {f['train'].get('final_loss', float('nan')):.4f}."]
+        if f["scores"]:
+            lines += ["", "| evaluation | score |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in f["scores"].items()]
+    return "\n".join(lines) + "\n"
+
+def _save_tokenizer(tokenizer, path: Path):
+    if tokenizer is None: return
+    if isinstance(tokenizer, (str, Path)):
+        from flanmoe_nb.data import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer)
+    tokenizer.save_pretrained(str(path))
+
+def export_model(model: EncoderDecoder, path, tokenizer=None, run_dir=None, expert_capacity: int | None = None,
+                 format: str = "auto") -> dict:
+    "Write `model` to the folder `path` with its tokenizer and a model card: as HF T5/SwitchTransformers when they hold it exactly (`format='hf'`), else in the project's own format (`format='flanmoe_nb'`); `auto` picks."
+    import json
+    from dataclasses import asdict
+    if format not in ("auto", "hf", EXPORT_FORMAT): raise ValueError(f"format must be 'auto', 'hf' or {EXPORT_FORMAT!r} (got format={format!r})")
+    if not isinstance(model, EncoderDecoder): raise TypeError(f"model must be an EncoderDecoder (got {type(model).__name__})")
+    reason = hf_refusal(model.cfg, expert_capacity)
+    if format == "hf" and reason: raise ValueError(f"format='hf': {reason}")
+    fmt = "hf" if format == "hf" or (format == "auto" and reason is None) else EXPORT_FORMAT
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        to_hf(model.float().cpu().eval(), expert_capacity).save_pretrained(str(path))
+    else:
+        from safetensors.torch import save_file
+        sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+        (path / "config.json").write_text(json.dumps(dict(format=EXPORT_FORMAT, format_version=1,
+                                          architectures=["flanmoe_nb.model.EncoderDecoder"], model_config=asdict(model.cfg)), indent=1))
+    _save_tokenizer(tokenizer, path)
+    (path / "README.md").write_text(model_card(model, fmt, run_dir, reason))
+    return dict(format=fmt, path=str(path), reason=reason)
+
+def load_pretrained(path, device="cpu") -> EncoderDecoder:
+    "The `EncoderDecoder` of an `export_model` folder, either format (an HF T5/Switch folder goes through `from_hf`), in eval mode."
+    import json
+    p = Path(path)
+    if not (p / "config.json").exists(): raise FileNotFoundError(f"no config.json in path={str(p)!r}")
+    meta = json.loads((p / "config.json").read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        return from_hf(load_hf(p)).to(device).eval()
+    if meta.get("format_version") != 1:
+        raise ValueError(f"{p}/config.json: format_version must be 1 (got format_version={meta.get('format_version')!r})")
+    from safetensors.torch import load_file
+    from flanmoe_nb.train import model_config_from_dict
+    model = EncoderDecoder(model_config_from_dict(meta["model_config"]))
+    model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
+    return model.to(device).eval()
+
+# %% ../nbs/05_hf.ipynb #55a8b3ec
+def export_run(run_dir, out=None, format: str = "auto") -> dict:
+    "Export the newest checkpoint of a finished run folder (`<grid>/<run_id>/` with `DONE`, `checkpoints/`, `tokenizer/`) to `out` (default `run_dir/export`), the card filled from the run."
+    from flanmoe_nb.train import load_model
+    run_dir = Path(run_dir)
+    if not (run_dir / "DONE").exists(): raise FileNotFoundError(f"run_dir {str(run_dir)!r} is not a finished run (no DONE file)")
+    model = load_model(run_dir / "checkpoints").float().eval()
+    tok = run_dir / "tokenizer" if (run_dir / "tokenizer" / "tokenizer.json").exists() else None
+    return export_model(model, Path(out) if out is not None else run_dir / "export", tokenizer=tok, run_dir=run_dir, format=format)

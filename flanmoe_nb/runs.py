@@ -18,10 +18,11 @@ import yaml
 __all__ = ['SETUPS', 'LAUNCHERS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
            'moe_overrides', 'moe_block', 'model_config', 'apply_moe_changes', 'RunSpec', 'project_root', 'plain_name',
            'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy', 'execute_run', 'code_version', 'GridLock',
-           'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs', 'execute_results',
-           'results_main', 'run_main', 'stage_data_config', 'stage_data', 'stage_model', 'train_config',
-           'read_hostfile', 'launch_commands', 'sbatch_script', 'train_experiment', 'train_drop_rates', 'validation_ce',
-           'evaluate_experiment', 'cluster_rows', 'routing_analysis', 'read_metrics', 'plot_training']
+           'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs', 'tidy_results',
+           'export_grid', 'execute_results', 'results_main', 'run_main', 'stage_data_config', 'stage_data',
+           'stage_model', 'train_config', 'read_hostfile', 'launch_commands', 'sbatch_script', 'train_experiment',
+           'train_drop_rates', 'validation_ce', 'evaluate_experiment', 'cluster_rows', 'routing_analysis',
+           'read_metrics', 'plot_training']
 
 # %% ../nbs/09_runs.ipynb #b2fc82c5
 from .checks import ConfigError, Field, Int, Float, Bool, Choice, Str, Seq, Map, Any_, check_mapping, did_you_mean
@@ -619,6 +620,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the runs and their parameters, run nothing")
     p.add_argument("--log", action="store_true", help="stream the notebooks' output")
     p.add_argument("--dry-run", action="store_true", help="print the exact launcher commands (and Slurm scripts) of every point, run nothing")
+    p.add_argument("--export", metavar="DIR", help="then export every finished run to DIR/<run_id>/ (HF or own format, tokenizer, card)")
     a = p.parse_args(argv)
     try:
         header, specs = load_grid(a.file)
@@ -638,6 +640,10 @@ def grid_main(argv: list[str] | None = None) -> int:
     bad = [r["run_id"] for r in rows if r["status"] in ("failed", "blocked")]
     n = lambda st: sum(r["status"] == st for r in rows)
     print(f"{len(rows)} runs: {n('ok')} ran, {n('reused')} reused, {len(bad)} failed/blocked {bad if bad else ''} in {_hms(time.time() - t0)}")
+    if a.export:
+        ex = export_grid(Path(a.out or header["out"]), a.export)
+        for r in ex: print(f"export {r['run_id']}: " + (f"{r['format']} -> {r['path']}" if r["path"] else f"failed ({r['error']})"))
+        bad += [r["run_id"] for r in ex if r["error"]]
     return 1 if bad else 0
 
 # %% ../nbs/09_runs.ipynb #eb029365
@@ -697,6 +703,36 @@ def compare_runs(new_root: str | Path, ref_root: str | Path) -> "pd.DataFrame":
                        for s, w, r in zip(same, within, m["score_lab_book"])]
     return m.rename(columns={"min": "lab_book_min", "max": "lab_book_max"})
 
+# %% ../nbs/09_runs.ipynb #3c0d372b
+_TIDY_IDS = ("grid", "run_id", "setup", "model", "seed", "status")
+
+def tidy_results(df: "pd.DataFrame") -> "pd.DataFrame":
+    "`collect_results`' wide table as one row per run x metric: the id columns, `metric` and `value` (numbers only, parameters left out)."
+    import pandas as pd
+    params = set().union(*(setup_params(s) for s in SETUPS)) | {"task", "task_train_size", "init_checkpoint", "stage"}
+    ids = [c for c in _TIDY_IDS if c in df]
+    metrics = [c for c in df if c not in params and c not in ids and not c.startswith("moe.")
+               and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    if not len(df) or not metrics: return pd.DataFrame(columns=[*_TIDY_IDS, "metric", "value"])
+    long = df[ids + metrics].melt(id_vars=ids, var_name="metric", value_name="value").dropna(subset=["value"])
+    return long.sort_values(ids[:2] + ["metric"], kind="stable").reset_index(drop=True)
+
+def export_grid(runs_dir: str | Path, dest: str | Path, format: str = "auto") -> list[dict]:
+    "Export every finished run (`DONE` and a complete checkpoint) of a grid folder to `dest/<run_id>/` with `hf.export_run`; one row per finished run: `run_id`, `format`, `path`, `error`."
+    from flanmoe_nb.hf import export_run
+    from flanmoe_nb.train import latest_checkpoint
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir(): raise ConfigError(f"runs_dir {str(runs_dir)!r} is not a folder")
+    rows = []
+    for d in sorted(p for p in runs_dir.iterdir() if (p / "DONE").exists()):
+        row = dict(run_id=d.name, format=None, path=None, error=None)
+        if not (d / "checkpoints").is_dir() or latest_checkpoint(d / "checkpoints") is None: row["error"] = "no complete checkpoint"
+        else:
+            try: info = export_run(d, Path(dest) / d.name, format=format); row.update(format=info["format"], path=info["path"])
+            except (OSError, ValueError, RuntimeError) as e: row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
+
 # %% ../nbs/09_runs.ipynb #ca953f1a
 def execute_results(runs_root: str | Path, notebook: str | Path, output: str | Path | None = None,
                     kernel_name: str = "python3", reference_root: str | Path | None = None) -> Path:
@@ -736,7 +772,9 @@ def results_main(argv: list[str] | None = None) -> int:
     df = collect_results(a.runs)
     cols = [c for c in ("grid", "run_id", "setup", "model", "status", "score", "final_ce_loss", "seconds") if c in df]
     print(df[cols].to_string(index=False) if len(df) else f"no runs under {a.runs}")
-    df.to_csv(Path(a.runs) / "results.csv", index=False) if len(df) else None
+    if len(df):   # the lab book as a file: one row per run x metric
+        tidy = tidy_results(df); tidy.to_csv(Path(a.runs) / "results.csv", index=False)
+        print(f"wrote {Path(a.runs) / 'results.csv'}: {len(tidy)} rows ({len(df)} runs x their metrics)")
     if a.no_execute: return 0
     print(f"results notebook: {execute_results(a.runs, a.notebook, a.output, a.kernel, a.reference)}")
     return 0

@@ -504,6 +504,27 @@ def load_model(path, device="cpu") -> nn.Module:
     parallel.load_full_state_dict(model, ck["model"])
     return model.to(device)
 
+# %% ../nbs/07_train.ipynb #2de8bae2
+def _tensorboard(path: Path, purge_step: int | None = None):
+    "A TensorBoard `SummaryWriter` on `path` (None, with a warning, if tensorboard is not installed)."
+    try: from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        warnings.warn(f"no TensorBoard event files: {e} (pip install tensorboard)", RuntimeWarning, stacklevel=3); return None
+    return SummaryWriter(str(path), purge_step=purge_step)
+
+def _tb_scalars(writer, record: dict, step: int, prefix: str = "train") -> int:
+    "Write a metrics record's numbers (lists as `name/i`, nested dicts as `eval/...`) at `step`; returns how many."
+    n = 0
+    for k, v in record.items():
+        if k == "step": continue
+        tag = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict): n += _tb_scalars(writer, v, step, "eval" if k == "eval" else tag)
+        elif isinstance(v, (list, tuple)):
+            for j, x in enumerate(v):
+                if isinstance(x, (int, float)) and not isinstance(x, bool): writer.add_scalar(f"{tag}/{j}", x, step); n += 1
+        elif isinstance(v, (int, float)) and not isinstance(v, bool): writer.add_scalar(tag, v, step); n += 1
+    return n
+
 # %% ../nbs/07_train.ipynb #dbd446a3
 @dataclass
 class TrainResult:
@@ -570,9 +591,9 @@ def _aside(path: Path, tag: str) -> Path:
     return cand
 
 def _set_aside_previous_run(out: Path) -> list[Path]:
-    "Fresh start in a used `out`: move its `metrics.jsonl` and `checkpoints/` to timestamped names (never delete)."
+    "Fresh start in a used `out`: move its `metrics.jsonl`, `checkpoints/` and `tensorboard/` to timestamped names (never delete)."
     stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
-    for name in ("metrics.jsonl", "checkpoints"):
+    for name in ("metrics.jsonl", "checkpoints", "tensorboard"):
         src = out / name
         if not src.exists() or (src.is_dir() and not any(src.iterdir())): continue
         dst = _aside(src, stamp); os.replace(src, dst); moved.append(dst)
@@ -679,6 +700,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and env.is_main and _show_progress()), desc="train")
     log, last_eval, history = open(out / "metrics.jsonl", "a") if env.is_main else None, None, []
+    tb = _tensorboard(out / "tensorboard", purge_step=step + 1 if step else None) if env.is_main else None
     tok_total, t_total = 0, 0.0
     try:
         while step < cfg.steps:
@@ -697,6 +719,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 model.eval(); m["eval"] = last_eval = eval_fn(model); model.train()
             if log: log.write(json.dumps(m) + "\n"); log.flush()
+            if tb: _tb_scalars(tb, m, step)
             history.append(m)
             if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}",
@@ -713,6 +736,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
     finally:
         bar.close()
         if log: log.close()
+        if tb: tb.close()
     if eval_fn is not None and last_eval is None:
         model.eval(); last_eval = eval_fn(model); model.train()
     if cfg.export_hf and env.is_main: export_hf(model, out / "hf", env)

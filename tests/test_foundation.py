@@ -1,5 +1,5 @@
 "Workspace foundation: the extension loads (or explains itself), the CLI and the docs builder work."
-import json, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -67,10 +67,10 @@ def test_docs_site_builds_from_notebooks(tmp_path):
     for nb in ("index.ipynb", "12_cli.ipynb"): shutil.copy(ROOT / "nbs" / nb, tmp_path / "nbs")
     index = docs.build_docs(tmp_path)
     assert index.exists()
-    page = (tmp_path / "_docs" / "12_cli.html").read_text()
+    page = (tmp_path / "_docs" / "cli.html").read_text()
     assert "build_parser" in page                      # show_doc signature of an exported function
     assert "#| export" not in page and "default_exp" not in page   # directives never leak
-    assert "12_cli.html" in index.read_text()           # in the table of contents
+    assert "cli.html" in index.read_text()           # in the table of contents
 
 
 def test_readme_renders_from_index(tmp_path):
@@ -80,3 +80,34 @@ def test_readme_renders_from_index(tmp_path):
     readme = docs.render_readme(tmp_path).read_text()
     assert "make run" in readme and "make test" in readme
     assert readme == (ROOT / "README.md").read_text(), "README.md is stale: run `flanmoe docs --readme-only`"
+
+
+def test_notebooks_name_the_project_kernel_and_nbdev_clean_keeps_it(tmp_path):
+    import copy, json
+    from nbdev.clean import clean_nb
+    nbs = sorted(p for p in (ROOT / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    assert len(nbs) >= 15
+    wrong = {p.relative_to(ROOT).as_posix(): json.loads(p.read_text())["metadata"].get("kernelspec") for p in nbs}
+    wrong = {k: v for k, v in wrong.items() if (v or {}).get("name") != "flanmoe_nb"}
+    assert not wrong, f"notebooks not on the flanmoe_nb kernel: {wrong}"
+    nb = json.loads((ROOT / "nbs/03_moe.ipynb").read_text())
+    cleaned = copy.deepcopy(nb); clean_nb(cleaned)
+    assert cleaned["metadata"]["kernelspec"] == nb["metadata"]["kernelspec"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_lab_allows_root_only_as_root():
+    r = subprocess.run(["make", "-n", "-o", "install", "lab", "LAB_ARGS=--no-browser"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if "jupyter lab" in l)
+    args = subprocess.run(["bash", "-c", "echo " + line.split("jupyter", 1)[1]], capture_output=True, text=True).stdout.split()
+    assert args[:2] == ["lab", "--notebook-dir=nbs"] and args[-1] == "--no-browser"
+    assert ("--allow-root" in args) == (os.getuid() == 0), args
+
+
+def test_widgets_and_tensorboard_are_dependencies():
+    import tomllib, importlib.util
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("ipywidgets", "tensorboard"):
+        assert any(d.split()[0].split(">")[0].split("=")[0] == name for d in deps), name
+        assert importlib.util.find_spec(name) is not None, f"{name} is a dependency but not installed"

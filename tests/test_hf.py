@@ -1,4 +1,6 @@
 "Parity of flanmoe_nb.hf with transformers' T5 and SwitchTransformers (random models from small configs)."
+import json
+from pathlib import Path
 import pytest
 import torch
 from transformers import (T5Config, T5ForConditionalGeneration, SwitchTransformersConfig,
@@ -6,7 +8,7 @@ from transformers import (T5Config, T5ForConditionalGeneration, SwitchTransforme
 from transformers.utils import logging as hf_logging
 
 from flanmoe_nb.model import ModelConfig, EncoderDecoder
-from flanmoe_nb.hf import from_hf, to_hf, config_from_hf, config_to_hf, UnsupportedHFConfig
+from flanmoe_nb.hf import from_hf, to_hf, config_from_hf, config_to_hf, load_hf, UnsupportedHFConfig
 
 hf_logging.set_verbosity_error()
 SMALL = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, relative_attention_num_buckets=8,
@@ -203,3 +205,110 @@ def test_to_hf_refuses_what_switch_cannot_express():
     dropless = ModelConfig.preset("tiny", moe=dict(num_experts=4, capacity_factor=None, eval_capacity_factor=None),
                                   activation="relu")
     assert config_to_hf(dropless).expert_capacity > 10**6          # dropless -> a capacity never reached
+
+
+# ---- exports: HF where it can hold the model, the project's own format where it cannot ----
+
+@pytest.fixture(scope="module")
+def tok():
+    from flanmoe_nb.data import train_tokenizer
+    return train_tokenizer(["all men are mortal", "if p then q", "the cat sat on the mat"] * 20, vocab_size=420)
+
+
+def _grid_model(kind: str, vocab: int):
+    "The model a tiny-grid setup-0 run builds (`runs.model_config` with the grid defaults)."
+    from flanmoe_nb import runs
+    p = {k: v.default for k, v in runs.setup_params(0).items()}
+    p.update(model=kind, preset="tiny")
+    torch.manual_seed(0)
+    return EncoderDecoder(runs.model_config(p, vocab_size=vocab)).eval()
+
+
+def _logits(m, vocab):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(2, vocab, (2, 11), generator=g), torch.randint(2, vocab, (2, 6), generator=g)
+    am = torch.ones_like(x); am[1, -4:] = 0
+    with torch.no_grad(): return m(x, am, decoder_input_ids=y).logits
+
+
+def test_export_tiny_moe_preset_round_trips_in_own_format(tmp_path, tok):
+    from flanmoe_nb.hf import export_model, load_pretrained, EXPORT_FORMAT
+    from transformers import AutoTokenizer
+    from safetensors.torch import load_file
+    m = _grid_model("moe", len(tok))
+    assert m.cfg.moe is not None and m.cfg.activation == "gated-gelu"
+    run = Path(__file__).resolve().parents[1] / "papermill_runs/tiny/s0_moe"
+    info = export_model(m, tmp_path / "moe", tokenizer=tok, run_dir=run)
+    assert info["format"] == EXPORT_FORMAT and "gated" in info["reason"]
+    files = {p.name for p in (tmp_path / "moe").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files and not any(f.endswith((".pt", ".bin")) for f in files)
+    back = load_pretrained(tmp_path / "moe")
+    assert torch.equal(_logits(m, len(tok)), _logits(back, len(tok)))          # identical, not merely close
+    assert back.cfg == m.cfg and not back.training
+    sd = load_file(str(tmp_path / "moe/model.safetensors"))
+    assert sd.keys() == m.state_dict().keys()
+    t2 = AutoTokenizer.from_pretrained(str(tmp_path / "moe"), local_files_only=True)
+    assert t2("if p then q").input_ids == tok("if p then q").input_ids
+    card = (tmp_path / "moe/README.md").read_text()
+    for want in ("tiny/s0_moe", "setup0_pretrain", "8 experts", "load_pretrained", "| zero_shot |"): assert want in card, want
+
+
+def test_export_tiny_dense_preset_is_plain_hf(tmp_path, tok):
+    from flanmoe_nb.hf import export_model, load_pretrained
+    from transformers import AutoModelForSeq2SeqLM
+    m = _grid_model("dense", len(tok))
+    assert export_model(m, tmp_path / "d", tokenizer=tok)["format"] == "hf"
+    hf = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "d"), local_files_only=True).eval()   # transformers alone
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(2, len(tok), (2, 11), generator=g), torch.randint(2, len(tok), (2, 6), generator=g)
+    am = torch.ones_like(x); am[1, -4:] = 0                         # the mask `_logits` uses
+    with torch.no_grad(): theirs = hf(input_ids=x, attention_mask=am, decoder_input_ids=y).logits
+    assert (theirs - _logits(m, len(tok))).abs().max() < 1e-4
+    assert torch.equal(_logits(load_pretrained(tmp_path / "d"), len(tok)), _logits(m, len(tok)))
+    assert "AutoModelForSeq2SeqLM" in (tmp_path / "d/README.md").read_text()
+
+
+def test_export_switch_expressible_moe_goes_to_hf(tmp_path, tok):
+    from flanmoe_nb.hf import export_model, load_pretrained
+    from flanmoe_nb.moe import MoEConfig
+    from transformers import SwitchTransformersForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=len(tok), activation="relu", tie_embeddings=True, scale_decoder_output=True,
+                             moe=dict(num_experts=4, top_k=1, activation="relu", capacity_factor=None, eval_capacity_factor=None))
+    m = EncoderDecoder(cfg).eval()
+    info = export_model(m, tmp_path / "s", tokenizer=tok)
+    assert info["format"] == "hf", info
+    assert isinstance(load_hf(tmp_path / "s"), SwitchTransformersForConditionalGeneration)
+    assert (_logits(load_pretrained(tmp_path / "s"), len(tok)) - _logits(m, len(tok))).abs().max() < 1e-4
+
+
+def test_export_bad_input(tmp_path, tok):
+    from flanmoe_nb.hf import export_model, load_pretrained
+    m = _grid_model("moe", len(tok))
+    with pytest.raises(ValueError, match="format='onnx'"): export_model(m, tmp_path / "x", format="onnx")
+    with pytest.raises(ValueError, match="gated FFNs"): export_model(m, tmp_path / "x", format="hf")
+    with pytest.raises(TypeError, match="EncoderDecoder"): export_model(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no config.json"): load_pretrained(tmp_path / "nothing")
+    export_model(m, tmp_path / "v", format="flanmoe_nb")
+    cfg = json.loads((tmp_path / "v/config.json").read_text()); cfg["format_version"] = 9
+    (tmp_path / "v/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format_version"): load_pretrained(tmp_path / "v")
+
+
+def test_export_run_reads_checkpoint_tokenizer_and_card_facts(tmp_path, tok):
+    "A run folder as the grid leaves it (DONE, params.yaml, eval.json, checkpoints/, tokenizer/) exports with identical logits."
+    import shutil
+    from flanmoe_nb.hf import export_run, load_pretrained
+    from flanmoe_nb.train import save_checkpoint
+    src = Path(__file__).resolve().parents[1] / "papermill_runs/tiny/s0_moe"
+    run = tmp_path / "tiny" / "s0_moe"; run.mkdir(parents=True)
+    for f in ("DONE", "params.yaml", "eval.json", "train.json"): shutil.copy(src / f, run / f)
+    m = _grid_model("moe", len(tok))
+    save_checkpoint(run / "checkpoints", 7, m)
+    tok.save_pretrained(str(run / "tokenizer"))
+    info = export_run(run)
+    assert info["format"] == "flanmoe_nb" and Path(info["path"]) == run / "export"
+    assert torch.equal(_logits(load_pretrained(run / "export"), len(tok)), _logits(m, len(tok)))
+    assert "tiny/s0_moe" in (run / "export/README.md").read_text() and (run / "export/tokenizer.json").exists()
+    (run / "DONE").unlink()
+    with pytest.raises(FileNotFoundError, match="no DONE"): export_run(run)

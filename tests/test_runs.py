@@ -159,3 +159,54 @@ def test_compare_runs_against_a_lab_book(tmp_path):
     got = runs.compare_runs(tmp_path / "new", tmp_path / "lab").set_index("run_id")["reproduced"].to_dict()
     assert got == {"s1_seed0": "same score", "s1_seed1": "within the seeds' spread", "s1_seed2": "outside the seeds' spread",
                    "s1_seed3": "no lab-book run"}
+
+
+def test_results_csv_is_tidy_one_row_per_run_and_metric(tmp_path, monkeypatch, capsys):
+    "`flanmoe results --no-execute` writes results.csv as grid, run_id, setup, model, seed, status, metric, value."
+    import shutil, pandas as pd
+    from flanmoe_nb.runs import results_main, collect_results
+    root = Path(__file__).resolve().parents[1]
+    for f in (root / "papermill_runs/tiny").glob("*/*"):
+        if f.name in ("params.yaml", "eval.json", "DONE", "metrics.jsonl"):
+            dst = tmp_path / "tiny" / f.parent.name / f.name; dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy(f, dst)
+    monkeypatch.chdir(root)
+    assert results_main(["--runs", str(tmp_path), "--no-execute"]) == 0
+    assert "results.csv" in capsys.readouterr().out
+    t = pd.read_csv(tmp_path / "results.csv")
+    assert list(t.columns) == ["grid", "run_id", "setup", "model", "seed", "status", "metric", "value"]
+    assert not t.duplicated(["grid", "run_id", "metric"]).any() and t.value.notna().all()
+    wide = collect_results(tmp_path).set_index("run_id")
+    s = t[t.metric.eq("score")].set_index("run_id").value
+    assert len(s) == 20 and (abs(s - wide.score.loc[s.index]) < 1e-12).all()
+    assert not {"lr", "steps", "seed", "moe.num_experts"} & set(t.metric)        # parameters are not metrics
+
+
+def test_export_grid_exports_finished_runs_only(tmp_path):
+    import shutil, sys, torch
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _dist_worker as W
+    from flanmoe_nb.hf import load_pretrained
+    from flanmoe_nb.model import EncoderDecoder
+    from flanmoe_nb.runs import export_grid, ConfigError
+    from flanmoe_nb.train import save_checkpoint
+    src = Path(__file__).resolve().parents[1] / "papermill_runs/tiny/s0_moe"
+    grid = tmp_path / "tiny"
+    torch.manual_seed(0); m = EncoderDecoder(W.tiny()).eval()
+    for rid, done, ckpt in [("a", True, True), ("b", True, False), ("c", False, True)]:
+        d = grid / rid; d.mkdir(parents=True)
+        shutil.copy(src / "params.yaml", d)
+        if done: shutil.copy(src / "DONE", d)
+        if ckpt: save_checkpoint(d / "checkpoints", 1, m)
+    rows = {r["run_id"]: r for r in export_grid(grid, tmp_path / "exp")}
+    assert set(rows) == {"a", "b"} and rows["b"]["error"] == "no complete checkpoint"
+    assert rows["a"]["error"] is None and rows["a"]["path"] == str(tmp_path / "exp/a")
+    x = torch.randint(2, 50, (1, 6)); y = torch.randint(2, 50, (1, 4))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "exp/a")(x, decoder_input_ids=y).logits, m(x, decoder_input_ids=y).logits)
+    with pytest.raises(ConfigError, match="runs_dir"): export_grid(tmp_path / "nope", tmp_path / "exp")
+
+
+def test_grid_cli_has_export_option(capsys):
+    from flanmoe_nb.runs import grid_main
+    with pytest.raises(SystemExit): grid_main(["--help"])
+    assert "--export DIR" in capsys.readouterr().out

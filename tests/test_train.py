@@ -331,3 +331,31 @@ def test_build_optimizer_fuses_adamw_for_the_torch_engine():
         for mod, o in ((m, opt), (m2, ref)):
             o.zero_grad(); mod(x).square().sum().backward(); o.step()
     for a, b in zip(m.parameters(), m2.parameters()): torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _tb_scalars_of(logdir: Path) -> dict:
+    "tag -> [(step, value)] from the TensorBoard event files under `logdir`."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir)); acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_event_files_match_metrics_jsonl(tmp_path):
+    train(model(), W.batches(2), cfg(tmp_path, steps=3))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tb = _tb_scalars_of(tmp_path / "tensorboard")
+    assert [s for s, _ in tb["train/loss"]] == [1, 2, 3]
+    assert [v for _, v in tb["train/loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [v for _, v in tb["train/lr"]] == pytest.approx([r["lr"] for r in rows], rel=1e-6)
+    assert "train/entropy/0" in tb and "train/entropy/1" in tb     # per-layer lists become one scalar each
+
+
+def test_tensorboard_resume_purges_replayed_steps_and_fresh_start_moves_it_aside(tmp_path):
+    train(model(), W.batches(2), cfg(tmp_path, steps=2, ckpt_every=1))
+    train(model(), W.batches(2), cfg(tmp_path, steps=4, resume=True))
+    steps = [s for s, _ in _tb_scalars_of(tmp_path / "tensorboard")["train/loss"]]
+    assert steps == [1, 2, 3, 4], steps
+    with pytest.warns(RuntimeWarning, match="tensorboard"):
+        train(model(), W.batches(2), cfg(tmp_path, steps=1))
+    assert [s for s, _ in _tb_scalars_of(tmp_path / "tensorboard")["train/loss"]] == [1]
+    assert len(list(tmp_path.glob("tensorboard.*"))) == 1
