@@ -478,10 +478,12 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
     return "ok", dt, ""
 
 def _scrub_paths(notebook: Path, out_dir: Path) -> None:
-    "Replace the run folder's absolute path (and its parents up to the project) in an executed notebook by relative ones."
+    "Replace the run folder's absolute path (and its parents up to the project) in an executed notebook by relative ones, and the Python prefix (a venv's warnings) by `<python>`."
     text = notebook.read_text(); root = project_root(out_dir)
-    for base, rel in [(str(out_dir), "."), *([(str(root), os.path.relpath(root, out_dir))] if root else [])]:
-        text = text.replace(json.dumps(base)[1:-1], rel)
+    subs = [(str(out_dir), "."), *([(str(root), os.path.relpath(root, out_dir))] if root else []),
+            (sys.prefix, "<python>"), (sys.base_prefix, "<python>")]
+    for base, rel in sorted(subs, key=lambda s: -len(s[0])):      # the longest first: a folder before its parents
+        if len(base) > 1: text = text.replace(json.dumps(base)[1:-1], rel)
     notebook.write_text(text)
 
 # %% ../nbs/09_runs.ipynb #8cade9c3

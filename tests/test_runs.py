@@ -210,3 +210,15 @@ def test_grid_cli_has_export_option(capsys):
     from flanmoe_nb.runs import grid_main
     with pytest.raises(SystemExit): grid_main(["--help"])
     assert "--export DIR" in capsys.readouterr().out
+
+
+def test_scrub_paths_removes_run_project_and_python_prefix(tmp_path):
+    import sys, json
+    out = tmp_path / "grid" / "run1"; out.mkdir(parents=True)
+    nb = out / "notebook.ipynb"
+    lines = [f"{out}/eval.json", f"{sys.prefix}/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning"]
+    nb.write_text(json.dumps({"cells": [{"outputs": [{"text": lines}]}]}))
+    runs._scrub_paths(nb, out)
+    text = nb.read_text()
+    assert str(tmp_path) not in text and sys.prefix not in text
+    assert json.loads(text)["cells"][0]["outputs"][0]["text"] == ["./eval.json", "<python>/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning"]
