@@ -1,6 +1,7 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
 // Each group's product goes to the register-tiled fp32 kernels of sgemm_small.cpp (AVX-512 or AVX2, whichever
-// is active) or, for other dtypes and with them off, to ATen's BLAS (MKL / oneDNN via at::mm_out).
+// is active), bf16 ones to oneDNN's brgemm ukernel (grouped_mm_bf16_cpu.cpp) unless FLANMOE_BF16_GEMM=blas, and
+// the rest to ATen's BLAS (MKL / oneDNN via at::mm_out).
 // Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
@@ -10,72 +11,14 @@
 #include "flanmoe.h"
 #include "cpu_cache.h"
 #include "sgemm_small.h"
+#include "work_items.h"
+#include "grouped_mm_bf16.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace flanmoe {
-namespace {
-
-// Prefix sums of group_sizes, which check_group_sizes has validated (each size at most the rows left: no overflow).
-std::vector<int64_t> group_offsets(const at::Tensor& group_sizes) {
-  auto gs = group_sizes.contiguous();
-  const int64_t* p = gs.const_data_ptr<int64_t>();
-  std::vector<int64_t> off(gs.numel() + 1, 0);
-  for (int64_t i = 0; i < gs.numel(); ++i) off[i + 1] = off[i] + p[i];
-  return off;
-}
-
-// One piece of work: group g, the half-open range [lo, hi) of rows (products) or columns (weight grads).
-struct Item { int64_t g, lo, hi; double work; };
-
-// Cut each group's range [0, extent_g) into pieces no bigger than ~1/threads of the total, so that one
-// big expert is shared by all threads and many small experts are spread over them.
-std::vector<Item> make_items(const std::vector<int64_t>& extent, const std::vector<double>& work_per_unit,
-                             int64_t nthreads) {
-  double total = 0;
-  for (size_t g = 0; g < extent.size(); ++g) total += extent[g] * work_per_unit[g];
-  const double target = total / std::max<int64_t>(nthreads, 1);
-  std::vector<Item> items;
-  for (size_t g = 0; g < extent.size(); ++g) {
-    const int64_t n = extent[g];
-    if (n == 0) { items.push_back({int64_t(g), 0, 0, 0.0}); continue; }
-    const double w = n * work_per_unit[g];
-    const int64_t pieces = std::min<int64_t>(n, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(w / std::max(target, 1.0) - 1e-9))));
-    for (int64_t p = 0; p < pieces; ++p) {
-      const int64_t lo = n * p / pieces, hi = n * (p + 1) / pieces;
-      items.push_back({int64_t(g), lo, hi, (hi - lo) * work_per_unit[g]});
-    }
-  }
-  return items;
-}
-
-// Run every item, spreading them over the intra-op threads by longest-processing-time-first scheduling.
-// Each GEMM then runs single-threaded inside the parallel region: no barrier inside BLAS per small GEMM.
-template <typename F>
-void run_items(std::vector<Item> items, double total_flops, F body) {
-  const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || items.size() <= 1 || total_flops < 2e6 || at::in_parallel_region()) {
-    for (const auto& it : items) body(it);
-    return;
-  }
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
-  std::vector<std::vector<Item>> per(nt);
-  std::vector<double> load(nt, 0.0);
-  for (const auto& it : items) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    per[t].push_back(it);
-    load[t] += it.work + 1.0;
-  }
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t t = b; t < e; ++t)
-      for (const auto& it : per[t]) body(it);
-  });
-}
-
-}  // namespace
 
 // out = op(a) @ b[g] (b[g]^T with trans_b) per group, op = relu with relu_a; then, with a mask [N, M], out = 0
 // wherever mask <= 0 (the input gradient through a relu of `mask`, as torch's threshold_backward: NaN passes).
@@ -103,6 +46,10 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
   if (off[G] < N) out.narrow(0, off[G], N - off[G]).zero_();     // padding rows past the groups
+  if (!relu_a && !mask && bf16_brgemm_applies(a, K)) {   // bf16 on the matrix engine (AMX / AVX512-BF16)
+    gmm_bf16_brgemm(a, b, off, trans_b, out);
+    return out;
+  }
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
   auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());
@@ -147,6 +94,10 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
     return make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return at::zeros({G, K, M}, a.options()); });
   auto out = make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return empty_large({G, K, M}, a.options()); });
   const auto off = group_offsets(group_sizes);
+  if (!relu_a && bf16_brgemm_applies(a, 0)) {              // (the depth, a group's rows, is padded to pairs)
+    wgrad_bf16_brgemm(a, dy, off, out);
+    return out;
+  }
   // Items split the output columns of a group; groups with no rows get a zero gradient.
   std::vector<int64_t> cols(G);
   std::vector<double> work(G);

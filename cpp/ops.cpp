@@ -5,6 +5,7 @@
 #include "flanmoe.h"
 #include "cpu_cache.h"
 #include "sgemm_small.h"
+#include "grouped_mm_bf16.h"
 
 #ifndef FLANMOE_TORCH_VERSION
 #define FLANMOE_TORCH_VERSION "unknown"
@@ -74,5 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "which small-row GEMMs grouped_mm uses now ('blas': none)");
   mod.def("set_small_gemm", &flanmoe::set_small_gemm,
           "choose the small-row GEMMs: 'blas' (off), 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
+  mod.def("bf16_brgemm_available", &flanmoe::bf16_brgemm_available,
+          "whether oneDNN's brgemm ukernel runs bf16 products on this CPU (AMX or AVX512-BF16)");
+  mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");
+  mod.def("set_bf16_gemm", &flanmoe::set_bf16_gemm,
+          "choose the bf16 grouped products: 'brgemm', 'blas' or 'auto'; False if brgemm is unavailable here");
   mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
 }

@@ -1,5 +1,7 @@
 """Compiled MoE core vs its pure-PyTorch reference twins: routing plan, permute/unpermute, grouped GEMM,
 expert FFN; gradcheck, opcheck, torch.compile, and error messages that name the argument."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -831,3 +833,55 @@ def test_dense_mm_keeps_autocast_and_compiles():
         assert K.dense_mm(x, w, True).dtype == torch.bfloat16          # matmul under autocast, as F.linear
     fn = torch.compile(lambda x, w: K.dense_mm(x, w, True), fullgraph=True)
     torch.testing.assert_close(fn(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- bf16 grouped GEMMs on oneDNN's brgemm ukernel
+_BRGEMM = K.extension_available() and K._C.bf16_brgemm_available()
+
+
+@contextlib.contextmanager
+def bf16_gemm(mode):
+    "The bf16 grouped-GEMM path `mode` inside the block (asserting it could be set), the previous one after it."
+    before = K._C.bf16_gemm_active()
+    assert K._C.set_bf16_gemm(mode), mode
+    try: yield
+    finally: K._C.set_bf16_gemm(before)
+
+
+def test_bf16_gemm_modes_are_named():
+    before = K._C.bf16_gemm_active()
+    try:
+        assert not K._C.set_bf16_gemm("nonsense") and K._C.bf16_gemm_active() == before
+        assert K._C.set_bf16_gemm("blas") and K._C.bf16_gemm_active() == "blas"
+        assert K._C.set_bf16_gemm("auto") and K._C.bf16_gemm_active() in ("blas", "brgemm")
+        assert K._C.set_bf16_gemm("brgemm") == _BRGEMM
+    finally: K._C.set_bf16_gemm(before)
+
+
+@pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
+@HYP
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 7, 31, 32, 33, 64, 97, 129, 300]), min_size=1, max_size=5),
+       Kd=st.sampled_from([1, 2, 6, 33, 64, 130, 512]), M=st.sampled_from([1, 5, 63, 64, 65, 130]),
+       trans_b=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad, seed):
+    """The ukernel path (even depths; odd ones take BLAS) against the fp32 product of the same bf16 values:
+    empty groups, one row, row blocks around 32, column blocks around 64, padding rows; the product, the input
+    gradient (the transposed product) and the weight gradient (depth = a group's rows, padded to 32)."""
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.tensor(sizes, dtype=torch.long)
+    N, G = sum(sizes) + pad, len(sizes)
+    a = torch.randn(N, Kd, generator=g).bfloat16().requires_grad_()
+    b = torch.randn(G, *((M, Kd) if trans_b else (Kd, M)), generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(N, M, generator=g).bfloat16()
+    with bf16_gemm("brgemm"):
+        out = K.grouped_mm(a, b, gs, trans_b)
+        da, db = torch.autograd.grad((out * dy).float().sum(), (a, b))
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    ref = K.grouped_mm_reference(a32, b32, gs, trans_b)
+    da_ref, db_ref = torch.autograd.grad((ref * dy.float()).sum(), (a32, b32))
+    for x, r in ((out, ref), (da, da_ref), (db, db_ref)):
+        assert x.dtype == torch.bfloat16 and x.shape == r.shape
+        if not r.numel(): continue
+        scale = r.abs().max().item() + 1e-6      # bf16 keeps 8 bits: one rounding of the fp32-accumulated result
+        assert (x.float() - r).abs().max().item() <= 2 ** -8 * scale + 1e-6, (x.float() - r).abs().max()
+    if N > sum(sizes): assert out[sum(sizes):].eq(0).all()

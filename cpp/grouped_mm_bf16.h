@@ -1,0 +1,30 @@
+// bf16 grouped GEMMs on the CPU's matrix engine: oneDNN's batch-reduce GEMM ukernel, as torch exposes it
+// (at::native::cpublas::brgemm), on AMX tiles or AVX512-BF16 (vdpbf16ps), whichever oneDNN picks for this
+// CPU (ONEDNN_MAX_CPU_ISA caps it). fp32 accumulation, bf16 in and out. See grouped_mm_bf16_cpu.cpp.
+#pragma once
+#include <ATen/ATen.h>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flanmoe {
+
+// Whether the ukernel runs here (torch built with oneDNN's ukernel API, a CPU with AVX-512, oneDNN enabled):
+// probed once with a small product checked against its exact value.
+bool bf16_brgemm_available();
+// What bf16 grouped products use: "brgemm" (the ukernel) or "blas" (one ATen matmul per row block).
+std::string bf16_gemm_active();
+// Choose "brgemm", "blas" or "auto" (blas until the ukernel path is measured faster); false when brgemm is asked for and unavailable
+// or the name is unknown. The start value comes from FLANMOE_BF16_GEMM (same names; default auto).
+bool set_bf16_gemm(const std::string& mode);
+// True when a bf16 product with depth K goes to the ukernel (mode brgemm and K even: bf16 pairs along K).
+bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth);
+
+// out[rows of g] = a[rows of g] @ b[g] (b[g]^T with trans_b); off = group offsets; out [N, M] preallocated,
+// rows past off[G] already handled by the caller.
+void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
+                     at::Tensor& out);
+// out[g] = a_g^T @ dy_g, out [G, K, M] preallocated.
+void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vector<int64_t>& off, at::Tensor& out);
+
+}  // namespace flanmoe
