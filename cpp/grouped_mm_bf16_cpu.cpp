@@ -16,6 +16,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace flanmoe {
 namespace {
@@ -25,6 +28,8 @@ using bf16 = at::BFloat16;
 
 constexpr int64_t NB = 64;    // packed column block
 constexpr int64_t MB = 32;    // rows per ukernel call
+constexpr int64_t RC = 256;   // rows per unit of a product (with K = 512: 256 KiB of a, kept in cache)
+constexpr int64_t PB = 4;     // column blocks per unit (a 256-column panel of the weight, packed once)
 constexpr int64_t KC = 256;   // depth chunk of the weight-gradient products (a multiple of 32)
 
 template <typename T>
@@ -78,6 +83,112 @@ void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo)
     bf16* oi = out + i * ldo;
     for (int64_t n = 0; n < nb; ++n) oi[n] = bf16(ci[n]);
   }
+}
+
+#if defined(__x86_64__)
+// AVX-512 (F+BW) versions of the three loops above; the ukernel itself needs AVX-512, so wherever it runs these do.
+#define FLANMOE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+FLANMOE_AVX512BW void pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb,
+                                       uint16_t* dst) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t k2 = 0; k2 < pairs; ++k2) {
+    uint16_t* d = dst + k2 * NB * 2;
+    const int64_t r = 2 * k2;
+    const uint16_t* r0 = r < rows ? src + r * ld : nullptr;
+    const uint16_t* r1 = r + 1 < rows ? src + (r + 1) * ld : nullptr;
+    for (int64_t n = 0; n < NB; n += 16) {             // 16 columns: two rows of 16 bf16 -> 16 interleaved pairs
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, nb - n));
+      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m256i a = r0 && left ? _mm256_maskz_loadu_epi16(m, r0 + n) : zero;
+      const __m256i b = r1 && left ? _mm256_maskz_loadu_epi16(m, r1 + n) : zero;
+      const __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      _mm512_storeu_si512(d + 2 * n, v);
+    }
+  }
+}
+
+// 16x16 transpose of 32-bit lanes held in r[0..15].
+FLANMOE_AVX512BW inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + j] now holds, in each 128-bit lane L, row (4L' ...) : finish with two 128-bit lane shuffles
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+FLANMOE_AVX512BW void pack_cols_avx512(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst) {
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  __m512i r[16];
+  for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
+    const int64_t kl = std::min<int64_t>(16, pairs - k0);
+    const __mmask16 km = kl >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << kl) - 1);
+    for (int64_t n0 = 0; n0 < NB; n0 += 16) {
+      for (int i = 0; i < 16; ++i)                      // row n0 + i of src: pairs k0 .. k0 + 15
+        r[i] = n0 + i < nb ? _mm512_maskz_loadu_epi32(km, src + (n0 + i) * ld + 2 * k0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t j = 0; j < kl; ++j) _mm512_storeu_si512(d + (k0 + j) * NB + n0, r[j]);
+    }
+  }
+}
+
+FLANMOE_AVX512BW void store_block_avx512(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  for (int64_t i = 0; i < mb; ++i) {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out + i * ldo);
+    for (int64_t n = 0; n < nb; n += 16) {
+      const int64_t left = std::min<int64_t>(16, nb - n);
+      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, c + i * NB + n));
+      // round to nearest even, as c10::BFloat16 does; NaN -> the quiet NaN c10 writes
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
+      __m512i y = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, bias), lsb), 16);
+      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, absmask), inf);
+      y = _mm512_mask_mov_epi32(y, nan, qnan);
+      _mm512_mask_cvtepi32_storeu_epi16(o + n, m, y);
+    }
+  }
+}
+
+bool has_avx512bw() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+#else
+bool has_avx512bw() { return false; }
+void pack_rows_avx512(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+void pack_cols_avx512(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) {}
+void store_block_avx512(const float*, int64_t, int64_t, bf16*, int64_t) {}
+#endif
+
+void pack_rows_any(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst) {
+  if (has_avx512bw()) pack_rows_avx512(src, ld, rows, pairs, nb, dst); else pack_rows(src, ld, rows, pairs, nb, dst);
+}
+void pack_cols_any(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst) {
+  if (has_avx512bw()) pack_cols_avx512(src, ld, pairs, nb, dst); else pack_cols(src, ld, pairs, nb, dst);
+}
+void store_block_any(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo) {
+  if (has_avx512bw()) store_block_avx512(c, mb, nb, out, ldo); else store_block(c, mb, nb, out, ldo);
 }
 
 const uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<bf16>()); }
@@ -143,14 +254,17 @@ bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth) {
 
 void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
                      at::Tensor& out) {
+  // A unit is one group's chunk of up to RC rows times a panel of up to PB column blocks: the panel is packed
+  // once per unit and the chunk's rows (RC x K bf16) stay in cache while every block of the panel runs
+  // against them, so neither operand is streamed from memory once per 64 output columns.
   const int64_t K = a.size(1), G = b.size(0), M = out.size(1), pairs = K / 2;
-  const int64_t nblk = (M + NB - 1) / NB;
+  const int64_t nblk = (M + NB - 1) / NB, npanel = (nblk + PB - 1) / PB;
   std::vector<int64_t> ext(G);
   std::vector<double> work(G);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t rows = off[g + 1] - off[g];
-    ext[g] = rows ? nblk : 0;
-    work[g] = double(rows + 1) * K * NB;   // +1: the block's packing
+    ext[g] = (rows + RC - 1) / RC * npanel;          // units, in order (row chunk, panel)
+    work[g] = double(std::min(rows, RC) + 1) * K * NB * PB;
   }
   const uint16_t* A = u16(a);
   const uint16_t* B = u16(b);
@@ -158,18 +272,26 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
   run_items(make_items(ext, work, at::get_num_threads()), 2.0 * off[G] * K * M, [&](const Item& it) {
     thread_local std::vector<uint16_t> pbuf;
     thread_local std::vector<float> cbuf;
-    uint16_t* packed = scratch(pbuf, size_t(pairs) * NB * 2);
+    uint16_t* packed = scratch(pbuf, size_t(PB) * pairs * NB * 2);
     float* acc = scratch(cbuf, size_t(MB) * NB);
-    const int64_t r0 = off[it.g], rows = off[it.g + 1] - r0;
-    for (int64_t j = it.lo; j < it.hi; ++j) {
-      const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
-      if (trans_b) pack_cols(B + (it.g * M + j0) * K, K, pairs, nb, packed);   // b[g] is [M, K]
-      else pack_rows(B + it.g * K * M + j0, M, K, pairs, nb, packed);          // b[g] is [K, M]
-      for (int64_t i0 = 0; i0 < rows; i0 += MB) {
-        const int64_t mb = std::min(MB, rows - i0);
-        cpublas::brgemm(mb, nb, K, K, NB, NB, false, reinterpret_cast<const bf16*>(A + (r0 + i0) * K),
-                        reinterpret_cast<const bf16*>(packed), acc, true);
-        store_block(acc, mb, nb, C + (r0 + i0) * M + j0, M);
+    const int64_t g0 = off[it.g], rows = off[it.g + 1] - g0;
+    for (int64_t u = it.lo; u < it.hi; ++u) {
+      const int64_t c0 = (u / npanel) * RC, p = u % npanel;
+      const int64_t crows = std::min(RC, rows - c0), jb0 = p * PB, jb1 = std::min(nblk, jb0 + PB);
+      for (int64_t j = jb0; j < jb1; ++j) {
+        const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
+        uint16_t* pk = packed + (j - jb0) * pairs * NB * 2;
+        if (trans_b) pack_cols_any(B + (it.g * M + j0) * K, K, pairs, nb, pk);   // b[g] is [M, K]
+        else pack_rows_any(B + it.g * K * M + j0, M, K, pairs, nb, pk);          // b[g] is [K, M]
+      }
+      for (int64_t i0 = 0; i0 < crows; i0 += MB) {
+        const int64_t mb = std::min(MB, crows - i0), r = g0 + c0 + i0;
+        for (int64_t j = jb0; j < jb1; ++j) {
+          const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
+          cpublas::brgemm(mb, nb, K, K, NB, NB, false, reinterpret_cast<const bf16*>(A + r * K),
+                          reinterpret_cast<const bf16*>(packed + (j - jb0) * pairs * NB * 2), acc, true);
+          store_block_any(acc, mb, nb, C + r * M + j0, M);
+        }
       }
     }
   }, [] { cpublas::brgemm_release(true); });
@@ -215,7 +337,7 @@ void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vec
       }
       uint16_t* packed = scratch(pbuf, size_t(Rg / 2) * NB * 2);
       float* acc = scratch(cbuf, size_t(MB) * NB);
-      pack_rows(D + off[it.g] * M + j0, M, rows, Rg / 2, nb, packed);
+      pack_rows_any(D + off[it.g] * M + j0, M, rows, Rg / 2, nb, packed);
       const uint16_t* t = T + toff[it.g];
       for (int64_t k0 = 0; k0 < K; k0 += MB) {
         const int64_t mb = std::min(MB, K - k0);
@@ -224,7 +346,7 @@ void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vec
           cpublas::brgemm(mb, nb, kc, Rg, NB, NB, c0 > 0, reinterpret_cast<const bf16*>(t + k0 * Rg + c0),
                           reinterpret_cast<const bf16*>(packed + c0 * NB), acc, true);
         }
-        store_block(acc, mb, nb, o + k0 * M, M);
+        store_block_any(acc, mb, nb, o + k0 * M, M);
       }
     }
   }, [] { cpublas::brgemm_release(true); });
