@@ -599,6 +599,13 @@ def _relu_gmm_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
     return (_op("relu_grouped_mm") is not None and h.device.type == "cpu" and w.device.type == "cpu"
             and h.dtype == w.dtype and h.dtype in (torch.float32, torch.float64))
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    "The dtype autocast gives matmuls on `x`'s device when it is on and the compiled ops take it (bf16; fp16 on CUDA), else None."
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev): return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if dt == torch.bfloat16 or (dt == torch.float16 and dev == "cuda") else None
+
 def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tensor, weights: torch.Tensor | None,
                w_in: torch.Tensor, w_out: torch.Tensor, activation: str = "relu", dropout_p: float = 0.0,
                training: bool = False) -> torch.Tensor:
@@ -607,6 +614,8 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
         raise ValueError(f"activation must be one of {ACTIVATIONS} (got activation={activation!r})")
     if _op("grouped_mm") is None or _op("permute") is None:
         return expert_ffn_reference(x, token_idx, group_sizes, weights, w_in, w_out, activation, dropout_p, training)
+    if (dt := _autocast_dtype(x)) is not None:   # autocast does not cast custom ops: do what it does for a matmul
+        x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
     drop = bool(dropout_p and training)
     if activation == "relu" and not drop and _relu_gmm_pays(h, w_out):

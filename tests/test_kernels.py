@@ -885,3 +885,25 @@ def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad
         scale = r.abs().max().item() + 1e-6      # bf16 keeps 8 bits: one rounding of the fp32-accumulated result
         assert (x.float() - r).abs().max().item() <= 2 ** -8 * scale + 1e-6, (x.float() - r).abs().max()
     if N > sum(sizes): assert out[sum(sizes):].eq(0).all()
+
+
+def test_expert_ffn_runs_bf16_under_cpu_autocast():
+    """Autocast does not cast custom ops: expert_ffn casts its operands as autocast casts a matmul's, so bf16
+    training runs the experts' GEMMs in bf16 (where the matrix engines are), with fp32 gradients for fp32
+    weights, and agrees with the fp32 layer to bf16 precision."""
+    from flanmoe_nb import moe
+    torch.manual_seed(0)
+    layer = moe.MoELayer(moe.MoEConfig(64, 128, 4))
+    x = torch.randn(2, 16, 64)
+    seen = []
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, f, types, args=(), kwargs=None):
+            if "grouped_mm" in str(f): seen.append(args[0].dtype)
+            return f(*args, **(kwargs or {}))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        y, _ = layer(x)
+    assert seen and all(d == torch.bfloat16 for d in seen), seen
+    y32, _ = layer(x)
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert layer.experts.w_in.grad.dtype == torch.float32 and layer.experts.w_in.grad.abs().sum() > 0
