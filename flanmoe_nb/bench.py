@@ -19,7 +19,7 @@ from . import kernels as K
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
            'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement',
            'time_methods', 'peak_memory', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench',
-           'main']
+           'machine_info', 'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -339,6 +339,31 @@ def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_
     return rows
 
 # %% ../nbs/10_bench.ipynb #efcbd050
+def machine_info() -> dict:
+    "What a benchmark's numbers depend on: CPU model, its vector/matrix ISA, BLAS, threads and the kernel paths in use."
+    import platform
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"): model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"): flags = set(line.split(":", 1)[1].split())
+    except OSError: pass
+    isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+    blas = "MKL" if torch.backends.mkl.is_available() else "BLAS (not MKL)"
+    info = dict(cpu=model, isa=isa, blas=blas + (", oneDNN" if torch.backends.mkldnn.is_available() else ""),
+                threads=torch.get_num_threads(), torch=torch.__version__)
+    if K.extension_available():
+        info.update(fp32_expert_gemm=K.cpu_gemm_info()["active"], bf16_expert_gemm=K._C.bf16_gemm_active(),
+                    bf16_brgemm_available=K._C.bf16_brgemm_available())
+    return info
+
+def machine_line() -> str:
+    "`machine_info()` as the one line every benchmark prints first."
+    m = machine_info()
+    paths = (f"; expert GEMMs: fp32 {m['fp32_expert_gemm']}, bf16 {m['bf16_expert_gemm']}"
+             f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if "fp32_expert_gemm" in m else ""
+    return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; torch {m['torch']}{paths}"
+
 def main(argv: list[str] | None = None) -> int:
     "`flanmoe bench moe|gmm|attn|train [--quick] [...]`: print the MoE FFN, grouped-GEMM, attention or training-throughput table."
     p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks: `moe` (the compiled MoE FFN against "
@@ -365,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.json, "w") as fh: json.dump(rows, fh, indent=1)
         return 0
     if a.threads: torch.set_num_threads(a.threads)
+    print(machine_line())
     q = a.quick
     if a.what == "train":
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
