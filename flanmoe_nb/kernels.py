@@ -15,7 +15,8 @@ import torch
 # %% auto #0
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
-           'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm', 'dense_mm',
+           'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm',
+           'machine_fingerprint', 'choice_cache_path', 'choose_path', 'kernel_choices', 'dense_mm',
            'dense_relu_kernel_pays', 'dense_relu_mm', 'dropout_reference', 'dropout', 'attention_reference',
            'attention_kernel_pays', 'attention_kernel_faster', 'attention', 'rms_norm_reference', 'norm_kernel_pays',
            'rms_norm', 'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference',
@@ -206,6 +207,78 @@ def use_cpu_gemm(mode: str):
     prev = set_cpu_gemm(mode)
     try: yield
     finally: set_cpu_gemm(prev)
+
+# %% ../nbs/01_kernels.ipynb #2b6cc91d
+import hashlib, json, os, statistics, time
+from pathlib import Path
+
+_CHOICES: dict[str, dict] = {}   # "kind/shape_class" -> {"choice", "source", "ms"}: what this process chose and why
+
+def machine_fingerprint() -> dict:
+    "What a kernel choice depends on: CPU model and ISA flags, threads, torch and extension versions."
+    import platform
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"): model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"): flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+    except OSError: pass
+    return dict(cpu=model, flags=flags, threads=torch.get_num_threads(), torch=torch.__version__,
+                extension=_extension_stamp())
+
+def _extension_stamp() -> str:
+    "Size and build time of the loaded extension: a rebuilt kernel library is measured again."
+    if _C is None: return "none"
+    st = Path(_C.__file__).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+def _fingerprint_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+def choice_cache_path() -> Path:
+    "Where kernel choices are cached: `$FLANMOE_KERNEL_CACHE` or `~/.cache/flanmoe_nb/kernel_choice.json`."
+    return Path(os.environ.get("FLANMOE_KERNEL_CACHE", Path.home() / ".cache" / "flanmoe_nb" / "kernel_choice.json"))
+
+def _read_cache(machine: str) -> dict:
+    try: data = json.loads(choice_cache_path().read_text())
+    except (OSError, ValueError): return {}
+    return data.get("choices", {}) if data.get("machine") == machine else {}   # another machine: measure again
+
+def _write_cache(machine: str, choices: dict):
+    path = choice_cache_path(); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dict(machine=machine, fingerprint=machine_fingerprint(), choices=choices), indent=1))
+    os.replace(tmp, path)                            # atomic: a concurrent reader sees the old or the new file
+
+def choose_path(kind: str, shape_class: str, candidates: dict, default: str, reps: int = 3) -> str:
+    "The fastest of `candidates` (name -> zero-argument callable) for `kind` at `shape_class` on this machine (see above)."
+    if default not in candidates:
+        raise ValueError(f"default={default!r} is not one of the candidates {sorted(candidates)}")
+    key = f"{kind}/{shape_class}"
+    forced = os.environ.get(f"FLANMOE_PATH_{kind.upper()}")
+    if forced is not None:
+        if forced not in candidates:
+            raise ValueError(f"FLANMOE_PATH_{kind.upper()}={forced!r} is not one of {sorted(candidates)}")
+        _CHOICES[key] = dict(choice=forced, source="environment"); return forced
+    if os.environ.get("FLANMOE_DETERMINISTIC", "0") == "1":
+        _CHOICES[key] = dict(choice=default, source="deterministic"); return default
+    machine = _fingerprint_hash(machine_fingerprint())
+    cached = _read_cache(machine)
+    if key in cached and cached[key].get("choice") in candidates:
+        _CHOICES[key] = dict(cached[key], source="cache"); return cached[key]["choice"]
+    ms = {}
+    for name, fn in candidates.items():
+        fn(); ts = []                                # warm-up: JIT, caches, first-touch pages
+        for _ in range(reps): t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        ms[name] = round(statistics.median(ts) * 1e3, 4)
+    best = min(ms, key=ms.get)
+    cached[key] = dict(choice=best, ms=ms)
+    _write_cache(machine, cached)
+    _CHOICES[key] = dict(choice=best, ms=ms, source="measured"); return best
+
+def kernel_choices() -> dict:
+    "Every path `choose_path` picked in this process, with its source (measured, cache, environment, deterministic) and timings."
+    return {k: dict(v) for k, v in _CHOICES.items()}
 
 # %% ../nbs/01_kernels.ipynb #39b33ae2
 _ONE_GROUP: dict[int, torch.Tensor] = {}
@@ -606,6 +679,27 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     dt = torch.get_autocast_dtype(dev)
     return dt if dt == torch.bfloat16 or (dt == torch.float16 and dev == "cuda") else None
 
+_BF16_CLASS: dict[str, str] = {}
+
+def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
+
+def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
+    "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class by `choose_path`."
+    if (x.device.type != "cpu" or _C is None or not hasattr(_C, "bf16_brgemm_available") or torch.compiler.is_compiling()
+            or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
+        return                                       # nothing to choose, or the user chose
+    E, d, f = w_in.shape
+    rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
+    cls = f"d{_pow2(d)}-f{_pow2(f)}-rows{_pow2(rows)}"
+    mode = _BF16_CLASS.get(cls)
+    if mode is None:
+        e = min(E, 16)                               # (per-expert efficiency is what differs; cap the weights measured)
+        a, w = torch.randn(rows * e, d, dtype=torch.bfloat16), torch.randn(e, d, f, dtype=torch.bfloat16)
+        gs = torch.full((e,), rows, dtype=torch.long)
+        def run(m): return lambda: (_C.set_bf16_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
+        mode = _BF16_CLASS[cls] = choose_path("bf16_gemm", cls, {"blas": run("blas"), "brgemm": run("brgemm")}, default="blas")
+    if _C.bf16_gemm_active() != mode: _C.set_bf16_gemm(mode)
+
 def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tensor, weights: torch.Tensor | None,
                w_in: torch.Tensor, w_out: torch.Tensor, activation: str = "relu", dropout_p: float = 0.0,
                training: bool = False) -> torch.Tensor:
@@ -616,6 +710,7 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
         return expert_ffn_reference(x, token_idx, group_sizes, weights, w_in, w_out, activation, dropout_p, training)
     if (dt := _autocast_dtype(x)) is not None:   # autocast does not cast custom ops: do what it does for a matmul
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
+    if x.dtype == torch.bfloat16: _choose_bf16_gemm(x, w_in, group_sizes)
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
     drop = bool(dropout_p and training)
     if activation == "relu" and not drop and _relu_gmm_pays(h, w_out):

@@ -900,10 +900,13 @@ def _train_here(p: dict) -> dict:
         raise
     if rank0:
         if not (out / "tokenizer").exists(): tok.save_pretrained(str(out / "tokenizer"))
+        from . import kernels                         # the kernel paths this run used, with how each was chosen
         info = dict(train_rows=len(rows), data_seconds=round(t_data, 1), train_seconds=round(time.time() - t0 - t_data, 1),
                     tokens_per_s=round(res.tokens_per_s), final_loss=res.losses[-1] if res.losses else None,
                     checkpoint=os.path.relpath(res.checkpoint, out) if res.checkpoint else None, status="trained",
-                    skipped_steps=res.skipped, max_consecutive_skipped=res.max_consecutive_skipped, skipped_fraction=res.skipped_fraction)
+                    skipped_steps=res.skipped, max_consecutive_skipped=res.max_consecutive_skipped, skipped_fraction=res.skipped_fraction,
+                    kernel_choices=kernels.kernel_choices(), kernel_paths=dict(fp32_expert_gemm=kernels._CPU_GEMM["active"],
+                    bf16_expert_gemm=kernels._C.bf16_gemm_active() if kernels.extension_available() else None))
         _atomic_write(out / "train.json", json.dumps(info, indent=1))
     return dict(model=model, tok=tok, result=res)
 

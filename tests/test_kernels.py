@@ -907,3 +907,58 @@ def test_expert_ffn_runs_bf16_under_cpu_autocast():
     torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
     y.float().sum().backward()
     assert layer.experts.w_in.grad.dtype == torch.float32 and layer.experts.w_in.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- kernel paths chosen by measurement
+@pytest.fixture
+def choice_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
+    for v in ("FLANMOE_DETERMINISTIC", "FLANMOE_PATH_DEMO"): monkeypatch.delenv(v, raising=False)
+    return tmp_path / "choice.json"
+
+
+def test_choose_path_never_picks_a_slow_path_and_caches_per_machine(choice_cache, monkeypatch):
+    import json, time
+    slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
+    for order in ({"slow": slow, "fast": fast}, {"fast": fast, "slow": slow}):
+        K._CHOICES.clear(); choice_cache.unlink(missing_ok=True)
+        assert K.choose_path("demo", "c", order, default="slow") == "fast"
+        assert K.kernel_choices()["demo/c"]["source"] == "measured"
+    assert K.choose_path("demo", "c", {"slow": slow, "fast": fast}, default="slow") == "fast"
+    assert K.kernel_choices()["demo/c"]["source"] == "cache"
+    assert json.loads(choice_cache.read_text())["choices"]["demo/c"]["choice"] == "fast"
+    # another CPU: the cached choice is not trusted, the paths are measured again (now "slow" is the fast one)
+    fp = K.machine_fingerprint()
+    monkeypatch.setattr(K, "machine_fingerprint", lambda: dict(fp, cpu="Some Other CPU"))
+    assert K.choose_path("demo", "c", {"slow": fast, "fast": slow}, default="slow") == "slow"
+    assert K.kernel_choices()["demo/c"]["source"] == "measured"
+
+
+def test_choose_path_environment_and_deterministic_mode(choice_cache, monkeypatch):
+    calls = []
+    cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    monkeypatch.setenv("FLANMOE_PATH_DEMO", "b")
+    assert K.choose_path("demo", "x", cands, default="a") == "b" and not calls
+    assert K.kernel_choices()["demo/x"]["source"] == "environment"
+    monkeypatch.setenv("FLANMOE_PATH_DEMO", "c")
+    with pytest.raises(ValueError, match="FLANMOE_PATH_DEMO='c'"): K.choose_path("demo", "x", cands, default="a")
+    monkeypatch.delenv("FLANMOE_PATH_DEMO")
+    monkeypatch.setenv("FLANMOE_DETERMINISTIC", "1")
+    assert K.choose_path("demo", "x", cands, default="a") == "a" and not calls
+    with pytest.raises(ValueError, match="default='z'"): K.choose_path("demo", "x", cands, default="z")
+
+
+@pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
+def test_bf16_expert_ffn_chooses_its_gemm_path_by_measurement(choice_cache, monkeypatch):
+    monkeypatch.delenv("FLANMOE_BF16_GEMM", raising=False)
+    K._BF16_CLASS.clear(); K._CHOICES.clear()
+    before = K._C.bf16_gemm_active()
+    try:
+        x = torch.randn(64, 32).bfloat16(); w_in = torch.randn(4, 32, 64).bfloat16(); w_out = torch.randn(4, 64, 32).bfloat16()
+        gs = torch.tensor([16, 16, 16, 16]); idx = torch.arange(64)
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("bf16_gemm/")]
+        assert rec["source"] == "measured" and set(rec["ms"]) == {"blas", "brgemm"}
+        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.bf16_gemm_active()
+    finally:
+        K._C.set_bf16_gemm(before)
