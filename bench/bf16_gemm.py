@@ -6,15 +6,7 @@ against the dense bf16 product of equal FLOPs, side by side in one process.
 `--isa` caps oneDNN's ISA (ONEDNN_MAX_CPU_ISA, set before torch loads): AVX512_CORE_BF16 measures the
 vdpbf16ps path on a CPU that also has AMX. Prints the machine first; run it on a quiet machine.
 """
-import argparse, os, platform, sys, time
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or "unknown CPU"
+import argparse, os, sys, time
 
 
 def main():
@@ -29,12 +21,10 @@ def main():
     if args.isa: os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa
     import torch
     from flanmoe_nb import kernels as K
+    from flanmoe_nb.bench import machine_line
     C = K._C
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {x}" in flags]
-    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; ISA flags: {', '.join(isa) or '?'}")
-    print(f"oneDNN cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; brgemm available: {C.bf16_brgemm_available()}; "
-          f"torch {torch.__version__}")
+    print(machine_line())
+    print(f"oneDNN cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}")
     if not C.bf16_brgemm_available():
         print("the brgemm ukernel does not run here: nothing to compare"); return
 

@@ -1,10 +1,10 @@
 // bf16 grouped GEMMs on oneDNN's brgemm ukernel (torch's at::native::cpublas::brgemm).
 //
 // The ukernel wants B in VNNI order: pairs of consecutive rows along the depth interleaved, in column blocks of
-// NB = 64 ([depth/2][64][2]; oneDNN's "pack32" layout, the same for AMX and AVX512-BF16). Each work unit is one
-// group's column block: it packs that block of the weight once (the weight is read once per product, as in
-// any GEMM) and runs every row block of the group against it, MB = 32 rows (two AMX tiles) per call, into an
-// fp32 block that is rounded to bf16 as it is stored. Units are spread over the intra-op threads longest first.
+// NB = 64 ([depth/2][64][2]; oneDNN's "pack32" layout, the same for AMX and AVX512-BF16). Each work unit of a
+// product is one group's chunk of up to RC rows times a panel of up to PB column blocks: it packs the panel of
+// the weight once and runs every MB = 32-row block (two AMX tiles) of the chunk against each packed block, into
+// an fp32 block that is rounded to bf16 as it is stored. Units are spread over the intra-op threads longest first.
 // Weight gradients a_g^T dy_g take dy_g as the packed operand (pairs of rows) and a_g transposed, the depth
 // (the group's rows) zero-padded to 32 and cut into chunks of at most KC = 256: the ukernel is JIT-generated
 // and cached per shape, so every call uses one of a few fixed shapes, never one per group size.

@@ -341,27 +341,17 @@ def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_
 # %% ../nbs/10_bench.ipynb #efcbd050
 def machine_info() -> dict:
     "What a benchmark's numbers depend on: CPU model, its vector/matrix ISA, BLAS, threads and the kernel paths in use."
-    import platform
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"): flags = set(line.split(":", 1)[1].split())
-    except OSError: pass
-    isa = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+    fp = K.machine_fingerprint()
     blas = "MKL" if torch.backends.mkl.is_available() else "BLAS (not MKL)"
-    info = dict(cpu=model, isa=isa, blas=blas + (", oneDNN" if torch.backends.mkldnn.is_available() else ""),
-                threads=torch.get_num_threads(), torch=torch.__version__)
-    if K.extension_available():
-        info.update(fp32_expert_gemm=K.cpu_gemm_info()["active"], bf16_expert_gemm=K._C.bf16_gemm_active(),
-                    bf16_brgemm_available=K._C.bf16_brgemm_available())
-    return info
+    return dict(cpu=fp["cpu"], isa=[x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in fp["flags"]],
+                blas=blas + (", oneDNN" if torch.backends.mkldnn.is_available() else ""),
+                threads=fp["threads"], torch=fp["torch"], **K.kernel_paths())
 
 def machine_line() -> str:
     "`machine_info()` as the one line every benchmark prints first."
     m = machine_info()
     paths = (f"; expert GEMMs: fp32 {m['fp32_expert_gemm']}, bf16 {m['bf16_expert_gemm']}"
-             f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if "fp32_expert_gemm" in m else ""
+             f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if m["bf16_expert_gemm"] else ""
     return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; torch {m['torch']}{paths}"
 
 def main(argv: list[str] | None = None) -> int:

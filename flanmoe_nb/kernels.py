@@ -16,7 +16,7 @@ import torch
 __all__ = ['CPU_GEMMS', 'ACTIVATIONS', 'ExtensionError', 'extension_available', 'require_extension', 'extension_info',
            'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'grouped_mm_reference',
            'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm', 'use_cpu_gemm',
-           'machine_fingerprint', 'choice_cache_path', 'choose_path', 'kernel_choices', 'dense_mm',
+           'machine_fingerprint', 'choice_cache_path', 'choose_path', 'kernel_paths', 'kernel_choices', 'dense_mm',
            'dense_relu_kernel_pays', 'dense_relu_mm', 'dropout_reference', 'dropout', 'attention_reference',
            'attention_kernel_pays', 'attention_kernel_faster', 'attention', 'rms_norm_reference', 'norm_kernel_pays',
            'rms_norm', 'cross_entropy_reference', 'cross_entropy', 'RoutePlan', 'route_plan_reference',
@@ -275,6 +275,12 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
     cached[key] = dict(choice=best, ms=ms)
     _write_cache(machine, cached)
     _CHOICES[key] = dict(choice=best, ms=ms, source="measured"); return best
+
+def kernel_paths() -> dict:
+    "The expert-GEMM paths in use now: fp32 (the active ISA, or 'blas'), bf16 ('brgemm' or 'blas'), and whether the brgemm ukernel runs here (None without the extension)."
+    bf16 = getattr(_C, "bf16_gemm_active", None)    # (an extension built before the bf16 path has none)
+    return dict(fp32_expert_gemm=_CPU_GEMM["active"] if _C is not None else None, bf16_expert_gemm=bf16() if bf16 else None,
+                bf16_brgemm_available=bool(_C.bf16_brgemm_available()) if bf16 else None)
 
 def kernel_choices() -> dict:
     "Every path `choose_path` picked in this process, with its source (measured, cache, environment, deterministic) and timings."

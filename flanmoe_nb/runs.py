@@ -905,8 +905,7 @@ def _train_here(p: dict) -> dict:
                     tokens_per_s=round(res.tokens_per_s), final_loss=res.losses[-1] if res.losses else None,
                     checkpoint=os.path.relpath(res.checkpoint, out) if res.checkpoint else None, status="trained",
                     skipped_steps=res.skipped, max_consecutive_skipped=res.max_consecutive_skipped, skipped_fraction=res.skipped_fraction,
-                    kernel_choices=kernels.kernel_choices(), kernel_paths=dict(fp32_expert_gemm=kernels._CPU_GEMM["active"],
-                    bf16_expert_gemm=kernels._C.bf16_gemm_active() if kernels.extension_available() else None))
+                    kernel_choices=kernels.kernel_choices(), kernel_paths=kernels.kernel_paths())
         _atomic_write(out / "train.json", json.dumps(info, indent=1))
     return dict(model=model, tok=tok, result=res)
 
