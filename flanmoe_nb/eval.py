@@ -140,8 +140,14 @@ def _option_logprobs_shared(model, input_ids, options, pad_id, batch_size, devic
 @torch.no_grad()
 def score_options(model, input_ids: list[list[int]], options: list[list[list[int]]], pad_id: int = 0,
                   batch_size: int = 32, normalize: str = "sum", device=None) -> list[list[float]]:
-    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token); an encoder-decoder encodes each prompt once."
+    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token); an encoder-decoder encodes each prompt once. Examples are batched in order of prompt length (less padding), results come back in the given order."
     if normalize not in ("sum", "mean"): raise ValueError(f"normalize must be 'sum' or 'mean' (got normalize={normalize!r})")
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    if order != list(range(len(input_ids))):
+        s = score_options(model, [input_ids[i] for i in order], [options[i] for i in order], pad_id, batch_size, normalize, device)
+        out = [None] * len(order)
+        for k, i in enumerate(order): out[i] = s[k]
+        return out
     pairs = [(i, o) for i, opts in enumerate(options) for o in opts]
     if _shared_encoder(model):       # one encoder pass per prompt, not one per option
         scores = _option_logprobs_shared(model, input_ids, options, pad_id, batch_size, device)

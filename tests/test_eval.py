@@ -81,9 +81,9 @@ def test_rank_classification_matches_hand_computation():
     want = [[ls[2] + ls[1], ls[3] + ls[1], ls[1]], [3 * ls[2] + ls[1]]]
     for g, w in zip(got, want):
         assert torch.allclose(torch.tensor(g), torch.stack(w), atol=1e-5)
-    # batching: 4 pairs in batches of 2 -> 2 forward calls; padding in labels is -100 (ignored)
+    # batching: shortest prompt first, 4 pairs in batches of 2 -> 2 forward calls; label padding is -100 (ignored)
     assert len(m.calls) == 2
-    assert m.calls[0][1].tolist() == [[2, 1], [3, 1]] and m.calls[1][1].tolist() == [[1, -100, -100, -100], [2, 2, 2, 1]]
+    assert m.calls[0][1].tolist() == [[2, 2, 2, 1], [2, 1, -100, -100]] and m.calls[1][1].tolist() == [[3, 1], [1, -100]]
     mean = ev.score_options(FixedLogits(row), [[3, 1]], [opts[1][0:1] + opts[0][0:1]], normalize="mean")
     with pytest.raises(ValueError, match="normalize"): ev.score_options(FixedLogits(row), [[3, 1]], [[[2, 1]]], normalize="max")
     assert math.isclose(mean[0][0], float(3 * ls[2] + ls[1]) / 4, rel_tol=1e-5)
