@@ -17,9 +17,9 @@ from . import kernels as K
 
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
-           'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'check_agreement',
-           'time_methods', 'peak_memory', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench',
-           'machine_info', 'machine_line', 'main']
+           'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'build_moe_layer',
+           'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'run_moe_bench', 'run_gmm_bench',
+           'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -132,8 +132,25 @@ def build_torch_gmm(s, inp):
     except (RuntimeError, NotImplementedError): return None
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+def build_moe_layer(s, inp):
+    "The whole `moe.MoELayer` (router module with its balance and z losses, top-k, plan, permute, experts, unpermute), dropless, with the same weights."
+    from flanmoe_nb.moe import MoELayer, MoEConfig
+    layer = MoELayer(MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)).to(DTYPES[s.dtype])
+    def fn(x, router, w_in, w_out):
+        y, aux = torch.func.functional_call(layer, {"router.weight": router, "experts.w_in": w_in, "experts.w_out": w_out}, (x,))
+        return y + 0 * (aux.balance_loss + aux.z_loss).to(y.dtype)   # the aux losses are part of the step
+    return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
+
+def build_experts_gemm(s, inp):
+    "The expert FFN alone: grouped_mm -> relu -> grouped_mm on tokens already in expert order (the routing of `flanmoe`, computed outside the step)."
+    with torch.no_grad():
+        _, plan = K.moe_ffn(inp["x"], inp["x"].float() @ inp["router"].float().T, inp["w_in"], inp["w_out"], top_k=s.k)
+        xs = inp["x"][plan.token_idx]
+    gs = plan.group_sizes
+    return _step(lambda xs, w_in, w_out: K.grouped_mm(F.relu(K.grouped_mm(xs, w_in, gs)), w_out, gs), [xs, inp["w_in"], inp["w_out"]])
+
 METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "dense": build_dense, "dense_gmm": build_dense_gmm, "hf_switch": build_hf,
-           "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm}
+           "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm, "moe_layer": build_moe_layer, "experts_gemm": build_experts_gemm}
 
 # %% ../nbs/10_bench.ipynb #74501a57
 def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
@@ -141,7 +158,7 @@ def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
     inp = make_inputs(s)
     outs = {}
     with torch.no_grad():
-        for name in ("flanmoe", "flanmoe_blas", "hf_switch", "gshard_einsum", "torch_grouped_mm"):
+        for name in ("flanmoe", "flanmoe_blas", "hf_switch", "gshard_einsum", "torch_grouped_mm", "moe_layer"):
             case = METHODS[name](s, inp)
             if case is None: continue
             with _case_ctx(case): outs[name] = case[0](*case[1])
@@ -223,6 +240,12 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 cells = [f"{_fmt(t.get(m), '7.3f')} ({_fmt(row[m + '_ratio'], '5.2f')}x)" if m in t else f"{'n/a':>16}"
                          for m in methods]
                 print_fn(f"{dt:5} {k:>2} {E:>4} | " + " | ".join(f"{c:>16}" for c in cells))
+    over = [r for r in rows if r.get("moe_layer_s") and r.get("experts_gemm_s")]
+    if over:   # what the layer costs beyond its expert GEMMs: router, losses, top-k, plan, permute, unpermute
+        print_fn("\nMoELayer beyond its expert GEMMs, (moe_layer - experts_gemm) / moe_layer:")
+        for r in over:
+            r["layer_overhead"] = 1 - r["experts_gemm_s"] / r["moe_layer_s"]
+            print_fn(f"{r['dtype']:5} k={r['k']} E={r['E']:>4}: {r['layer_overhead']:6.1%}")
     if memory:
         print_fn("\nPeak extra resident memory of fwd+bwd w.r.t. x (MiB; fresh process per method, VmHWM - VmRSS); T doubles per row:")
         mem_experts = mem_experts or (max(experts),)
