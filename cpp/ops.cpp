@@ -75,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "which small-row GEMMs grouped_mm uses now ('blas': none)");
   mod.def("set_small_gemm", &flanmoe::set_small_gemm,
           "choose the small-row GEMMs: 'blas' (off), 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
+  mod.def("expert_gemm_active", []() { return flanmoe::small_gemm_name(flanmoe::expert_gemm_active()); },
+          "which GEMMs grouped_mm's fp32 products use now ('blas': none)");
+  mod.def("set_expert_gemm", &flanmoe::set_expert_gemm,
+          "override grouped_mm's fp32 GEMMs: 'follow' (small_gemm_active), 'auto', 'avx2', 'avx512' or 'blas'");
   mod.def("bf16_brgemm_available", &flanmoe::bf16_brgemm_available,
           "whether oneDNN's brgemm ukernel runs bf16 products on this CPU (AMX or AVX512-BF16)");
   mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");

@@ -81,6 +81,26 @@ SmallGemmIsa small_gemm_best() {
 
 SmallGemmIsa small_gemm_active() { return SmallGemmIsa(active().load(std::memory_order_relaxed)); }
 
+namespace {
+std::atomic<int>& expert_override() {   // -1: follow small_gemm_active()
+  static std::atomic<int> v(-1);
+  return v;
+}
+}  // namespace
+
+SmallGemmIsa expert_gemm_active() {
+  const int v = expert_override().load(std::memory_order_relaxed);
+  return v < 0 ? small_gemm_active() : SmallGemmIsa(v);
+}
+
+bool set_expert_gemm(const std::string& mode) {
+  if (mode == "follow") { expert_override().store(-1); return true; }
+  SmallGemmIsa v;
+  if (!parse(mode, &v)) return false;
+  expert_override().store(int(v));
+  return true;
+}
+
 bool set_small_gemm(const std::string& mode) {
   SmallGemmIsa v;
   if (!parse(mode, &v)) return false;

@@ -31,6 +31,12 @@ SmallGemmIsa small_gemm_active();               // what grouped_mm uses now (non
 // The start value comes from FLANMOE_SMALL_GEMM (same names; default auto).
 bool set_small_gemm(const std::string& mode);
 std::string small_gemm_name(SmallGemmIsa isa);   // "avx512", "avx2" or "blas" (none)
+// What grouped_mm's fp32 products use: small_gemm_active() unless an expert-GEMM choice overrides it
+// (kernels.expert_ffn measures the candidates per shape class and sets the fastest; attention and the loss
+// kernels keep small_gemm_active()). set_expert_gemm: "follow" (no override), "auto", "avx2", "avx512" or
+// "blas"; False when the CPU lacks it or the name is unknown.
+SmallGemmIsa expert_gemm_active();
+bool set_expert_gemm(const std::string& mode);
 std::vector<std::string> small_gemm_supported();
 
 // C[M, N] = A[M, K] @ B[K, N]   (relu(A) @ B with relu_a)

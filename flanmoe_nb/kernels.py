@@ -169,11 +169,12 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor, tran
     return torch.ops.flanmoe.grouped_mm(a, b, group_sizes, trans_b)
 
 # %% ../nbs/01_kernels.ipynb #f3a35b26
-import contextlib
+import contextlib, os
 
 CPU_GEMMS = ("auto", "avx512", "avx2", "blas")
 # What grouped_mm uses now, mirrored in Python so that dense_mm can read it under torch.compile without a call into _C.
-_CPU_GEMM = {"active": _C.small_gemm_active() if _C is not None and hasattr(_C, "small_gemm_active") else "blas"}
+_CPU_GEMM = {"active": _C.small_gemm_active() if _C is not None and hasattr(_C, "small_gemm_active") else "blas",
+             "pinned": os.environ.get("FLANMOE_SMALL_GEMM", "auto") != "auto"}   # pinned: the user chose, expert_ffn does not measure
 
 def cpu_gemm_info() -> dict:
     "The CPU expert-GEMM kernels this CPU can run (`supported`) and the ones `grouped_mm` uses now (`active`; 'blas': none)."
@@ -181,7 +182,7 @@ def cpu_gemm_info() -> dict:
     return dict(supported=list(_C.small_gemm_supported()), active=_C.small_gemm_active())
 
 def set_cpu_gemm(mode: str) -> str:
-    "Choose the fp32 CPU expert GEMMs: one of `CPU_GEMMS` ('auto': the widest this CPU has); returns the previous mode."
+    "Choose the fp32 CPU GEMMs: one of `CPU_GEMMS`; returns the previous mode. A named mode pins the expert GEMMs to it; 'auto' (the widest ISA for attention and the loss) lets `expert_ffn` choose the expert GEMMs by measurement."
     if mode not in CPU_GEMMS:
         raise ValueError(f"mode must be one of {CPU_GEMMS} (got mode={mode!r})")
     require_extension()
@@ -189,6 +190,9 @@ def set_cpu_gemm(mode: str) -> str:
     if not _C.set_small_gemm(mode):
         raise ValueError(f"mode={mode!r} needs a CPU with {mode.upper()}; this one supports {cpu_gemm_info()['supported'] or 'neither'}")
     _CPU_GEMM["active"] = _C.small_gemm_active()
+    _CPU_GEMM["pinned"] = mode != "auto"
+    if hasattr(_C, "set_expert_gemm"): _C.set_expert_gemm("follow")    # the next expert_ffn measures again if unpinned
+    _FP32_CLASS.clear()
     return before
 
 def _check_gemm_env():
@@ -204,12 +208,14 @@ _check_gemm_env()
 @contextlib.contextmanager
 def use_cpu_gemm(mode: str):
     "Context manager: `set_cpu_gemm(mode)` inside the block, the previous mode after it."
+    pinned = _CPU_GEMM["pinned"]
     prev = set_cpu_gemm(mode)
     try: yield
-    finally: set_cpu_gemm(prev)
+    finally:
+        set_cpu_gemm(prev); _CPU_GEMM["pinned"] = pinned
 
 # %% ../nbs/01_kernels.ipynb #2b6cc91d
-import hashlib, json, os, statistics, time
+import hashlib, json, os, time
 from pathlib import Path
 
 _CHOICES: dict[str, dict] = {}   # "kind/shape_class" -> {"choice", "source", "ms"}: what this process chose and why
@@ -266,11 +272,11 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
     cached = _read_cache(machine)
     if key in cached and cached[key].get("choice") in candidates:
         _CHOICES[key] = dict(cached[key], source="cache"); return cached[key]["choice"]
-    ms = {}
-    for name, fn in candidates.items():
-        fn(); ts = []                                # warm-up: JIT, caches, first-touch pages
-        for _ in range(reps): t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-        ms[name] = round(statistics.median(ts) * 1e3, 4)
+    for fn in candidates.values(): fn()              # warm-up: JIT, caches, first-touch pages
+    ts = {name: [] for name in candidates}
+    for _ in range(reps):                            # interleaved, best of reps: a busy moment hits every candidate alike
+        for name, fn in candidates.items(): t0 = time.perf_counter(); fn(); ts[name].append(time.perf_counter() - t0)
+    ms = {name: round(min(v) * 1e3, 4) for name, v in ts.items()}
     best = min(ms, key=ms.get)
     cached[key] = dict(choice=best, ms=ms)
     _write_cache(machine, cached)
@@ -279,7 +285,8 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
 def kernel_paths() -> dict:
     "The expert-GEMM paths in use now: fp32 (the active ISA, or 'blas'), bf16 ('brgemm' or 'blas'), and whether the brgemm ukernel runs here (None without the extension)."
     bf16 = getattr(_C, "bf16_gemm_active", None)    # (an extension built before the bf16 path has none)
-    return dict(fp32_expert_gemm=_CPU_GEMM["active"] if _C is not None else None, bf16_expert_gemm=bf16() if bf16 else None,
+    fp32 = getattr(_C, "expert_gemm_active", None) or getattr(_C, "small_gemm_active", None)
+    return dict(fp32_expert_gemm=fp32() if fp32 else None, bf16_expert_gemm=bf16() if bf16 else None,
                 bf16_brgemm_available=bool(_C.bf16_brgemm_available()) if bf16 else None)
 
 def kernel_choices() -> dict:
@@ -686,20 +693,42 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dt if dt == torch.bfloat16 or (dt == torch.float16 and dev == "cuda") else None
 
 _BF16_CLASS: dict[str, str] = {}
+_FP32_CLASS: dict[str, str] = {}
 
 def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
+
+def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, int, int]:
+    "(`d<pow2>-f<pow2>-rows<pow2>`, rows per expert, experts to measure) of an expert block."
+    E, d, f = w_in.shape
+    rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
+    return f"d{_pow2(d)}-f{_pow2(f)}-rows{_pow2(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
+
+def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
+    "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) for this shape class by `choose_path`, unless the user pinned one."
+    if (x.device.type != "cpu" or _C is None or not hasattr(_C, "set_expert_gemm") or _CPU_GEMM["pinned"]
+            or torch.compiler.is_compiling()):
+        return
+    cls, rows, e = _shape_class(w_in, group_sizes)
+    mode = _FP32_CLASS.get(cls)
+    if mode is None:
+        d, f = w_in.shape[1:]
+        a, w = torch.randn(rows * e, d), torch.randn(e, d, f) * d ** -0.5
+        gs = torch.full((e,), rows, dtype=torch.long)
+        def run(m): return lambda: (_C.set_expert_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
+        cands = {m: run(m) for m in [*_C.small_gemm_supported(), "blas"]}
+        best = _C.small_gemm_supported()[-1] if _C.small_gemm_supported() else "blas"   # deterministic default: the widest ISA
+        mode = _FP32_CLASS[cls] = choose_path("fp32_gemm", cls, cands, default=best)
+    if _C.expert_gemm_active() != mode: _C.set_expert_gemm(mode)
 
 def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
     "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class by `choose_path`."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "bf16_brgemm_available") or torch.compiler.is_compiling()
             or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
         return                                       # nothing to choose, or the user chose
-    E, d, f = w_in.shape
-    rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
-    cls = f"d{_pow2(d)}-f{_pow2(f)}-rows{_pow2(rows)}"
+    cls, rows, e = _shape_class(w_in, group_sizes)
     mode = _BF16_CLASS.get(cls)
     if mode is None:
-        e = min(E, 16)                               # (per-expert efficiency is what differs; cap the weights measured)
+        d, f = w_in.shape[1:]
         a, w = torch.randn(rows * e, d, dtype=torch.bfloat16), torch.randn(e, d, f, dtype=torch.bfloat16)
         gs = torch.full((e,), rows, dtype=torch.long)
         def run(m): return lambda: (_C.set_bf16_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
@@ -717,6 +746,7 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
     if (dt := _autocast_dtype(x)) is not None:   # autocast does not cast custom ops: do what it does for a matmul
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
     if x.dtype == torch.bfloat16: _choose_bf16_gemm(x, w_in, group_sizes)
+    elif x.dtype == torch.float32: _choose_fp32_gemm(x, w_in, group_sizes)
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
     drop = bool(dropout_p and training)
     if activation == "relu" and not drop and _relu_gmm_pays(h, w_out):

@@ -962,3 +962,29 @@ def test_bf16_expert_ffn_chooses_its_gemm_path_by_measurement(choice_cache, monk
         assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.bf16_gemm_active()
     finally:
         K._C.set_bf16_gemm(before)
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choice_cache, monkeypatch):
+    "The fp32 expert GEMMs are measured per shape class (own ISAs and BLAS) and the fastest is set; a pinned mode is not overridden."
+    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
+    K._FP32_CLASS.clear(); K._CHOICES.clear()
+    x = torch.randn(96, 32); w_in = torch.randn(4, 32, 64); w_out = torch.randn(4, 64, 32)
+    gs = torch.tensor([24, 24, 24, 24]); idx = torch.arange(96)
+    try:
+        ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
+        torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
+        (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")]
+        assert rec["source"] == "measured" and set(rec["ms"]) == {*K.cpu_gemm_info()["supported"], "blas"}
+        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.expert_gemm_active() == K.kernel_paths()["fp32_expert_gemm"]
+        # a forced slow path (the environment) is what runs; pinned by the user, nothing is measured
+        K._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        assert K._C.expert_gemm_active() == "blas" and K.kernel_choices()[key]["source"] == "environment"
+        monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); K._CHOICES.clear()
+        with K.use_cpu_gemm("avx2"):
+            torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
+            assert K._C.expert_gemm_active() == "avx2" and not K.kernel_choices()
+        assert not K._CPU_GEMM["pinned"]
+    finally:
+        K.set_cpu_gemm("auto")
