@@ -18,8 +18,9 @@ from . import kernels as K
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
            'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'build_moe_layer',
-           'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'run_moe_bench', 'run_gmm_bench',
-           'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line', 'main']
+           'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'machine_rates', 'roofline',
+           'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line',
+           'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -219,6 +220,31 @@ def _print_now(*args): print(*args, flush=True)   # rows appear as they are meas
 
 def _fmt(v, spec): return "n/a" if v is None else format(v, spec)
 
+def machine_rates(dtype: str = "fp32", T: int = 4096, d: int = 512, f: int = 2048, copy_mib: int = 256, reps: int = 3) -> dict:
+    "This machine now: copy bandwidth (GB/s, read + write, a `copy_mib` MiB buffer) and dense GEMM rate (GFLOP/s, [T, d] @ [d, f] in `dtype`)."
+    a = torch.empty(copy_mib << 18); b = torch.empty_like(a); a.fill_(1.0)
+    tc = min(_timed(lambda: b.copy_(a)) for _ in range(reps))
+    x, w = torch.randn(T, d).to(DTYPES[dtype]), torch.randn(d, f).to(DTYPES[dtype])
+    tg = min(_timed(lambda: x @ w) for _ in range(reps + 1))
+    return dict(copy_gbs=2 * a.numel() * 4 / tc / 1e9, gemm_gflops=2 * T * d * f / tg / 1e9)
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter(); fn(); return time.perf_counter() - t0
+
+def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flanmoe") -> dict | None:
+    """Where a measured MoE FFN step stands against this machine: its GFLOP/s, the expert-weight traffic a step must
+    make (read twice, forward and input gradient; weight gradients written once) in GB/s, and the floor
+    max(compute at the dense GEMM rate, that traffic at the copy bandwidth) with the step's time over it."""
+    t = row.get(f"{method}_s")
+    if not t: return None
+    nbytes = torch.finfo(DTYPES[row["dtype"]]).bits // 8
+    flops = 6 * 2 * T * row["k"] * d * f                # 3 products x (2 matmuls) x 2 FLOP per MAC
+    traffic = 3 * row["E"] * 2 * d * f * nbytes          # w_in and w_out: read, read, gradient written
+    t_compute, t_memory = flops / (rates["gemm_gflops"] * 1e9), traffic / (rates["copy_gbs"] * 1e9)
+    return dict(gflops=flops / t / 1e9, weight_gbs=traffic / t / 1e9, floor_s=max(t_compute, t_memory),
+                bound="memory" if t_memory > t_compute else "compute", over_floor=t / max(t_compute, t_memory),
+                over_sum=t / (t_compute + t_memory))
+
 def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2), dtypes=("fp32",),
                   methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=None) -> list[dict]:
     "Time every method at every (dtype, k, E); print a table with ratios vs dense; return the rows."
@@ -240,6 +266,16 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 cells = [f"{_fmt(t.get(m), '7.3f')} ({_fmt(row[m + '_ratio'], '5.2f')}x)" if m in t else f"{'n/a':>16}"
                          for m in methods]
                 print_fn(f"{dt:5} {k:>2} {E:>4} | " + " | ".join(f"{c:>16}" for c in cells))
+    if "flanmoe" in methods:   # against this machine's copy bandwidth and dense GEMM rate, measured now
+        print_fn("\nflanmoe against the machine (floor = max(compute at the dense GEMM rate, expert-weight traffic at the copy bandwidth)):")
+        for dt in dtypes:
+            rates = machine_rates(dt, T, d, f)
+            print_fn(f"{dt}: copy {rates['copy_gbs']:.1f} GB/s, dense GEMM {rates['gemm_gflops']:.0f} GFLOP/s")
+            for r in rows:
+                if r.get("dtype") != dt or (rf := roofline(r, rates, T, d, f)) is None: continue
+                r.update({f"roofline_{k}": v for k, v in rf.items()})
+                print_fn(f"  k={r['k']} E={r['E']:>4}: {rf['gflops']:6.0f} GFLOP/s, weights {rf['weight_gbs']:5.1f} GB/s; "
+                         f"{rf['over_floor']:.2f}x the floor ({rf['bound']}-bound), {rf['over_sum']:.2f}x compute + memory")
     over = [r for r in rows if r.get("moe_layer_s") and r.get("experts_gemm_s")]
     if over:   # what the layer costs beyond its expert GEMMs: router, losses, top-k, plan, permute, unpermute
         print_fn("\nMoELayer beyond its expert GEMMs, (moe_layer - experts_gemm) / moe_layer:")
