@@ -79,6 +79,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "which GEMMs grouped_mm's fp32 products use now ('blas': none)");
   mod.def("set_expert_gemm", &flanmoe::set_expert_gemm,
           "override grouped_mm's fp32 GEMMs: 'follow' (small_gemm_active), 'auto', 'avx2', 'avx512' or 'blas'");
+  mod.def("gemm_prefetch_active", &flanmoe::gemm_prefetch_active,
+          "whether the fp32 NN kernel prefetches the next block of its weight while multiplying the current one");
+  mod.def("set_gemm_prefetch", &flanmoe::set_gemm_prefetch, "switch the fp32 NN kernel's weight prefetch on or off");
   mod.def("bf16_brgemm_available", &flanmoe::bf16_brgemm_available,
           "whether oneDNN's brgemm ukernel runs bf16 products on this CPU (AMX or AVX512-BF16)");
   mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");

@@ -101,6 +101,16 @@ bool set_expert_gemm(const std::string& mode) {
   return true;
 }
 
+namespace {
+std::atomic<bool>& prefetch_flag() {
+  static std::atomic<bool> v([] { const char* e = std::getenv("FLANMOE_GEMM_PREFETCH"); return e && std::string(e) == "1"; }());
+  return v;
+}
+}  // namespace
+
+bool gemm_prefetch_active() { return prefetch_flag().load(std::memory_order_relaxed); }
+void set_gemm_prefetch(bool on) { prefetch_flag().store(on); }
+
 bool set_small_gemm(const std::string& mode) {
   SmallGemmIsa v;
   if (!parse(mode, &v)) return false;

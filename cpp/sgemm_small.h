@@ -37,6 +37,10 @@ std::string small_gemm_name(SmallGemmIsa isa);   // "avx512", "avx2" or "blas" (
 // "blas"; False when the CPU lacks it or the name is unknown.
 SmallGemmIsa expert_gemm_active();
 bool set_expert_gemm(const std::string& mode);
+// Whether the NN kernel prefetches the next block of its weight while it multiplies the current one
+// (start value FLANMOE_GEMM_PREFETCH=1; off by default until measured on each kind of machine).
+bool gemm_prefetch_active();
+void set_gemm_prefetch(bool on);
 std::vector<std::string> small_gemm_supported();
 
 // C[M, N] = A[M, K] @ B[K, N]   (relu(A) @ B with relu_a)

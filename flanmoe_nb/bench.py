@@ -17,10 +17,10 @@ from . import kernels as K
 
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
-           'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm', 'build_moe_layer',
-           'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'machine_rates', 'roofline',
-           'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line',
-           'main']
+           'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm',
+           'build_moe_layer', 'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'machine_rates',
+           'roofline', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info',
+           'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -72,6 +72,18 @@ def build_flanmoe_blas(s, inp):
     "`flanmoe` with its CPU expert GEMMs switched off: every expert product goes to BLAS (CPU only; n/a where they never run)."
     if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"]: return None
     return (*build_flanmoe(s, inp), lambda: K.use_cpu_gemm("blas"))
+
+@contextlib.contextmanager
+def _gemm_prefetch(on: bool):
+    "The fp32 NN kernel's next-weight-block prefetch switched on (or off) inside the block."
+    before = K._C.gemm_prefetch_active(); K._C.set_gemm_prefetch(on)
+    try: yield
+    finally: K._C.set_gemm_prefetch(before)
+
+def build_flanmoe_prefetch(s, inp):
+    "`flanmoe` with the fp32 NN kernel prefetching the next block of each expert weight while it multiplies the current one (CPU, own kernels only)."
+    if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"] or not hasattr(K._C, "set_gemm_prefetch"): return None
+    return (*build_flanmoe(s, inp), lambda: _gemm_prefetch(True))
 
 def build_dense_gmm(s, inp):
     "The same dense FFN as `dense` through this project's ops with one group (relu fused into the second product on CPU, as in the MoE path): the limit for its own kernels."
@@ -150,7 +162,7 @@ def build_experts_gemm(s, inp):
     gs = plan.group_sizes
     return _step(lambda xs, w_in, w_out: K.grouped_mm(F.relu(K.grouped_mm(xs, w_in, gs)), w_out, gs), [xs, inp["w_in"], inp["w_out"]])
 
-METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "dense": build_dense, "dense_gmm": build_dense_gmm, "hf_switch": build_hf,
+METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "flanmoe_prefetch": build_flanmoe_prefetch, "dense": build_dense, "dense_gmm": build_dense_gmm, "hf_switch": build_hf,
            "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm, "moe_layer": build_moe_layer, "experts_gemm": build_experts_gemm}
 
 # %% ../nbs/10_bench.ipynb #74501a57

@@ -988,3 +988,24 @@ def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choi
         assert not K._CPU_GEMM["pinned"]
     finally:
         K.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_weight_prefetch_changes_no_result(isa):
+    "The NN kernel's prefetch of the next weight block (next depth block, next column block, none at the end) is bit-neutral."
+    if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
+    torch.manual_seed(0)
+    before = K._C.gemm_prefetch_active()
+    try:
+        for M, D, N in [(32, 512, 2048), (7, 100, 3000), (200, 130, 70), (1, 64, 4101), (97, 65, 2049)]:
+            a, w = torch.randn(M, D), torch.randn(2, D, N)
+            gs = torch.tensor([M - M // 3, M // 3])
+            outs = []
+            for on in (False, True):
+                K._C.set_gemm_prefetch(on)
+                with K.use_cpu_gemm(isa): outs.append(torch.ops.flanmoe.grouped_mm(a, w, gs, False))
+            assert torch.equal(*outs), (M, D, N)
+            torch.testing.assert_close(outs[1][:gs[0]], a[:gs[0]] @ w[0], atol=1e-3, rtol=1e-4)
+    finally:
+        K._C.set_gemm_prefetch(before)
