@@ -530,6 +530,12 @@ def _headline(out_dir: Path) -> float | None:
     try: return json.loads((out_dir / "eval.json").read_text()).get("score")
     except (OSError, ValueError, AttributeError): return None
 
+def _checkpoint_missing(d: Path) -> bool:
+    "Whether a finished run recorded a checkpoint (train.json) that is not on disk: checkpoints are not committed, so a fresh clone has none."
+    try: ck = json.loads((d / "train.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError): return False
+    return bool(ck) and not (d / ck).exists()
+
 def _done_fingerprint(d: Path) -> tuple:
     "The (parameters + code, parameters only) fingerprints a finished run recorded in its `DONE`."
     try: j = json.loads((d / "DONE").read_text()); return j.get("fingerprint"), j.get("params_fingerprint")
@@ -555,10 +561,16 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
     rows, t_start, ran_s, n_ran = [], time.time(), 0.0, 0
     say = (lambda *a: None) if quiet else (lambda m: print(m, flush=True))
     with GridLock(out):
+        def reusable(t):
+            prev = _done_fingerprint(dirs[t.id])
+            return (dirs[t.id] / "DONE").exists() and not force and (prev[0] == fps[t.id] or (reuse_stale and prev[1] == pfps[t.id]))
         for k, s in enumerate(todo, 1):
             d, prev = dirs[s.id], _done_fingerprint(dirs[s.id])
             bad = [x for x in s.deps if not (dirs[x] / "DONE").exists()]
-            reuse = (d / "DONE").exists() and not force and (prev[0] == fps[s.id] or (reuse_stale and prev[1] == pfps[s.id]))
+            reuse, why = reusable(s), None
+            if reuse and _checkpoint_missing(d):   # a later point that will run starts from its checkpoint, which is not here
+                waiting = [t.id for t in todo[k:] if s.id in t.deps and not reusable(t)]
+                if waiting: reuse, why = False, f"rerun (finished, but its checkpoint is not here and {waiting[0]}" + (f" and {len(waiting) - 1} more start" if len(waiting) > 1 else " starts") + " from it)"
             left = len(todo) - k + 1
             eta = f", eta {_hms(ran_s / n_ran * left)}" if n_ran else ""
             if reuse:
@@ -566,7 +578,7 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
                 say(f"[{k}/{len(todo)}] {s.id}: reused ({'same parameters and code' if prev[0] == fps[s.id] else 'same parameters, older code: --reuse-stale'})")
             elif bad: st, dt, err = "blocked", 0.0, f"needs {bad} to finish first"
             else:
-                why = "rerun (--force)" if (d / "DONE").exists() and force else "rerun (parameters or code changed)" if (d / "DONE").exists() else "running"
+                why = why or ("rerun (--force)" if (d / "DONE").exists() and force else "rerun (parameters or code changed)" if (d / "DONE").exists() else "running")
                 say(f"[{k}/{len(todo)}] {s.id}: {why} {s.notebook.name} (elapsed {_hms(time.time() - t_start)}{eta})")
                 st, dt, err = execute_run(s, d, resolve_refs(s.params, dirs), kernel_name, timeout, log, fps[s.id], pfps[s.id])
                 ran_s += dt; n_ran += 1

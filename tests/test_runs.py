@@ -244,3 +244,32 @@ def test_validation_ce_is_token_weighted_and_order_free():
     assert got == pytest.approx(tot / n, abs=2e-5)
     assert runs.validation_ce(m, rows[::-1], tok, torch.device("cpu"), batch_size=7) == pytest.approx(got, abs=2e-5)
     assert runs.validation_ce(m, [], tok, torch.device("cpu")) is None
+
+
+CKPT_STAGE = """import json, pathlib
+if init: assert pathlib.Path(init, 'checkpoints/step_1/w.txt').exists(), 'parent checkpoint missing'
+pathlib.Path(out_dir, 'checkpoints/step_1').mkdir(parents=True, exist_ok=True)
+pathlib.Path(out_dir, 'checkpoints/step_1/w.txt').write_text(str(x))
+pathlib.Path(out_dir, 'train.json').write_text(json.dumps({'checkpoint': 'checkpoints/step_1', 'status': 'trained'}))
+pathlib.Path(out_dir, 'eval.json').write_text(json.dumps({'score': x}))"""
+
+
+def test_finished_run_without_its_checkpoint_reruns_only_when_a_later_point_needs_it(tmp_path, capsys):
+    "A fresh clone has the committed runs but not their checkpoints: a parent is rerun when a child still has to start from it."
+    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs/experiments").mkdir(parents=True)
+    _nb(tmp_path / "nbs/experiments/stage.ipynb", CKPT_STAGE)
+    (tmp_path / "papermill_runs").mkdir()
+    grid = tmp_path / "papermill_runs/c.yaml"
+    grid.write_text('runs:\n  - {id: parent, notebook: stage}\n  - {id: "child{x}", notebook: stage, product: {x: [2, 3]}, params: {init: "${parent}"}}\n')
+    out = tmp_path / "papermill_runs/c"
+    assert runs.grid_main([str(grid)]) == 0
+    capsys.readouterr()
+    import shutil
+    shutil.rmtree(out / "parent/checkpoints")          # as on a fresh clone; the children are finished: nothing to do
+    assert runs.grid_main([str(grid)]) == 0
+    assert "[1/3] parent: reused" in capsys.readouterr().out
+    shutil.rmtree(out / "child3")                       # now child3 must start from parent: parent runs again first
+    assert runs.grid_main([str(grid)]) == 0
+    log = capsys.readouterr().out
+    assert "parent: rerun (finished, but its checkpoint is not here and child3 starts from it)" in log
+    assert "child2: reused" in log and (out / "parent/checkpoints/step_1/w.txt").exists() and (out / "child3/DONE").exists()
