@@ -175,6 +175,7 @@ CPU_GEMMS = ("auto", "avx512", "avx2", "blas")
 # What grouped_mm uses now, mirrored in Python so that dense_mm can read it under torch.compile without a call into _C.
 _CPU_GEMM = {"active": _C.small_gemm_active() if _C is not None and hasattr(_C, "small_gemm_active") else "blas",
              "pinned": os.environ.get("FLANMOE_SMALL_GEMM", "auto") != "auto"}   # pinned: the user chose, expert_ffn does not measure
+_FP32_CLASS: dict[str, str] = {}   # shape class -> the fp32 expert-GEMM path expert_ffn chose (cleared when the user sets a mode)
 
 def cpu_gemm_info() -> dict:
     "The CPU expert-GEMM kernels this CPU can run (`supported`) and the ones `grouped_mm` uses now (`active`; 'blas': none)."
@@ -693,7 +694,6 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dt if dt == torch.bfloat16 or (dt == torch.float16 and dev == "cuda") else None
 
 _BF16_CLASS: dict[str, str] = {}
-_FP32_CLASS: dict[str, str] = {}
 
 def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
 
