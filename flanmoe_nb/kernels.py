@@ -712,7 +712,8 @@ def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Te
     mode = _FP32_CLASS.get(cls)
     if mode is None:
         d, f = w_in.shape[1:]
-        a, w = torch.randn(rows * e, d), torch.randn(e, d, f) * d ** -0.5
+        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
+        a, w = torch.randn(rows * e, d, generator=g), torch.randn(e, d, f, generator=g) * d ** -0.5
         gs = torch.full((e,), rows, dtype=torch.long)
         def run(m): return lambda: (_C.set_expert_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
         cands = {m: run(m) for m in [*_C.small_gemm_supported(), "blas"]}
@@ -729,7 +730,8 @@ def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Te
     mode = _BF16_CLASS.get(cls)
     if mode is None:
         d, f = w_in.shape[1:]
-        a, w = torch.randn(rows * e, d, dtype=torch.bfloat16), torch.randn(e, d, f, dtype=torch.bfloat16)
+        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
+        a, w = torch.randn(rows * e, d, generator=g).bfloat16(), torch.randn(e, d, f, generator=g).bfloat16()
         gs = torch.full((e,), rows, dtype=torch.long)
         def run(m): return lambda: (_C.set_bf16_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
         mode = _BF16_CLASS[cls] = choose_path("bf16_gemm", cls, {"blas": run("blas"), "brgemm": run("brgemm")}, default="blas")

@@ -1009,3 +1009,17 @@ def test_weight_prefetch_changes_no_result(isa):
             torch.testing.assert_close(outs[1][:gs[0]], a[:gs[0]] @ w[0], atol=1e-3, rtol=1e-4)
     finally:
         K._C.set_gemm_prefetch(before)
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+def test_measuring_a_kernel_path_leaves_the_global_rng_alone(choice_cache, monkeypatch):
+    "The first expert block of a shape class measures the paths; dropout drawn after it must not depend on whether it did."
+    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
+    x = torch.randn(96, 32); w_in = torch.randn(4, 32, 64); w_out = torch.randn(4, 64, 32)
+    gs = torch.tensor([24, 24, 24, 24]); idx = torch.arange(96)
+    draws = []
+    for _ in range(2):                                  # first: measured; second: from the cache
+        K._FP32_CLASS.clear(); K._CHOICES.clear()
+        torch.manual_seed(5); K.expert_ffn(x, idx, gs, None, w_in, w_out); draws.append(torch.rand(4))
+    assert K.kernel_choices() and torch.equal(*draws)
+    K.set_cpu_gemm("auto")
