@@ -232,16 +232,30 @@ def _print_now(*args): print(*args, flush=True)   # rows appear as they are meas
 
 def _fmt(v, spec): return "n/a" if v is None else format(v, spec)
 
+def _timer(device: str):
+    "A function `t(fn, reps) -> best seconds` for the device (CUDA events on GPU)."
+    if device.startswith("cuda"):
+        def t(fn, reps):
+            fn(); torch.cuda.synchronize(); best = float("inf")
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(); fn(); b.record(); torch.cuda.synchronize(); best = min(best, a.elapsed_time(b) / 1e3)
+            return best
+        return t
+    def t(fn, reps):
+        fn(); best = float("inf")
+        for _ in range(reps): t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+        return best
+    return t
+
 def machine_rates(dtype: str = "fp32", T: int = 4096, d: int = 512, f: int = 2048, copy_mib: int = 256, reps: int = 3) -> dict:
     "This machine now: copy bandwidth (GB/s, read + write, a `copy_mib` MiB buffer) and dense GEMM rate (GFLOP/s, [T, d] @ [d, f] in `dtype`)."
+    best = _timer("cpu")                             # one warm-up, then the best of `reps`
     a = torch.empty(copy_mib << 18); b = torch.empty_like(a); a.fill_(1.0)
-    tc = min(_timed(lambda: b.copy_(a)) for _ in range(reps))
+    tc = best(lambda: b.copy_(a), reps)
     x, w = torch.randn(T, d).to(DTYPES[dtype]), torch.randn(d, f).to(DTYPES[dtype])
-    tg = min(_timed(lambda: x @ w) for _ in range(reps + 1))
+    tg = best(lambda: x @ w, reps)
     return dict(copy_gbs=2 * a.numel() * 4 / tc / 1e9, gemm_gflops=2 * T * d * f / tg / 1e9)
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter(); fn(); return time.perf_counter() - t0
 
 def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flanmoe") -> dict | None:
     """Where a measured MoE FFN step stands against this machine: its GFLOP/s, the expert-weight traffic a step must
@@ -308,22 +322,6 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
     return rows
 
 # %% ../nbs/10_bench.ipynb #fdcd6995
-def _timer(device: str):
-    "A function `t(fn, reps) -> best seconds` for the device (CUDA events on GPU)."
-    if device.startswith("cuda"):
-        def t(fn, reps):
-            fn(); torch.cuda.synchronize(); best = float("inf")
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); fn(); b.record(); torch.cuda.synchronize(); best = min(best, a.elapsed_time(b) / 1e3)
-            return best
-        return t
-    def t(fn, reps):
-        fn(); best = float("inf")
-        for _ in range(reps): t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
-        return best
-    return t
-
 def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=("fp32",), device="cpu",
                   reps=5, print_fn=None) -> list[dict]:
     "TFLOP/s of `grouped_mm` vs one dense GEMM of equal FLOPs vs `torch._grouped_mm`; rows of the printed table."

@@ -703,39 +703,37 @@ def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, in
     rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
     return f"d{_pow2(d)}-f{_pow2(f)}-rows{_pow2(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
 
+def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torch.Tensor, dtype: torch.dtype,
+                 modes: list, default: str, active, set_mode):
+    "Set the expert-GEMM path `kind` for this shape class: the cached answer, or `choose_path` over `modes` timed on one grouped product."
+    cls, rows, e = _shape_class(w_in, group_sizes)
+    mode = classes.get(cls)
+    if mode is None:
+        d, f = w_in.shape[1:]
+        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
+        a, w = torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype)
+        gs = torch.full((e,), rows, dtype=torch.long)
+        def run(m): return lambda: (set_mode(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
+        mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
+    if active() != mode: set_mode(mode)
+
 def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
-    "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) for this shape class by `choose_path`, unless the user pinned one."
+    "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) for this shape class, unless the user pinned one."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "set_expert_gemm") or _CPU_GEMM["pinned"]
             or torch.compiler.is_compiling()):
         return
-    cls, rows, e = _shape_class(w_in, group_sizes)
-    mode = _FP32_CLASS.get(cls)
-    if mode is None:
-        d, f = w_in.shape[1:]
-        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
-        a, w = torch.randn(rows * e, d, generator=g), torch.randn(e, d, f, generator=g) * d ** -0.5
-        gs = torch.full((e,), rows, dtype=torch.long)
-        def run(m): return lambda: (_C.set_expert_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
-        cands = {m: run(m) for m in [*_C.small_gemm_supported(), "blas"]}
-        best = _C.small_gemm_supported()[-1] if _C.small_gemm_supported() else "blas"   # deterministic default: the widest ISA
-        mode = _FP32_CLASS[cls] = choose_path("fp32_gemm", cls, cands, default=best)
-    if _C.expert_gemm_active() != mode: _C.set_expert_gemm(mode)
+    isas = list(_C.small_gemm_supported())
+    _choose_gemm("fp32_gemm", _FP32_CLASS, w_in, group_sizes, torch.float32, [*isas, "blas"],
+                 default=isas[-1] if isas else "blas",     # deterministic default: the widest ISA
+                 active=_C.expert_gemm_active, set_mode=_C.set_expert_gemm)
 
 def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
-    "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class by `choose_path`."
+    "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "bf16_brgemm_available") or torch.compiler.is_compiling()
             or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
         return                                       # nothing to choose, or the user chose
-    cls, rows, e = _shape_class(w_in, group_sizes)
-    mode = _BF16_CLASS.get(cls)
-    if mode is None:
-        d, f = w_in.shape[1:]
-        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
-        a, w = torch.randn(rows * e, d, generator=g).bfloat16(), torch.randn(e, d, f, generator=g).bfloat16()
-        gs = torch.full((e,), rows, dtype=torch.long)
-        def run(m): return lambda: (_C.set_bf16_gemm(m), torch.ops.flanmoe.grouped_mm(a, w, gs, False))
-        mode = _BF16_CLASS[cls] = choose_path("bf16_gemm", cls, {"blas": run("blas"), "brgemm": run("brgemm")}, default="blas")
-    if _C.bf16_gemm_active() != mode: _C.set_bf16_gemm(mode)
+    _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, group_sizes, torch.bfloat16, ["blas", "brgemm"], default="blas",
+                 active=_C.bf16_gemm_active, set_mode=_C.set_bf16_gemm)
 
 def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tensor, weights: torch.Tensor | None,
                w_in: torch.Tensor, w_out: torch.Tensor, activation: str = "relu", dropout_p: float = 0.0,

@@ -964,13 +964,17 @@ def test_bf16_expert_ffn_chooses_its_gemm_path_by_measurement(choice_cache, monk
         K._C.set_bf16_gemm(before)
 
 
+def _fp32_expert_block():
+    "(x, token_idx, group_sizes, w_in, w_out): 96 tokens over 4 experts of d=32, f=64."
+    return torch.randn(96, 32), torch.arange(96), torch.tensor([24, 24, 24, 24]), torch.randn(4, 32, 64), torch.randn(4, 64, 32)
+
+
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
 def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choice_cache, monkeypatch):
     "The fp32 expert GEMMs are measured per shape class (own ISAs and BLAS) and the fastest is set; a pinned mode is not overridden."
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
     K._FP32_CLASS.clear(); K._CHOICES.clear()
-    x = torch.randn(96, 32); w_in = torch.randn(4, 32, 64); w_out = torch.randn(4, 64, 32)
-    gs = torch.tensor([24, 24, 24, 24]); idx = torch.arange(96)
+    x, idx, gs, w_in, w_out = _fp32_expert_block()
     try:
         ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
         torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
@@ -1015,8 +1019,7 @@ def test_weight_prefetch_changes_no_result(isa):
 def test_measuring_a_kernel_path_leaves_the_global_rng_alone(choice_cache, monkeypatch):
     "The first expert block of a shape class measures the paths; dropout drawn after it must not depend on whether it did."
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
-    x = torch.randn(96, 32); w_in = torch.randn(4, 32, 64); w_out = torch.randn(4, 64, 32)
-    gs = torch.tensor([24, 24, 24, 24]); idx = torch.arange(96)
+    x, idx, gs, w_in, w_out = _fp32_expert_block()
     draws = []
     for _ in range(2):                                  # first: measured; second: from the cache
         K._FP32_CLASS.clear(); K._CHOICES.clear()
