@@ -8,7 +8,7 @@ FL=${FLANMOE:-.venv/bin/flanmoe}
 rm -f "${FLANMOE_KERNEL_CACHE:-$HOME/.cache/flanmoe_nb/kernel_choice.json}"   # choices measured now, quietly
 # 1. the MoE FFN (fp32 and bf16) against dense, the layer's overhead, the roofline (copy bandwidth, GEMM rate)
 $FL bench moe --dtype fp32,bf16 --experts 8,32,128 --top-k 1 \
-  --methods dense,flanmoe,flanmoe_blas,dense_gmm,moe_layer,experts_gemm --no-memory
+  --methods dense,flanmoe,flanmoe_blas,dense_gmm,moe_layer,router,experts_gemm --no-memory
 # 2. the NN kernel's weight prefetch, own AVX-512 kernels forced so that both rows run them
 FLANMOE_PATH_FP32_GEMM=avx512 $FL bench moe --dtype fp32 --experts 32,128 --top-k 1 \
   --methods dense,flanmoe,flanmoe_prefetch --no-memory

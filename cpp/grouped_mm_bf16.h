@@ -9,6 +9,10 @@
 
 namespace flanmoe {
 
+// On bf16 bit patterns: x <= 0 (a zero, or negative and not NaN), and relu(x) (NaN kept, as torch's relu).
+inline bool bf16_nonpos(uint16_t x) { const uint16_t m = x & 0x7FFF; return m == 0 || ((x & 0x8000) && m <= 0x7F80); }
+inline uint16_t bf16_relu_bits(uint16_t x) { return (x & 0x8000) && (x & 0x7FFF) <= 0x7F80 ? uint16_t(0) : x; }
+
 // Whether the ukernel runs here (torch built with oneDNN's ukernel API, a CPU with AVX-512, oneDNN enabled):
 // probed once with a small product checked against its exact value.
 bool bf16_brgemm_available();
@@ -20,11 +24,13 @@ bool set_bf16_gemm(const std::string& mode);
 // True when a bf16 product with depth K goes to the ukernel (mode brgemm and K even: bf16 pairs along K).
 bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth);
 
-// out[rows of g] = a[rows of g] @ b[g] (b[g]^T with trans_b); off = group offsets; out [N, M] preallocated,
+// out[rows of g] = op(a[rows of g]) @ b[g] (b[g]^T with trans_b), op = relu with relu_a; then out = 0 wherever
+// mask [N, M] <= 0 (NaN passes, as torch's threshold_backward). off = group offsets; out [N, M] preallocated,
 // rows past off[G] already handled by the caller.
 void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
-                     at::Tensor& out);
-// out[g] = a_g^T @ dy_g, out [G, K, M] preallocated.
-void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vector<int64_t>& off, at::Tensor& out);
+                     at::Tensor& out, bool relu_a = false, const at::Tensor* mask = nullptr);
+// out[g] = op(a_g)^T @ dy_g, op = relu with relu_a; out [G, K, M] preallocated.
+void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vector<int64_t>& off, at::Tensor& out,
+                       bool relu_a = false);
 
 }  // namespace flanmoe

@@ -193,6 +193,20 @@ void store_block_any(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t 
 
 const uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<bf16>()); }
 
+// dst[i][k] = relu(src[i][k]) for `rows` rows of `K` (src leading dim K): the A operand of a relu product.
+void relu_rows(const uint16_t* src, int64_t rows, int64_t K, uint16_t* dst) {
+  const int64_t n = rows * K;
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_relu_bits(src[i]);
+}
+
+// c[i][n] = 0 wherever mask[i][n] <= 0, for an [mb, nb] block of the fp32 accumulator (leading dim NB; mask ld ldm):
+// the input gradient through a relu, as torch's threshold_backward (NaN in the mask lets the gradient through).
+void mask_block(float* c, int64_t mb, int64_t nb, const uint16_t* mask, int64_t ldm) {
+  for (int64_t i = 0; i < mb; ++i)
+    for (int64_t n = 0; n < nb; ++n)
+      if (bf16_nonpos(mask[i * ldm + n])) c[i * NB + n] = 0.f;
+}
+
 bool probe() {
   try {
     if (!at::globalContext().userEnabledMkldnn()) return false;
@@ -253,7 +267,7 @@ bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth) {
 }
 
 void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
-                     at::Tensor& out) {
+                     at::Tensor& out, bool relu_a, const at::Tensor* mask) {
   // A unit is one group's chunk of up to RC rows times a panel of up to PB column blocks: the panel is packed
   // once per unit and the chunk's rows (RC x K bf16) stay in cache while every block of the panel runs
   // against them, so neither operand is streamed from memory once per 64 output columns.
@@ -268,9 +282,10 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
   }
   const uint16_t* A = u16(a);
   const uint16_t* B = u16(b);
+  const uint16_t* Mk = mask ? u16(*mask) : nullptr;
   bf16* C = out.data_ptr<bf16>();
   run_items(make_items(ext, work, at::get_num_threads()), 2.0 * off[G] * K * M, [&](const Item& it) {
-    thread_local std::vector<uint16_t> pbuf;
+    thread_local std::vector<uint16_t> pbuf, abuf;
     thread_local std::vector<float> cbuf;
     uint16_t* packed = scratch(pbuf, size_t(PB) * pairs * NB * 2);
     float* acc = scratch(cbuf, size_t(MB) * NB);
@@ -278,6 +293,8 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
     for (int64_t u = it.lo; u < it.hi; ++u) {
       const int64_t c0 = (u / npanel) * RC, p = u % npanel;
       const int64_t crows = std::min(RC, rows - c0), jb0 = p * PB, jb1 = std::min(nblk, jb0 + PB);
+      const uint16_t* Ac = A + (g0 + c0) * K;        // the chunk's rows of a (relu'd into a buffer for a relu product)
+      if (relu_a) { uint16_t* r = scratch(abuf, size_t(crows) * K); relu_rows(Ac, crows, K, r); Ac = r; }
       for (int64_t j = jb0; j < jb1; ++j) {
         const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
         uint16_t* pk = packed + (j - jb0) * pairs * NB * 2;
@@ -288,8 +305,9 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
         const int64_t mb = std::min(MB, crows - i0), r = g0 + c0 + i0;
         for (int64_t j = jb0; j < jb1; ++j) {
           const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
-          cpublas::brgemm(mb, nb, K, K, NB, NB, false, reinterpret_cast<const bf16*>(A + r * K),
+          cpublas::brgemm(mb, nb, K, K, NB, NB, false, reinterpret_cast<const bf16*>(Ac + i0 * K),
                           reinterpret_cast<const bf16*>(packed + (j - jb0) * pairs * NB * 2), acc, true);
+          if (Mk) mask_block(acc, mb, nb, Mk + r * M + j0, M);
           store_block_any(acc, mb, nb, C + r * M + j0, M);
         }
       }
@@ -297,7 +315,8 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
   }, [] { cpublas::brgemm_release(true); });
 }
 
-void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vector<int64_t>& off, at::Tensor& out) {
+void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vector<int64_t>& off, at::Tensor& out,
+                       bool relu_a) {
   const int64_t K = a.size(1), M = dy.size(1), G = int64_t(off.size()) - 1;
   const int64_t nblk = (M + NB - 1) / NB;
   // a_g^T per group, [K, R_g] with R_g = rows rounded up to 32, zero-padded: the ukernel's A operand
@@ -316,7 +335,7 @@ void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vec
       for (int64_t k0 = 0; k0 < K; k0 += 16)           // 16 columns of a_g at a time: each row read once
         for (int64_t r = 0; r < R[g]; ++r)
           for (int64_t k = k0; k < std::min(K, k0 + 16); ++k)
-            t[k * R[g] + r] = r < rows ? A[(off[g] + r) * K + k] : 0;
+            t[k * R[g] + r] = r < rows ? (relu_a ? bf16_relu_bits(A[(off[g] + r) * K + k]) : A[(off[g] + r) * K + k]) : 0;
     }
   });
   std::vector<int64_t> ext(G);

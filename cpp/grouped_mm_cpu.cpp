@@ -7,7 +7,8 @@
 // every GEMM runs single-threaded inside the parallel region, so small experts never pay for a BLAS
 // thread barrier, and one huge expert is still shared by all threads.
 // relu_grouped_mm (+ its backward) are the same products with the relu folded into them: applied to A as the
-// NN / TN kernels copy it, and as a mask on the NT kernel's output (BLAS: a pass around the call instead).
+// NN / TN kernels (and the bf16 ukernel path) copy it, and as a mask on the NT kernel's output or the ukernel's
+// fp32 block (BLAS: a pass around the call instead).
 #include "flanmoe.h"
 #include "cpu_cache.h"
 #include "sgemm_small.h"
@@ -19,6 +20,33 @@
 #include <vector>
 
 namespace flanmoe {
+namespace {
+
+// relu(a) for the BLAS path, in a block of the host cache (no page faults per call for large items).
+at::Tensor relu_copy(const at::Tensor& a) {
+  auto r = empty_large(a.sizes(), a.options());
+  return at::clamp_min_out(r, a, 0);
+}
+
+// o = 0 wherever m <= 0 over n contiguous elements (NaN in m passes, as torch's threshold_backward): one pass,
+// no boolean mask tensor.
+void zero_where_nonpos(at::Tensor& o, const at::Tensor& m) {
+  const int64_t n = o.numel();
+  if (o.scalar_type() == at::kBFloat16) {           // on the bit patterns: integer compares, which vectorise
+    auto* op = reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>());
+    const auto* mp = reinterpret_cast<const uint16_t*>(m.const_data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < n; ++i) op[i] = bf16_nonpos(mp[i]) ? uint16_t(0) : op[i];
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, o.scalar_type(), "zero_where_nonpos", [&] {
+    scalar_t* op = o.data_ptr<scalar_t>();
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const scalar_t zero(0);
+    for (int64_t i = 0; i < n; ++i) op[i] = mp[i] <= zero ? zero : op[i];
+  });
+}
+
+}  // namespace
 
 // out = op(a) @ b[g] (b[g]^T with trans_b) per group, op = relu with relu_a; then, with a mask [N, M], out = 0
 // wherever mask <= 0 (the input gradient through a relu of `mask`, as torch's threshold_backward: NaN passes).
@@ -46,8 +74,8 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
   if (off[G] < N) out.narrow(0, off[G], N - off[G]).zero_();     // padding rows past the groups
-  if (!relu_a && !mask && bf16_brgemm_applies(a, K)) {   // bf16 on the matrix engine (AMX / AVX512-BF16)
-    gmm_bf16_brgemm(a, b, off, trans_b, out);
+  if (bf16_brgemm_applies(a, K)) {                      // bf16 on the matrix engine (AMX / AVX512-BF16)
+    gmm_bf16_brgemm(a, b, off, trans_b, out, relu_a, mask);
     return out;
   }
   std::vector<int64_t> rows(G);
@@ -69,8 +97,8 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
     auto bg = trans_b ? b.select(0, it.g).t() : b.select(0, it.g);
     auto o = out.narrow(0, r0, n);
     auto ag = a.narrow(0, r0, n);
-    at::mm_out(o, relu_a ? ag.clamp_min(0) : ag, bg);
-    if (mask) o.masked_fill_(mask->narrow(0, r0, n).le(0), 0);
+    at::mm_out(o, relu_a ? relu_copy(ag) : ag, bg);
+    if (mask) zero_where_nonpos(o, mask->narrow(0, r0, n));
   });
   return out;
 }
@@ -94,8 +122,8 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
     return make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return at::zeros({G, K, M}, a.options()); });
   auto out = make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return empty_large({G, K, M}, a.options()); });
   const auto off = group_offsets(group_sizes);
-  if (!relu_a && bf16_brgemm_applies(a, 0)) {              // (the depth, a group's rows, is padded to pairs)
-    wgrad_bf16_brgemm(a, dy, off, out);
+  if (bf16_brgemm_applies(a, 0)) {                         // (the depth, a group's rows, is padded to pairs)
+    wgrad_bf16_brgemm(a, dy, off, out, relu_a);
     return out;
   }
   // Items split the output columns of a group; groups with no rows get a zero gradient.
@@ -115,7 +143,7 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
     auto o = out.select(0, it.g).narrow(1, it.lo, it.hi - it.lo);
     if (n == 0) { o.zero_(); return; }
     auto ag = a.narrow(0, off[it.g], n);
-    at::mm_out(o, (relu_a ? ag.clamp_min(0) : ag).t(), dy.narrow(0, off[it.g], n).narrow(1, it.lo, it.hi - it.lo));
+    at::mm_out(o, (relu_a ? relu_copy(ag) : ag).t(), dy.narrow(0, off[it.g], n).narrow(1, it.lo, it.hi - it.lo));
   });
   return out;
 }

@@ -18,9 +18,9 @@ from . import kernels as K
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
            'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm',
-           'build_moe_layer', 'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory', 'machine_rates',
-           'roofline', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info',
-           'machine_line', 'main']
+           'build_moe_layer', 'build_router', 'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory',
+           'machine_rates', 'roofline', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench',
+           'machine_info', 'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -47,13 +47,17 @@ def _case_ctx(case):
     "A method's context for running it (an optional third item of its case, e.g. `use_cpu_gemm('blas')`)."
     return case[2]() if len(case) > 2 else contextlib.nullcontext()
 
+def _outputs(y) -> tuple:
+    "A method's outputs as a tuple: its output `y`, or `(y, aux_loss)` for a method with a loss of its own."
+    return y if isinstance(y, tuple) else (y,)
+
 def runner(case):
     "One forward + backward step of a method, w.r.t. every param (no `.grad` accumulation), inside its context if it has one."
     fn, params = case[:2]
     def run():
         with _case_ctx(case):
-            y = fn(*params)
-            torch.autograd.grad(y, params, torch.ones_like(y))
+            ys = _outputs(fn(*params))
+            torch.autograd.grad(ys, params, [torch.ones_like(y) for y in ys])
     return run
 
 def _route(x, router, k):
@@ -151,8 +155,17 @@ def build_moe_layer(s, inp):
     layer = MoELayer(MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)).to(DTYPES[s.dtype])
     def fn(x, router, w_in, w_out):
         y, aux = torch.func.functional_call(layer, {"router.weight": router, "experts.w_in": w_in, "experts.w_out": w_out}, (x,))
-        return y + 0 * (aux.balance_loss + aux.z_loss).to(y.dtype)   # the aux losses are part of the step
+        return y, aux.balance_loss + aux.z_loss          # the aux losses are part of the step (no pass over y to add them)
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
+
+def build_router(s, inp):
+    "The `MoELayer`'s router module alone (logits, softmax, top-k, plan, balance and z losses, gate weights), fwd+bwd w.r.t. x and its weight."
+    from flanmoe_nb.moe import MoELayer, MoEConfig
+    router = MoELayer(MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)).router.to(DTYPES[s.dtype])
+    def fn(x, w):
+        plan = torch.func.functional_call(router, {"weight": w}, (x,))
+        return plan.weights, plan.balance_loss + plan.z_loss
+    return _step(fn, [inp["x"], inp["router"]])
 
 def build_experts_gemm(s, inp):
     "The expert FFN alone: grouped_mm -> relu -> grouped_mm on tokens already in expert order (the routing of `flanmoe`, computed outside the step)."
@@ -163,7 +176,7 @@ def build_experts_gemm(s, inp):
     return _step(lambda xs, w_in, w_out: K.grouped_mm(F.relu(K.grouped_mm(xs, w_in, gs)), w_out, gs), [xs, inp["w_in"], inp["w_out"]])
 
 METHODS = {"flanmoe": build_flanmoe, "flanmoe_blas": build_flanmoe_blas, "flanmoe_prefetch": build_flanmoe_prefetch, "dense": build_dense, "dense_gmm": build_dense_gmm, "hf_switch": build_hf,
-           "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm, "moe_layer": build_moe_layer, "experts_gemm": build_experts_gemm}
+           "gshard_einsum": build_einsum, "torch_grouped_mm": build_torch_gmm, "moe_layer": build_moe_layer, "router": build_router, "experts_gemm": build_experts_gemm}
 
 # %% ../nbs/10_bench.ipynb #74501a57
 def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
@@ -174,7 +187,7 @@ def check_agreement(s: Shape, tol: float = 1e-4) -> dict:
         for name in ("flanmoe", "flanmoe_blas", "hf_switch", "gshard_einsum", "torch_grouped_mm", "moe_layer"):
             case = METHODS[name](s, inp)
             if case is None: continue
-            with _case_ctx(case): outs[name] = case[0](*case[1])
+            with _case_ctx(case): outs[name] = _outputs(case[0](*case[1]))[0]
     return {n: float((o.float() - outs["flanmoe"].float()).abs().max()) for n, o in outs.items() if n != "flanmoe"}
 
 # %% ../nbs/10_bench.ipynb #8259146a
@@ -207,8 +220,8 @@ def _peak_worker(argv):
     for w in params[1:]: w.requires_grad_(False)   # only the input's gradient: no weight gradients at all
     def run():
         with _case_ctx(case):
-            y = fn(*params)
-            torch.autograd.grad(y, params[:1], torch.ones_like(y))
+            ys = _outputs(fn(*params))
+            torch.autograd.grad(ys, params[:1], [torch.ones_like(y) for y in ys])
     base = _status_kib("VmRSS")        # inputs allocated, nothing run yet
     run()                              # warm-up: lazy init; memory it keeps stays in VmRSS and counts
     with open("/proc/self/clear_refs", "w") as fh: fh.write("5")   # reset the peak (VmHWM) to now
@@ -307,7 +320,11 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
         print_fn("\nMoELayer beyond its expert GEMMs, (moe_layer - experts_gemm) / moe_layer:")
         for r in over:
             r["layer_overhead"] = 1 - r["experts_gemm_s"] / r["moe_layer_s"]
-            print_fn(f"{r['dtype']:5} k={r['k']} E={r['E']:>4}: {r['layer_overhead']:6.1%}")
+            split = ""
+            if r.get("router_s"):   # the router module's share; the rest is permute, unpermute, relu and gate weighting
+                r["router_share"] = r["router_s"] / r["moe_layer_s"]
+                split = f"  (router module {r['router_share']:.1%}, the rest {r['layer_overhead'] - r['router_share']:.1%})"
+            print_fn(f"{r['dtype']:5} k={r['k']} E={r['E']:>4}: {r['layer_overhead']:6.1%}{split}")
     if memory:
         print_fn("\nPeak extra resident memory of fwd+bwd w.r.t. x (MiB; fresh process per method, VmHWM - VmRSS); T doubles per row:")
         mem_experts = mem_experts or (max(experts),)

@@ -682,9 +682,9 @@ def unpermute(y: torch.Tensor, token_idx: torch.Tensor, weights: torch.Tensor | 
     return unpermute_reference(y, token_idx, weights, num_tokens) if op is None else op(y, token_idx, weights, num_tokens)
 
 def _relu_gmm_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
-    "True when `relu(h) @ w` per group can run as the fused CPU op (`relu_grouped_mm`: fp32/fp64 CPU, extension has it)."
+    "True when `relu(h) @ w` per group can run as the fused CPU op (`relu_grouped_mm`: fp32/fp64/bf16 CPU, extension has it)."
     return (_op("relu_grouped_mm") is not None and h.device.type == "cpu" and w.device.type == "cpu"
-            and h.dtype == w.dtype and h.dtype in (torch.float32, torch.float64))
+            and h.dtype == w.dtype and h.dtype in (torch.float32, torch.float64, torch.bfloat16))
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     "The dtype autocast gives matmuls on `x`'s device when it is on and the compiled ops take it (bf16; fp16 on CUDA), else None."

@@ -26,6 +26,26 @@ def test_experts_gemm_is_the_ffn_before_the_combine():
     assert set(t) == {"dense", "moe_layer", "experts_gemm"} and all(v > 0 for v in t.values())
 
 
+def test_router_method_is_the_layers_routing():
+    "`router` is the MoELayer's router on the same weights: its gate weights are the ones flanmoe combines with, and both of its losses reach the step."
+    import torch
+    from flanmoe_nb import kernels as K
+    s = B.Shape(T=64, d=16, f=24, E=4, k=2)
+    inp = B.make_inputs(s)
+    fn, (x, w) = B.build_router(s, inp)
+    weights, aux = fn(x, w)
+    _, plan = K.moe_ffn(inp["x"], inp["x"].float() @ inp["router"].float().T, inp["w_in"], inp["w_out"], top_k=2)
+    probs = torch.softmax(inp["x"].float() @ inp["router"].float().T, -1)
+    want = probs.topk(2, -1).values.reshape(-1)[plan.assign_idx]
+    assert torch.allclose(weights.sort().values, want.sort().values, atol=1e-6)
+    gw, = torch.autograd.grad(aux, [w])
+    assert gw.abs().sum() > 0                     # the balance and z losses depend on the router weight
+    rows = B.run_moe_bench(T=64, d=16, f=24, experts=(4,), top_ks=(1,), methods=("dense", "moe_layer", "router", "experts_gemm"),
+                           reps=1, memory=False, print_fn=lambda *a: None)
+    r = rows[0]
+    assert 0 < r["router_share"] == r["router_s"] / r["moe_layer_s"]
+
+
 def test_roofline_floor_is_the_larger_of_compute_and_weight_traffic():
     "E=128 fp32 at the issue's shape: 51.5 GFLOP (0.172 s at 300 GFLOP/s) and 3.2 GB of expert-weight traffic (0.14 s at 23 GB/s)."
     T, d, f = 4096, 512, 2048

@@ -887,6 +887,36 @@ def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad
     if N > sum(sizes): assert out[sum(sizes):].eq(0).all()
 
 
+BF16_MODES = ["blas", pytest.param("brgemm", marks=pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU"))]
+
+
+@pytest.mark.parametrize("mode", BF16_MODES)
+@HYP
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 32, 33, 97, 300]), min_size=1, max_size=4),
+       f=st.sampled_from([2, 6, 64, 130]), d=st.sampled_from([1, 5, 64, 65]), pad=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_relu_grouped_mm_bf16_equals_relu_then_grouped_mm(mode, sizes, f, d, pad, seed):
+    """bf16 `relu(h) @ w` with the relu folded into the product (relu'd rows of h on the ukernel path, the mask on
+    its fp32 block before rounding) is bitwise the composite `grouped_mm(h.relu(), w)` on the same path: forward,
+    dh (zero where h <= 0, NaN in h lets the gradient through) and dw; padding rows stay 0."""
+    g = torch.Generator().manual_seed(seed)
+    gs = torch.tensor(sizes, dtype=torch.long)
+    h = torch.randn(sum(sizes) + pad, f, generator=g)
+    if h.numel() > 3: h.view(-1)[::7] = 0.0; h.view(-1)[1] = float("nan"); h.view(-1)[2] = float("-inf")
+    h = h.bfloat16().requires_grad_()
+    w = torch.randn(len(sizes), f, d, generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(h.shape[0], d, generator=g).bfloat16()
+    with bf16_gemm(mode):
+        y = ops.relu_grouped_mm(h, w, gs)
+        dh, dw = torch.autograd.grad(y, (h, w), dy)
+        h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y2 = K.grouped_mm(h2.relu(), w2, gs)
+        dh2, dw2 = torch.autograd.grad(y2, (h2, w2), dy)
+    for a, b in ((y, y2), (dh, dh2), (dw, dw2)):
+        assert a.dtype == torch.bfloat16 and torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), (a.float() - b.float()).abs().max()
+    if pad: assert y[sum(sizes):].eq(0).all()
+
+
 def test_expert_ffn_runs_bf16_under_cpu_autocast():
     """Autocast does not cast custom ops: expert_ffn casts its operands as autocast casts a matmul's, so bf16
     training runs the experts' GEMMs in bf16 (where the matrix engines are), with fp32 gradients for fp32
