@@ -1011,6 +1011,12 @@ def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choi
         (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")]
         assert rec["source"] == "measured" and set(rec["ms"]) == {*K.cpu_gemm_info()["supported"], "blas"}
         assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.expert_gemm_active() == K.kernel_paths()["fp32_expert_gemm"]
+        # the cached choice is read back without drawing the measuring operands (a cache hit costs no random draw)
+        K._FP32_CLASS.clear(); K._CHOICES.clear()
+        with monkeypatch.context() as m:
+            m.setattr(torch, "randn", lambda *a, **k: pytest.fail("a cache hit drew measuring operands"))
+            K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        assert K.kernel_choices()[key]["source"] == "cache" and K._C.expert_gemm_active() == rec["choice"]
         # a forced slow path (the environment) is what runs; pinned by the user, nothing is measured
         K._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
