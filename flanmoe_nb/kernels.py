@@ -599,9 +599,6 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     else: a = F.silu(a)   # silu, swiglu
     return a * lin if gated else a
 
-def _ffn_hidden_size(w_in, activation):
-    return w_in.shape[-1] // 2 if activation.startswith("gated-") or activation == "swiglu" else w_in.shape[-1]
-
 def expert_ffn_reference(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tensor,
                          weights: torch.Tensor | None, w_in: torch.Tensor, w_out: torch.Tensor,
                          activation: str = "relu", dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:

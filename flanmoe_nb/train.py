@@ -919,14 +919,16 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     runs = {"ours": (ours, lambda: fwd(**batch).loss), "hf": (hf, lambda: hf(**batch, output_router_logits=True).loss)}
     if fused_adamw is None: fused_adamw = adamw_fusable(list(ours.parameters()) + list(hf.parameters()))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused_adamw or None) for k, (m, _) in runs.items()}
-    best = {k: float("inf") for k in runs}
+    best, first = {k: float("inf") for k in runs}, {}
     for r in range(rounds + 1):                              # round 0 warms up; rounds alternate to share the noise
         for k, (m, loss_of) in runs.items():
             m.train(); t0 = time.perf_counter()
             for _ in range(steps):
-                opts[k].zero_grad(set_to_none=True); loss_of().backward(); opts[k].step()
+                opts[k].zero_grad(set_to_none=True); loss = loss_of(); loss.backward(); opts[k].step()
+                first.setdefault(k, loss.item())             # (round 0, before any update: both models the same function)
             if r: best[k] = min(best[k], time.perf_counter() - t0)
     tps = {k: tokens * steps / t for k, t in best.items()}
     return dict(num_experts=num_experts, compiled_expert_path=kernels._op("permute") is not None, ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
                 ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads(),
+                first_loss_ours=first["ours"], first_loss_hf=first["hf"],
                 optimizer="adamw_fused" if fused_adamw else "adamw", dropout=dropout)

@@ -112,17 +112,25 @@ def test_random_policy_reproducible_with_seed_and_eval_policy():
     assert a3.expert_counts.sum() == 36
 
 
-def test_expert_dropout():
-    layer = make("switch", "dropless", expert_dropout=0.5)
-    x, _ = inputs(False, True)
-    layer.eval()
-    y_eval, _ = layer(x)
-    y_ref, _ = moe_reference(layer, x)
-    torch.testing.assert_close(y_eval, y_ref, atol=1e-5, rtol=1e-4)     # no dropout in eval
-    layer.train()
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_expert_dropout(p):
+    """Expert dropout acts on the experts' hidden units, inverted: with w_out = identity each output entry is the
+    gated relu hidden unit, so in training every entry is either 0 or exactly its eval value / (1 - p), and about
+    a fraction p of the nonzero ones are 0. In eval nothing is dropped (the reference twin)."""
     torch.manual_seed(0)
-    y_train, _ = layer(x)
-    assert not torch.allclose(y_train, y_eval)
+    layer = MoELayer(MoEConfig(D, D, E, top_k=1, capacity_factor=None, eval_capacity_factor=None, expert_dropout=p))
+    with torch.no_grad(): layer.experts.w_out.copy_(torch.eye(D).expand(E, D, D))
+    x = torch.randn(400, D)
+    y_eval, _ = layer.eval()(x)
+    torch.testing.assert_close(y_eval, moe_reference(layer, x)[0], atol=1e-5, rtol=1e-4)
+    torch.manual_seed(1)
+    y_train, _ = layer.train()(x)
+    on = y_eval != 0
+    kept = y_train[on] != 0
+    torch.testing.assert_close(y_train[on][kept], y_eval[on][kept] / (1 - p), atol=1e-6, rtol=1e-5)
+    assert torch.equal(y_train[~on], torch.zeros_like(y_train[~on]))
+    n = int(on.sum()); sd = (p * (1 - p) / n) ** 0.5
+    assert n > 1000 and abs((1 - kept.float().mean().item()) - p) < 5 * sd
 
 
 def test_bf16_forward():
@@ -169,10 +177,26 @@ def test_bad_inputs():
 
 
 def test_presets():
-    for name in MOE_PRESETS:
+    "Each preset is the router its paper defines, and reaches the layer's router: GShard's random second expert, ST-MoE's top-2 with every second choice and an fp32 router, Switch's top-1, expert choice's per-expert capacity."
+    want = {"switch": dict(router="token_choice", top_k=1, capacity_factor=1.25),
+            "gshard": dict(router="token_choice", top_k=2, second_policy="random", capacity_factor=1.25),
+            "st_moe": dict(router="token_choice", top_k=2, second_policy="all", router_dtype="float32"),
+            "expert_choice": dict(router="expert_choice", capacity_factor=1.0)}
+    assert set(want) == set(MOE_PRESETS)
+    for name, fields in want.items():
         cfg = MoEConfig.preset(name, D, F_, E)
         assert cfg.causal_safe == (name != "expert_choice")
-    assert MoEConfig.preset("gshard", D, F_, E).top_k == 2
+        layer = MoELayer(cfg)
+        for k, v in fields.items():
+            assert getattr(cfg, k) == v and getattr(layer.router.cfg, k) == v, (name, k)
+    assert MoEConfig.preset("gshard", D, F_, E, top_k=1).top_k == 1          # overrides win
+    with pytest.raises(ValueError, match="name='gshard2'"): MoEConfig.preset("gshard2", D, F_, E)
+    # GShard's policy is in effect: in training some second choices are skipped; ST-MoE keeps them all
+    x = torch.randn(64, D)
+    for name, all_kept in (("gshard", False), ("st_moe", True)):
+        torch.manual_seed(0)
+        layer = MoELayer(MoEConfig.preset(name, D, F_, E, capacity_factor=None)).train()
+        assert (layer(x)[1].expert_counts.sum() == 2 * 64) == all_kept, name
 
 
 def test_from_dense():

@@ -301,7 +301,15 @@ def test_bench_train_cli_prints_ratio_rows(capsys):
     row = [l for l in out.splitlines() if l.strip().startswith("4 |")]
     assert row, out
     ours, hf, ratio = (c.strip() for c in row[0].split("|")[1:])
-    assert int(ours) > 0 and int(hf) > 0 and float(ratio.rstrip("x")) > 0
+    assert float(ratio.rstrip("x")) == round(int(ours) / int(hf), 2)
+
+
+def test_bench_train_times_the_same_function_both_ways():
+    "The training benchmark compares like with like: HF's model is ours converted, so before any update both give the same loss on the same batch."
+    from flanmoe_nb.train import bench_train
+    r = bench_train(4, steps=1, rounds=1)
+    assert abs(r["first_loss_ours"] - r["first_loss_hf"]) < 1e-4 * abs(r["first_loss_hf"]), r
+    assert r["ratio"] == round(r["ours_tokens_per_s"] / r["hf_tokens_per_s"], 2)
 
 
 def test_compiled_training_matches_eager(tmp_path):
