@@ -149,10 +149,15 @@ def build_torch_gmm(s, inp):
     except (RuntimeError, NotImplementedError): return None
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+def _layer_config(s):
+    "The `MoEConfig` of the layer methods at shape `s`: dropless, gates not renormalised (as `flanmoe`)."
+    from flanmoe_nb.moe import MoEConfig
+    return MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)
+
 def build_moe_layer(s, inp):
     "The whole `moe.MoELayer` (router module with its balance and z losses, top-k, plan, permute, experts, unpermute), dropless, with the same weights."
-    from flanmoe_nb.moe import MoELayer, MoEConfig
-    layer = MoELayer(MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)).to(DTYPES[s.dtype])
+    from flanmoe_nb.moe import MoELayer
+    layer = MoELayer(_layer_config(s)).to(DTYPES[s.dtype])
     def fn(x, router, w_in, w_out):
         y, aux = torch.func.functional_call(layer, {"router.weight": router, "experts.w_in": w_in, "experts.w_out": w_out}, (x,))
         return y, aux.balance_loss + aux.z_loss          # the aux losses are part of the step (no pass over y to add them)
@@ -160,8 +165,8 @@ def build_moe_layer(s, inp):
 
 def build_router(s, inp):
     "The `MoELayer`'s router module alone (logits, softmax, top-k, plan, balance and z losses, gate weights), fwd+bwd w.r.t. x and its weight."
-    from flanmoe_nb.moe import MoELayer, MoEConfig
-    router = MoELayer(MoEConfig(s.d, s.f, s.E, top_k=s.k, capacity_factor=None, eval_capacity_factor=None, renormalize=False)).router.to(DTYPES[s.dtype])
+    from flanmoe_nb.routing import Router
+    router = Router(s.d, _layer_config(s)).to(DTYPES[s.dtype])     # (no expert weights built: 1 GiB at E=128)
     def fn(x, w):
         plan = torch.func.functional_call(router, {"weight": w}, (x,))
         return plan.weights, plan.balance_loss + plan.z_loss

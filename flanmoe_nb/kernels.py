@@ -216,7 +216,7 @@ def use_cpu_gemm(mode: str):
         set_cpu_gemm(prev); _CPU_GEMM["pinned"] = pinned
 
 # %% ../nbs/01_kernels.ipynb #2b6cc91d
-import hashlib, json, os, time
+import functools, hashlib, json, os, time
 from pathlib import Path
 
 _CHOICES: dict[str, dict] = {}   # "kind/shape_class" -> {"choice", "source", "ms"}: what this process chose and why
@@ -707,13 +707,11 @@ def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torc
     mode = classes.get(cls)
     if mode is None:
         d, f = w_in.shape[1:]
-        made = []                                     # the operands, drawn only if measuring (not on a cache hit: ~60 ms at d=512, f=2048)
+        @functools.cache                              # drawn only if measuring (not on a cache hit: ~60 ms at d=512, f=2048)
         def operands():
-            if not made:
-                g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG (dropout)
-                made.extend([torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype),
-                             torch.full((e,), rows, dtype=torch.long)])
-            return made
+            g = torch.Generator().manual_seed(0)      # its own generator: measuring must not move the training RNG (dropout)
+            return (torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype),
+                    torch.full((e,), rows, dtype=torch.long))
         def run(m): return lambda: (set_mode(m), torch.ops.flanmoe.grouped_mm(*operands(), False))
         mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
     if active() != mode: set_mode(mode)

@@ -925,7 +925,7 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
             m.train(); t0 = time.perf_counter()
             for _ in range(steps):
                 opts[k].zero_grad(set_to_none=True); loss = loss_of(); loss.backward(); opts[k].step()
-                first.setdefault(k, loss.item())             # (round 0, before any update: both models the same function)
+                if k not in first: first[k] = loss.item()    # (round 0, before any update: both models the same function)
             if r: best[k] = min(best[k], time.perf_counter() - t0)
     tps = {k: tokens * steps / t for k, t in best.items()}
     return dict(num_experts=num_experts, compiled_expert_path=kernels._op("permute") is not None, ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
