@@ -20,9 +20,9 @@ def main():
     args = p.parse_args()
     if args.isa: os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa
     import torch
-    from flanmoe_nb import kernels as K
+    from flanmoe_nb import kernels as K, extension as X
     from flanmoe_nb.bench import machine_line
-    C = K._C
+    C = X._C
     print(machine_line())
     print(f"oneDNN cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}")
     if not C.bf16_brgemm_available():

@@ -1,6 +1,6 @@
 // Operator schemas of the `flanmoe` namespace and the Python module `flanmoe_nb._C`.
 // Kernels live in cpp/*_cpu.cpp (TORCH_LIBRARY_IMPL(flanmoe, CPU, m)) and cpp/cuda/*.cu (CUDA);
-// autograd in cpp/autograd.cpp (C++, every differentiable op); fake (meta) kernels from Python in flanmoe_nb/kernels.py.
+// autograd in cpp/autograd.cpp (C++, every differentiable op); fake (meta) kernels from Python in flanmoe_nb/gemm.py, layer_ops.py and moe_ops.py.
 #include <torch/extension.h>
 #include "flanmoe.h"
 #include "cpu_cache.h"

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as K
+from .extension import _C
+from .moe_ops import _relu_gmm_pays
 
 # %% auto #0
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
@@ -80,13 +82,13 @@ def build_flanmoe_blas(s, inp):
 @contextlib.contextmanager
 def _gemm_prefetch(on: bool):
     "The fp32 NN kernel's next-weight-block prefetch switched on (or off) inside the block."
-    before = K._C.gemm_prefetch_active(); K._C.set_gemm_prefetch(on)
+    before = _C.gemm_prefetch_active(); _C.set_gemm_prefetch(on)
     try: yield
-    finally: K._C.set_gemm_prefetch(before)
+    finally: _C.set_gemm_prefetch(before)
 
 def build_flanmoe_prefetch(s, inp):
     "`flanmoe` with the fp32 NN kernel prefetching the next block of each expert weight while it multiplies the current one (CPU, own kernels only)."
-    if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"] or not hasattr(K._C, "set_gemm_prefetch"): return None
+    if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"] or not hasattr(_C, "set_gemm_prefetch"): return None
     return (*build_flanmoe(s, inp), lambda: _gemm_prefetch(True))
 
 def build_dense_gmm(s, inp):
@@ -94,7 +96,7 @@ def build_dense_gmm(s, inp):
     one = torch.tensor([s.T])
     def fn(x, w1, w2):
         h = K.grouped_mm(x, w1[None], one)
-        if K._relu_gmm_pays(h, w2): return torch.ops.flanmoe.relu_grouped_mm(h, w2[None].contiguous(), one)
+        if _relu_gmm_pays(h, w2): return torch.ops.flanmoe.relu_grouped_mm(h, w2[None].contiguous(), one)
         return K.grouped_mm(F.relu(h), w2[None], one)
     return _step(fn, [inp["x"], inp["w1"], inp["w2"]])
 

@@ -928,7 +928,7 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
                 if k not in first: first[k] = loss.item()    # (round 0, before any update: both models the same function)
             if r: best[k] = min(best[k], time.perf_counter() - t0)
     tps = {k: tokens * steps / t for k, t in best.items()}
-    return dict(num_experts=num_experts, compiled_expert_path=kernels._op("permute") is not None, ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
+    return dict(num_experts=num_experts, compiled_expert_path=kernels.op_available("permute"), ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
                 ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads(),
                 first_loss_ours=first["ours"], first_loss_hf=first["hf"],
                 optimizer="adamw_fused" if fused_adamw else "adamw", dropout=dropout)

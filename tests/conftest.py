@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Kernel paths are chosen by measurement, per machine (kernels.choose_path). The tests compare numerics across
+# Kernel paths are chosen by measurement, per machine (extension.choose_path). The tests compare numerics across
 # processes and paths (e.g. DeepSpeed ranks against one process, where Adam turns a last-bit difference into a
 # visible one), so they run the fixed defaults; the tests of the choice itself unset this (fixture choice_cache).
 os.environ.setdefault("FLANMOE_DETERMINISTIC", "1")

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 import flanmoe_nb.kernels as K
+import flanmoe_nb.gemm as G
+import flanmoe_nb.layer_ops as L
 
 pytestmark = pytest.mark.skipif(not K.extension_available(), reason="flanmoe_nb._C not built")
 ops = torch.ops.flanmoe
@@ -369,7 +371,7 @@ def test_opcheck(case):
 
 # ---------------------------------------------------------------- dense_mm (grouped_mm's C++ autograd)
 def test_dense_mm_matches_linear_with_double_backward():
-    if not K._dense_kernels_pay(torch.ones(1), torch.ones(1, 1)):
+    if not G._dense_kernels_pay(torch.ones(1), torch.ones(1, 1)):
         pytest.skip("dense_mm is torch.matmul on this CPU (no AVX-512 kernels)")
     x = torch.randn(5, 7, 12, requires_grad=True, dtype=torch.float32)
     w = torch.randn(9, 12, requires_grad=True)
@@ -402,8 +404,8 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
     assert M._fused_attention_pays(torch.ones(1, 1, 1, 1), 0.0, True)
     fused = loss_and_grads()
     monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
-    real_op = K._op
-    monkeypatch.setattr(K, "_op", lambda name: None if name in ("rms_norm", "cross_entropy") else real_op(name))
+    real_op = L._op
+    monkeypatch.setattr(L, "_op", lambda name: None if name in ("rms_norm", "cross_entropy") else real_op(name))
     plain = loss_and_grads()
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
     assert fused[1].keys() == plain[1].keys()

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import flanmoe_nb
-from flanmoe_nb import kernels, docs, cli
+from flanmoe_nb import kernels, extension, docs, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_matches_installed_torch():
-    assert kernels.extension_available(), kernels._LOAD_ERROR
+    assert kernels.extension_available(), extension._LOAD_ERROR
     info = kernels.extension_info()
     assert info["torch"] == torch.__version__
     assert info["threads"] >= 1
@@ -25,8 +25,8 @@ def test_ops_registered_under_flanmoe_namespace():
 
 
 def test_missing_extension_gives_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels, "_C", None)
-    monkeypatch.setattr(kernels, "_LOAD_ERROR", "flanmoe_nb._C could not be imported (x); rebuild it")
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "_LOAD_ERROR", "flanmoe_nb._C could not be imported (x); rebuild it")
     with pytest.raises(kernels.ExtensionError, match="rebuild"):
         kernels.grouped_mm(torch.randn(2, 3), torch.randn(1, 3, 4), torch.tensor([2]))
 

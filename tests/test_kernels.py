@@ -7,6 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 import flanmoe_nb.kernels as K
+import flanmoe_nb.extension as X
+import flanmoe_nb.gemm as G
+import flanmoe_nb.moe_ops as MO
 
 pytestmark = pytest.mark.skipif(not K.extension_available(), reason="flanmoe_nb._C not built")
 ops = torch.ops.flanmoe
@@ -273,7 +276,7 @@ def test_expert_ffn_takes_the_fused_relu_only_where_it_applies(monkeypatch):
     run = lambda: K.expert_ffn(x, p.token_idx, p.group_sizes, w, w_in, w_out, "relu")
     y = run(); g = torch.autograd.grad(y.sum(), (x, w_in, w_out))
     assert calls == [1]
-    monkeypatch.setattr(K, "_relu_gmm_pays", lambda *a: False)
+    monkeypatch.setattr(MO, "_relu_gmm_pays", lambda *a: False)
     y2 = run(); g2 = torch.autograd.grad(y2.sum(), (x, w_in, w_out))
     torch.testing.assert_close(y, y2)
     for a, b in zip(g, g2): torch.testing.assert_close(a, b)
@@ -836,26 +839,26 @@ def test_dense_mm_keeps_autocast_and_compiles():
 
 
 # ---------------------------------------------------------------- bf16 grouped GEMMs on oneDNN's brgemm ukernel
-_BRGEMM = K.extension_available() and K._C.bf16_brgemm_available()
+_BRGEMM = K.extension_available() and X._C.bf16_brgemm_available()
 
 
 @contextlib.contextmanager
 def bf16_gemm(mode):
     "The bf16 grouped-GEMM path `mode` inside the block (asserting it could be set), the previous one after it."
-    before = K._C.bf16_gemm_active()
-    assert K._C.set_bf16_gemm(mode), mode
+    before = X._C.bf16_gemm_active()
+    assert X._C.set_bf16_gemm(mode), mode
     try: yield
-    finally: K._C.set_bf16_gemm(before)
+    finally: X._C.set_bf16_gemm(before)
 
 
 def test_bf16_gemm_modes_are_named():
-    before = K._C.bf16_gemm_active()
+    before = X._C.bf16_gemm_active()
     try:
-        assert not K._C.set_bf16_gemm("nonsense") and K._C.bf16_gemm_active() == before
-        assert K._C.set_bf16_gemm("blas") and K._C.bf16_gemm_active() == "blas"
-        assert K._C.set_bf16_gemm("auto") and K._C.bf16_gemm_active() in ("blas", "brgemm")
-        assert K._C.set_bf16_gemm("brgemm") == _BRGEMM
-    finally: K._C.set_bf16_gemm(before)
+        assert not X._C.set_bf16_gemm("nonsense") and X._C.bf16_gemm_active() == before
+        assert X._C.set_bf16_gemm("blas") and X._C.bf16_gemm_active() == "blas"
+        assert X._C.set_bf16_gemm("auto") and X._C.bf16_gemm_active() in ("blas", "brgemm")
+        assert X._C.set_bf16_gemm("brgemm") == _BRGEMM
+    finally: X._C.set_bf16_gemm(before)
 
 
 @pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
@@ -951,7 +954,7 @@ def test_choose_path_never_picks_a_slow_path_and_caches_per_machine(choice_cache
     import json, time
     slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
     for order in ({"slow": slow, "fast": fast}, {"fast": fast, "slow": slow}):
-        K._CHOICES.clear(); choice_cache.unlink(missing_ok=True)
+        X._CHOICES.clear(); choice_cache.unlink(missing_ok=True)
         assert K.choose_path("demo", "c", order, default="slow") == "fast"
         assert K.kernel_choices()["demo/c"]["source"] == "measured"
     assert K.choose_path("demo", "c", {"slow": slow, "fast": fast}, default="slow") == "fast"
@@ -959,7 +962,7 @@ def test_choose_path_never_picks_a_slow_path_and_caches_per_machine(choice_cache
     assert json.loads(choice_cache.read_text())["choices"]["demo/c"]["choice"] == "fast"
     # another CPU: the cached choice is not trusted, the paths are measured again (now "slow" is the fast one)
     fp = K.machine_fingerprint()
-    monkeypatch.setattr(K, "machine_fingerprint", lambda: dict(fp, cpu="Some Other CPU"))
+    monkeypatch.setattr(X, "machine_fingerprint", lambda: dict(fp, cpu="Some Other CPU"))
     assert K.choose_path("demo", "c", {"slow": fast, "fast": slow}, default="slow") == "slow"
     assert K.kernel_choices()["demo/c"]["source"] == "measured"
 
@@ -981,17 +984,17 @@ def test_choose_path_environment_and_deterministic_mode(choice_cache, monkeypatc
 @pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
 def test_bf16_expert_ffn_chooses_its_gemm_path_by_measurement(choice_cache, monkeypatch):
     monkeypatch.delenv("FLANMOE_BF16_GEMM", raising=False)
-    K._BF16_CLASS.clear(); K._CHOICES.clear()
-    before = K._C.bf16_gemm_active()
+    G._BF16_CLASS.clear(); X._CHOICES.clear()
+    before = X._C.bf16_gemm_active()
     try:
         x = torch.randn(64, 32).bfloat16(); w_in = torch.randn(4, 32, 64).bfloat16(); w_out = torch.randn(4, 64, 32).bfloat16()
         gs = torch.tensor([16, 16, 16, 16]); idx = torch.arange(64)
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
         (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("bf16_gemm/")]
         assert rec["source"] == "measured" and set(rec["ms"]) == {"blas", "brgemm"}
-        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.bf16_gemm_active()
+        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == X._C.bf16_gemm_active()
     finally:
-        K._C.set_bf16_gemm(before)
+        X._C.set_bf16_gemm(before)
 
 
 def _fp32_expert_block():
@@ -1003,29 +1006,29 @@ def _fp32_expert_block():
 def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choice_cache, monkeypatch):
     "The fp32 expert GEMMs are measured per shape class (own ISAs and BLAS) and the fastest is set; a pinned mode is not overridden."
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
-    K._FP32_CLASS.clear(); K._CHOICES.clear()
+    G._FP32_CLASS.clear(); X._CHOICES.clear()
     x, idx, gs, w_in, w_out = _fp32_expert_block()
     try:
         ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
         torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
         (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")]
         assert rec["source"] == "measured" and set(rec["ms"]) == {*K.cpu_gemm_info()["supported"], "blas"}
-        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == K._C.expert_gemm_active() == K.kernel_paths()["fp32_expert_gemm"]
+        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == X._C.expert_gemm_active() == K.kernel_paths()["fp32_expert_gemm"]
         # the cached choice is read back without drawing the measuring operands (a cache hit costs no random draw)
-        K._FP32_CLASS.clear(); K._CHOICES.clear()
+        G._FP32_CLASS.clear(); X._CHOICES.clear()
         with monkeypatch.context() as m:
             m.setattr(torch, "randn", lambda *a, **k: pytest.fail("a cache hit drew measuring operands"))
             K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert K.kernel_choices()[key]["source"] == "cache" and K._C.expert_gemm_active() == rec["choice"]
+        assert K.kernel_choices()[key]["source"] == "cache" and X._C.expert_gemm_active() == rec["choice"]
         # a forced slow path (the environment) is what runs; pinned by the user, nothing is measured
-        K._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
+        G._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert K._C.expert_gemm_active() == "blas" and K.kernel_choices()[key]["source"] == "environment"
-        monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); K._CHOICES.clear()
+        assert X._C.expert_gemm_active() == "blas" and K.kernel_choices()[key]["source"] == "environment"
+        monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); X._CHOICES.clear()
         with K.use_cpu_gemm("avx2"):
             torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
-            assert K._C.expert_gemm_active() == "avx2" and not K.kernel_choices()
-        assert not K._CPU_GEMM["pinned"]
+            assert X._C.expert_gemm_active() == "avx2" and not K.kernel_choices()
+        assert not G._CPU_GEMM["pinned"]
     finally:
         K.set_cpu_gemm("auto")
 
@@ -1036,19 +1039,19 @@ def test_weight_prefetch_changes_no_result(isa):
     "The NN kernel's prefetch of the next weight block (next depth block, next column block, none at the end) is bit-neutral."
     if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
     torch.manual_seed(0)
-    before = K._C.gemm_prefetch_active()
+    before = X._C.gemm_prefetch_active()
     try:
         for M, D, N in [(32, 512, 2048), (7, 100, 3000), (200, 130, 70), (1, 64, 4101), (97, 65, 2049)]:
             a, w = torch.randn(M, D), torch.randn(2, D, N)
             gs = torch.tensor([M - M // 3, M // 3])
             outs = []
             for on in (False, True):
-                K._C.set_gemm_prefetch(on)
+                X._C.set_gemm_prefetch(on)
                 with K.use_cpu_gemm(isa): outs.append(torch.ops.flanmoe.grouped_mm(a, w, gs, False))
             assert torch.equal(*outs), (M, D, N)
             torch.testing.assert_close(outs[1][:gs[0]], a[:gs[0]] @ w[0], atol=1e-3, rtol=1e-4)
     finally:
-        K._C.set_gemm_prefetch(before)
+        X._C.set_gemm_prefetch(before)
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
@@ -1058,7 +1061,7 @@ def test_measuring_a_kernel_path_leaves_the_global_rng_alone(choice_cache, monke
     x, idx, gs, w_in, w_out = _fp32_expert_block()
     draws = []
     for _ in range(2):                                  # first: measured; second: from the cache
-        K._FP32_CLASS.clear(); K._CHOICES.clear()
+        G._FP32_CLASS.clear(); X._CHOICES.clear()
         torch.manual_seed(5); K.expert_ffn(x, idx, gs, None, w_in, w_out); draws.append(torch.rand(4))
     assert K.kernel_choices() and torch.equal(*draws)
     K.set_cpu_gemm("auto")
