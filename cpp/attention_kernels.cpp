@@ -1,6 +1,7 @@
 // The fp32 attention and cross-entropy kernels (see attention_kernels.h), in three copies of attention_isa.inc: AVX-512F,
 // AVX2+FMA and the baseline ISA of the build. This file includes no torch header.
 #include "attention_kernels.h"
+#include "scratch.h"
 #include <vector>
 
 // The vector helpers take and return vectors wider than the baseline ABI's; they are always inlined, so no
@@ -10,11 +11,8 @@
 namespace flanmoe {
 namespace {
 
-float* scratch(size_t n) {                 // per-thread buffer: packed columns and score rows of one head
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+struct AttentionScratch;                   // per-thread buffer: packed columns and score rows of one head
+float* scratch(size_t n) { return thread_scratch<float, AttentionScratch>(n); }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define ISA_NS avx512

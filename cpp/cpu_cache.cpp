@@ -3,10 +3,9 @@
 //
 // Why: ATen's CPU allocator hands large blocks straight back to the OS, so every training step faults
 // fresh pages in, and the kernel zeroes each page before our GEMM overwrites it. For 128 experts the
-// weight gradients alone are ~1 GB per step, and measured on a 2-core AVX2 machine the faults cost as
-// much as the GEMMs. Blocks >= 4 MiB are therefore 2 MiB-aligned, advised to use transparent huge pages
+// weight gradients alone are ~1 GB per step, and the faults can cost as much as the GEMMs. Blocks >= 4 MiB are therefore 2 MiB-aligned, advised to use transparent huge pages
 // (Linux), and on release kept in a size-keyed free list (like the CUDA caching allocator) up to a bound:
-// FLANMOE_CPU_CACHE_MB (default 4096; 0 disables caching). `flanmoe_nb.kernels.cpu_cache_info()` reports
+// FLANMOE_CPU_CACHE_MB (default 4096; 0 disables caching). `flanmoe_nb.extension.cpu_cache_info()` reports
 // it and `empty_cpu_cache()` returns the free blocks to the OS.
 #include "cpu_cache.h"
 #include <cstdint>

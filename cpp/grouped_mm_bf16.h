@@ -18,7 +18,7 @@ inline uint16_t bf16_relu_bits(uint16_t x) { return (x & 0x8000) && (x & 0x7FFF)
 bool bf16_brgemm_available();
 // What bf16 grouped products use: "brgemm" (the ukernel) or "blas" (one ATen matmul per row block).
 std::string bf16_gemm_active();
-// Choose "brgemm", "blas" or "auto" (blas until the ukernel path is measured faster); false when brgemm is asked for and unavailable
+// Choose "brgemm", "blas" or "auto" (= blas; the per-shape choice by measurement is made in Python); false when brgemm is asked for and unavailable
 // or the name is unknown. The start value comes from FLANMOE_BF16_GEMM (same names; default auto).
 bool set_bf16_gemm(const std::string& mode);
 // True when a bf16 product with depth K goes to the ukernel (mode brgemm and K even: bf16 pairs along K).

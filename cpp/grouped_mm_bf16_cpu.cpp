@@ -9,6 +9,7 @@
 // (the group's rows) zero-padded to 32 and cut into chunks of at most KC = 256: the ukernel is JIT-generated
 // and cached per shape, so every call uses one of a few fixed shapes, never one per group size.
 #include "grouped_mm_bf16.h"
+#include "scratch.h"
 #include "work_items.h"
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
@@ -31,12 +32,6 @@ constexpr int64_t MB = 32;    // rows per ukernel call
 constexpr int64_t RC = 256;   // rows per unit of a product (with K = 512: 256 KiB of a, kept in cache)
 constexpr int64_t PB = 4;     // column blocks per unit (a 256-column panel of the weight, packed once)
 constexpr int64_t KC = 256;   // depth chunk of the weight-gradient products (a multiple of 32)
-
-template <typename T>
-T* scratch(std::vector<T>& buf, size_t n) {
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
 
 // dst[k2][n][2] = src[2 k2 + {0,1}][n] for n < nb (0 for nb <= n < NB, and for rows at or past `rows`);
 // src row-major with leading dimension ld, k2 < pairs.
@@ -245,8 +240,8 @@ bool set_bf16_gemm(const std::string& mode) {
     mode_ref() = int(Mode::brgemm);
     return true;
   }
-  // auto: blas for now. On a 2-core Xeon with AMX (grid job beside it) the ukernel path ran 1.1-1.9x the time
-  // of one oneDNN matmul per row block at T=4096, d=512, f=2048, E=1..128: opt in with FLANMOE_BF16_GEMM=brgemm.
+  // auto: blas. The faster path per shape is chosen by measurement in Python (gemm.choose_expert_gemm), which sets
+  // "brgemm" or "blas" explicitly; FLANMOE_BF16_GEMM=brgemm forces the ukernel.
   if (mode == "auto") { mode_ref() = int(Mode::blas); return true; }
   return false;
 }
@@ -287,14 +282,14 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
   run_items(make_items(ext, work, at::get_num_threads()), 2.0 * off[G] * K * M, [&](const Item& it) {
     thread_local std::vector<uint16_t> pbuf, abuf;
     thread_local std::vector<float> cbuf;
-    uint16_t* packed = scratch(pbuf, size_t(PB) * pairs * NB * 2);
-    float* acc = scratch(cbuf, size_t(MB) * NB);
+    uint16_t* packed = grown(pbuf, size_t(PB) * pairs * NB * 2);
+    float* acc = grown(cbuf, size_t(MB) * NB);
     const int64_t g0 = off[it.g], rows = off[it.g + 1] - g0;
     for (int64_t u = it.lo; u < it.hi; ++u) {
       const int64_t c0 = (u / npanel) * RC, p = u % npanel;
       const int64_t crows = std::min(RC, rows - c0), jb0 = p * PB, jb1 = std::min(nblk, jb0 + PB);
       const uint16_t* Ac = A + (g0 + c0) * K;        // the chunk's rows of a (relu'd into a buffer for a relu product)
-      if (relu_a) { uint16_t* r = scratch(abuf, size_t(crows) * K); relu_rows(Ac, crows, K, r); Ac = r; }
+      if (relu_a) { uint16_t* r = grown(abuf, size_t(crows) * K); relu_rows(Ac, crows, K, r); Ac = r; }
       for (int64_t j = jb0; j < jb1; ++j) {
         const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
         uint16_t* pk = packed + (j - jb0) * pairs * NB * 2;
@@ -354,8 +349,8 @@ void wgrad_bf16_brgemm(const at::Tensor& a, const at::Tensor& dy, const std::vec
         for (int64_t k = 0; k < K; ++k) std::fill(o + k * M, o + k * M + nb, bf16(0.f));
         continue;
       }
-      uint16_t* packed = scratch(pbuf, size_t(Rg / 2) * NB * 2);
-      float* acc = scratch(cbuf, size_t(MB) * NB);
+      uint16_t* packed = grown(pbuf, size_t(Rg / 2) * NB * 2);
+      float* acc = grown(cbuf, size_t(MB) * NB);
       pack_rows_any(D + off[it.g] * M + j0, M, rows, Rg / 2, nb, packed);
       const uint16_t* t = T + toff[it.g];
       for (int64_t k0 = 0; k0 < K; k0 += MB) {

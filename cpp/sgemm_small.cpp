@@ -2,6 +2,7 @@
 // sgemm_small_isa.inc: AVX-512F and AVX2+FMA, picked at run time by what the CPU has. Only functions
 // marked with an ISA's target attribute contain its instructions; this file includes no torch header.
 #include "sgemm_small.h"
+#include "scratch.h"
 #if defined(__x86_64__) || defined(__i386__)
 #define FLANMOE_X86 1
 #include <immintrin.h>
@@ -19,11 +20,8 @@
 namespace flanmoe {
 namespace {
 
-float* scratch(size_t n) {                                 // per-thread packing buffer, grown on demand
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+struct GemmScratch;                                        // per-thread packing buffer (scratch.h)
+float* scratch(size_t n) { return thread_scratch<float, GemmScratch>(n); }
 
 #if FLANMOE_X86
 #define ISA_NS avx512

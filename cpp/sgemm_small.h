@@ -7,14 +7,8 @@
 // with register tiles, in an AVX-512F and an AVX2+FMA copy picked at run time. `grouped_mm` uses them for
 // every fp32 row block while an ISA is active (small_gemm_active() != none) and BLAS for everything else.
 // The kernel file includes no torch header: ISA code never leaks into shared inline functions.
-//
-// Measured single-threaded on expert-shaped products ([rows, 512] x [512, 2048], [rows, 2048] x [2048, 512]
-// and their backward products, 16 experts' weights so they are not in cache) on an AMD Zen 5, against
-// MKL, which runs its AVX2 code there (62-116 GFLOP/s from 16 to 1024 rows): both copies win at every
-// row count from 16 to 1024 and every product, and their blocking does not change beyond. AVX-512: NN
-// 89-235, NT 96-222, TN 197-257; AVX2: NN 82-133, NT 90-124, TN 128-137 (before the padded copies and the
-// column-tile output block the AVX2 NN and TN lost to MKL: 49-109 and 72-90, and took no rows). On an
-// Intel AVX2-only CPU, where MKL runs its own tuned code, this comparison was not made.
+// Whether they beat BLAS depends on the machine: expert_ffn measures both per shape class (gemm.py), and
+// `flanmoe bench gmm` / the gemm notebook print the rates of every path side by side.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -38,7 +32,7 @@ std::string small_gemm_name(SmallGemmIsa isa);   // "avx512", "avx2" or "blas" (
 SmallGemmIsa expert_gemm_active();
 bool set_expert_gemm(const std::string& mode);
 // Whether the NN kernel prefetches the next block of its weight while it multiplies the current one
-// (start value FLANMOE_GEMM_PREFETCH=1; off by default until measured on each kind of machine).
+// (start value FLANMOE_GEMM_PREFETCH=1; off by default: `flanmoe bench moe --methods flanmoe,flanmoe_prefetch` compares).
 bool gemm_prefetch_active();
 void set_gemm_prefetch(bool on);
 std::vector<std::string> small_gemm_supported();
