@@ -379,10 +379,14 @@ def run_gmm_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), k=1, dtypes=(
 ATTN_SHAPES = ((16, 4, 64, 64, 16), (16, 4, 32, 64, 16), (8, 12, 128, 128, 64), (4, 8, 512, 512, 64))
 
 def _attn_composite(q, k, v, bias):
-    "The model's composite (`model._attend`: baddbmm with the bias, softmax, bmm) on `[B, L, H, D]` views."
-    from flanmoe_nb.model import _attend
-    B, Lq, H, _ = q.shape
-    return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.expand(B, H, Lq, k.shape[1])).transpose(1, 2)
+    "Attention as three ATen ops on `[B, L, H, D]` views: baddbmm (scores + bias), softmax, bmm."
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    q3 = q.transpose(1, 2).reshape(B * H, Lq, D)
+    kt = k.transpose(1, 2).reshape(B * H, Lk, D).transpose(1, 2)
+    s = torch.baddbmm(bias.expand(B, H, Lq, Lk).reshape(B * H, Lq, Lk), q3, kt)
+    out = torch.bmm(s.softmax(-1), v.transpose(1, 2).reshape(B * H, Lk, D))
+    return out.view(B, H, Lq, D).transpose(1, 2)
 
 def _attn_sdpa(q, k, v, bias):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,

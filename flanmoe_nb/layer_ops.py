@@ -16,7 +16,8 @@ from .gemm import _CPU_GEMM
 
 # %% auto #0
 __all__ = ['dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention_kernel_faster', 'attention',
-           'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference', 'cross_entropy']
+           'attention_op_faster', 'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference',
+           'cross_entropy']
 
 # %% ../nbs/01c_layer_ops.ipynb #7edc8ba4
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93)
@@ -140,10 +141,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         mult = _dropout(torch.ones(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype), dropout)
     return torch.ops.flanmoe.attention(q, k, v, bias, key_mask, mult)[0]
 
+# %% ../nbs/01c_layer_ops.ipynb #539bd0c2
+def attention_op_faster(q: torch.Tensor) -> bool:
+    "True where the model runs attention on the compiled op rather than SDPA: CPU float32 with gradients (training), on an ISA copy faster than the composite at this head size."
+    return (q.dtype == torch.float32 and torch.is_grad_enabled() and attention_kernel_pays(q)
+            and attention_kernel_faster(q.shape[-1]))
+
 # %% ../nbs/01c_layer_ops.ipynb #aa89016a
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "Pure-PyTorch twin of `rms_norm`."
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+    "Pure-PyTorch twin of `rms_norm`, T5's formula: statistics in fp32 (or wider), the result in the weight's dtype."
+    var = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(var + eps)).to(weight.dtype)
 
 # %% ../nbs/01c_layer_ops.ipynb #4f43030b
 def _register_norm_parts():
@@ -162,13 +170,13 @@ _register_norm_parts()
 
 # %% ../nbs/01c_layer_ops.ipynb #e0dfabff
 def norm_kernel_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    "True when `rms_norm` runs the compiled op (CPU float32/float64 without autocast, extension loaded)."
+    "True when `rms_norm` runs the compiled op (eager CPU float32/float64 without autocast, extension loaded; under `torch.compile` the formula, which the compiler fuses)."
     return (_op("rms_norm") is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu"))
+            and weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 # %% ../nbs/01c_layer_ops.ipynb #8fc00ddb
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "`x * rsqrt(mean(x^2, -1) + eps) * weight`: one compiled pass each way on CPU float32/float64, the composite elsewhere."
+    "T5 layer norm `x * rsqrt(mean(x^2, -1) + eps) * weight`: one compiled pass each way where `norm_kernel_pays`, `rms_norm_reference` elsewhere."
     if not norm_kernel_pays(x, weight): return rms_norm_reference(x, weight, eps)
     return torch.ops.flanmoe.rms_norm(x.contiguous(), weight.contiguous(), eps)[0]
 

@@ -151,36 +151,13 @@ MODEL_FIELDS = dict(
 )
 
 # %% ../nbs/04_model.ipynb #ea339d51
-class _RMSNormFn(torch.autograd.Function):
-    "fp32 T5 layer norm with a hand-written backward: the composite formula's values in fewer ops."
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
-        xh = x * r
-        ctx.save_for_backward(xh, r, weight)
-        return xh * weight
-
-    @staticmethod
-    def backward(ctx, g):
-        xh, r, w = ctx.saved_tensors
-        gw = g * w
-        dx = (gw - xh * (gw * xh).mean(-1, keepdim=True)).mul_(r) if ctx.needs_input_grad[0] else None
-        dw = (g * xh).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
-
 class RMSNorm(nn.Module):
-    "T5 layer norm: `x / sqrt(mean(x^2) + eps) * weight`, statistics in fp32."
+    "T5 layer norm: `x / sqrt(mean(x^2) + eps) * weight`, statistics in fp32 (`kernels.rms_norm`)."
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
-    def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
-            if kernels.norm_kernel_pays(x, self.weight):
-                return kernels.rms_norm(x, self.weight, self.eps)   # eager CPU fp32: one compiled pass each way
-            return _RMSNormFn.apply(x, self.weight, self.eps)       # eager fp32: same values, fewer ops
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+    def forward(self, x): return kernels.rms_norm(x, self.weight, self.eps)
 
 # %% ../nbs/04_model.ipynb #76fff53b
 def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -244,32 +221,10 @@ class AttnBias:
             self._full = k if self.pos is None else self.pos + k
         return self._full
 
-def _attend(q, k, v, bias=None, dropout: float = 0.0, training: bool = False):
-    "`softmax(q k^T + bias) v` per head (T5: no 1/sqrt(d_kv)); q/k/v `[B, H, L, d_kv]`, `bias` broadcasting to the scores."
-    if q.is_cuda or q.dtype != torch.float32 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        # fused SDPA (on CPU its flash kernel gives no bias gradient, and the math fallback costs more than the
-        # three ops below in fp32; in bf16/fp16 that fallback computes in fp32, which is kept)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                              dropout_p=dropout if training else 0.0, scale=1.0)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    q3, kt = q.reshape(B * H, Lq, D), k.reshape(B * H, Lk, D).transpose(1, 2)
-    if bias is not None and bias.dtype == q.dtype and bias.shape == (B, H, Lq, Lk):
-        s = torch.baddbmm(bias.reshape(B * H, Lq, Lk), q3, kt)          # scores + bias in one GEMM
-    else:
-        s = torch.bmm(q3, kt).view(B, H, Lq, Lk)
-        if bias is not None: s = s + bias.to(q.dtype)
-    p = s.softmax(-1)
-    if training and dropout: p = kernels.dropout(p, dropout, True)
-    return torch.bmm(p.view(B * H, Lq, Lk), v.reshape(B * H, Lk, D)).view(B, H, Lq, D)
-
-def _fused_attention_pays(q, dropout: float, training: bool) -> bool:
-    "Training-style CPU fp32 attention (gradients on; with or without attention dropout) runs the compiled `kernels.attention`, eager or under torch.compile."
-    # Without gradients SDPA's flash kernel is as fast or faster (2x at 512 tokens); with them it has no bias gradient
-    # and its math fallback is slower than this op (`flanmoe bench attn`: 1.4-2.4x at up to 128 tokens).
-    # (and only where the active copy beats the composite: not the SSE2 baseline, AVX2 up to d_kv 32)
-    return (q.dtype == torch.float32 and torch.is_grad_enabled() and kernels.attention_kernel_pays(q)
-            and kernels.attention_kernel_faster(q.shape[-1]))
+def _sdpa(q, k, v, mask=None, dropout: float = 0.0):
+    "`softmax(q k^T + mask) v` per head (T5: no 1/sqrt(d_kv)), q/k/v `[B, H, L, d_kv]`, dropout on the probabilities."
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                          dropout_p=dropout, scale=1.0)
 
 class Attention(nn.Module):
     "Multi-head attention, T5 layout (no biases, no 1/sqrt(d_kv)), optional KV cache."
@@ -286,7 +241,7 @@ class Attention(nn.Module):
         "x [B, Lq, d]; `source` [B, Lk, d] for cross attention (`kv`: its k, v as `[B, Lk, H, d_kv]`, computed by the caller); `bias` an `AttnBias` or an additive [B|1, H, Lq, Lk] tensor."
         B, L = x.shape[:2]
         if not isinstance(bias, AttnBias): bias = AttnBias(bias)
-        H, D = self.num_heads, self.d_kv
+        H, D, drop = self.num_heads, self.d_kv, self.dropout if self.training else 0.0
         if cache is None:   # heads as [B, L, H, D] views of the projections
             if source is None:   # self attention: one GEMM for q|k|v
                 qkv = kernels.dense_mm(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), trans_w=True)
@@ -295,10 +250,9 @@ class Attention(nn.Module):
                 q = kernels.dense_mm(x, self.q.weight, trans_w=True).view(B, L, H, D)
                 k, v = kv if kv is not None else (kernels.dense_mm(source, m.weight, trans_w=True).view(B, -1, H, D)
                                                   for m in (self.k, self.v))
-            if _fused_attention_pays(q, self.dropout, self.training):
-                y = kernels.attention(q, k, v, bias.pos, bias.key, self.dropout if self.training else 0.0)
-            else: y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.full(), self.dropout,
-                              self.training).transpose(1, 2)
+            if kernels.attention_op_faster(q):   # CPU fp32 training: one compiled op per direction
+                y = kernels.attention(q, k, v, bias.pos, bias.key, drop)
+            else: y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.full(), drop).transpose(1, 2)
         else:                # generation with a KV cache: heads as [B, H, L, D]
             q = self._heads(kernels.dense_mm(x, self.q.weight, trans_w=True))
             if source is not None and "k" in cache: k, v = cache["k"], cache["v"]    # cross attention, cached
@@ -307,7 +261,7 @@ class Attention(nn.Module):
                 k, v = (self._heads(kernels.dense_mm(src, m.weight, trans_w=True)) for m in (self.k, self.v))
                 if source is None and "k" in cache: k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
-            y = _attend(q, k, v, bias.full(), self.dropout, self.training).transpose(1, 2)
+            y = _sdpa(q, k, v, bias.full(), drop).transpose(1, 2)
         return kernels.dense_mm(y.reshape(B, L, H * D), self.o.weight, trans_w=True)
 
 

@@ -106,13 +106,7 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w_in, std=self.d_model ** -0.5); nn.init.normal_(self.w_out, std=self.d_ff ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = kernels.dense_mm(x, self.w_in)
-        if self.activation == "relu" and not (self.dropout and self.training) and kernels.dense_relu_kernel_pays(h, self.w_out):
-            return kernels.dense_relu_mm(h, self.w_out)      # relu fused into the product
-        # relu in place: the GEMM's backward keeps x and w_in, not h
-        h = h.relu_() if self.activation == "relu" else kernels.activate(h, self.activation)
-        if self.dropout and self.training: h = kernels.dropout(h, self.dropout, True)
-        return kernels.dense_mm(h, self.w_out)
+        return kernels.dense_ffn(x, self.w_in, self.w_out, self.activation, self.dropout, self.training)
 
 class Experts(nn.Module):
     "`num_local_experts` FFNs stored as stacked `w_in [E, d, f or 2f]`, `w_out [E, f, d]`, run by `kernels.expert_ffn`."

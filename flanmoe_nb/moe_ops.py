@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from .extension import _op, _same_device
-from .gemm import grouped_mm, grouped_mm_reference, choose_expert_gemm
+from .gemm import (grouped_mm, grouped_mm_reference, choose_expert_gemm, dense_mm, dense_relu_mm,
+                             dense_relu_kernel_pays)
 from .layer_ops import dropout
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'RoutePlan', 'route_plan_reference', 'route_plan', 'permute_reference', 'unpermute_reference',
-           'permute', 'unpermute', 'activate', 'expert_ffn_reference', 'expert_ffn', 'moe_ffn_reference', 'moe_ffn']
+           'permute', 'unpermute', 'activate', 'expert_ffn_reference', 'expert_ffn', 'dense_ffn', 'moe_ffn_reference',
+           'moe_ffn']
 
 # %% ../nbs/01d_moe_ops.ipynb #9111066a
 class RoutePlan(NamedTuple):
@@ -214,6 +216,19 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
     h = h.relu_() if activation == "relu" else activate(h, activation)
     if drop: h = dropout(h, dropout_p, True)
     return unpermute(grouped_mm(h, w_out, group_sizes), token_idx, weights, x.shape[0])
+
+# %% ../nbs/01d_moe_ops.ipynb #9f5f571d
+def dense_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activation: str = "relu", dropout_p: float = 0.0,
+              training: bool = False) -> torch.Tensor:
+    "Dense FFN `act(x @ w_in) (-> dropout) @ w_out` for `x [..., d]`, `w_in [d, f or 2f]`, `w_out [f, d]`."
+    h = dense_mm(x, w_in)
+    drop = bool(dropout_p and training)
+    if activation == "relu" and not drop and dense_relu_kernel_pays(h, w_out):
+        return dense_relu_mm(h, w_out)                # relu fused into the product
+    # relu in place: the GEMM's backward keeps x and w_in, not h
+    h = h.relu_() if activation == "relu" else activate(h, activation)
+    if drop: h = dropout(h, dropout_p, True)
+    return dense_mm(h, w_out)
 
 # %% ../nbs/01d_moe_ops.ipynb #5ecaaf42
 def _topk_route(router_logits, top_k, normalize):

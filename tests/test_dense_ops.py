@@ -160,7 +160,10 @@ def test_model_with_attention_dropout_equals_the_composite(monkeypatch):
         out = model(input_ids=x, labels=y); out.loss.backward()
         return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     fused = run()
-    monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
+    def twin(q, k, v, bias=None, key_mask=None, dropout=0.0):   # the composite, the mask drawn where the op draws it
+        mult = K.dropout(torch.ones(q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dropout) if dropout else None
+        return K.attention_reference(q, k, v, bias, key_mask, mult)
+    monkeypatch.setattr(K, "attention", twin)
     plain = run()
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
     for a, b in zip(fused[1], plain[1]): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -400,10 +403,10 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    monkeypatch.setattr(K, "attention_kernel_faster", lambda d: True)   # the op on any ISA (the choice: below)
-    assert M._fused_attention_pays(torch.ones(1, 1, 1, 1), 0.0, True)
+    monkeypatch.setattr(L, "attention_kernel_faster", lambda d: True)   # the op on any ISA (the choice: below)
+    assert K.attention_op_faster(torch.ones(1, 1, 1, 1))
     fused = loss_and_grads()
-    monkeypatch.setattr(M, "_fused_attention_pays", lambda *a: False)
+    monkeypatch.setattr(K, "attention_op_faster", lambda q: False)
     real_op = L._op
     monkeypatch.setattr(L, "_op", lambda name: None if name in ("rms_norm", "cross_entropy") else real_op(name))
     plain = loss_and_grads()
@@ -414,10 +417,10 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
 
 def test_model_takes_the_attention_op_only_where_its_isa_copy_is_faster():
     "AVX-512: every head size; AVX2: up to 32 (it ties at 64); the SSE2 baseline (mode 'blas'): never."
-    import flanmoe_nb.model as M
     q16, q64 = torch.ones(1, 1, 1, 16), torch.ones(1, 1, 1, 64)
     want = {"avx512": (True, True), "avx2": (True, False), "blas": (False, False)}
     for mode in [m for m in want if m == "blas" or m in K.cpu_gemm_info()["supported"]]:
         with K.use_cpu_gemm(mode):
-            assert (M._fused_attention_pays(q16, 0.0, True), M._fused_attention_pays(q64, 0.0, True)) == want[mode], mode
-            assert not M._fused_attention_pays(q16.double(), 0.0, True)     # float64: the composite
+            assert (K.attention_op_faster(q16), K.attention_op_faster(q64)) == want[mode], mode
+            assert not K.attention_op_faster(q16.double())     # float64: SDPA
+            with torch.no_grad(): assert not K.attention_op_faster(q16)   # no gradients: SDPA
