@@ -345,18 +345,19 @@ def _check_level(level):
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1) (got level={level!r})")
 
-def _finite_1d(values, name) -> np.ndarray:
+def _finite_array(values, name: str, ndim: int, what: str) -> np.ndarray:
+    "`values` as a non-empty finite float array of `ndim` axes (one leading axis added to an input with one fewer)."
     try: x = np.asarray(values, dtype=float)
-    except (TypeError, ValueError): raise ValueError(f"{name} must be numbers (got {name}={values!r:.80})") from None
-    if x.ndim == 0: x = x[None]
-    if x.ndim != 1 or x.size == 0: raise ValueError(f"{name} must be a non-empty 1-D list of numbers (got shape {x.shape})")
+    except (TypeError, ValueError): raise ValueError(f"{name} must be {what} (got {name}={values!r:.80})") from None
+    if x.ndim == ndim - 1: x = x[None]
+    if x.ndim != ndim or x.size == 0: raise ValueError(f"{name} must be {what}, not empty (got shape {x.shape})")
     if not np.isfinite(x).all(): raise ValueError(f"{name} must be finite (got {name}={x.tolist()!r:.80})")
     return x
 
 def mean_ci(values, level: float = 0.95) -> dict:
     "Mean over seeds with a Student-t interval -> `dict(mean, low, high, half_width, sd, se, n, level, note)`; n=1 gives (-inf, inf)."
     _check_level(level)
-    x = _finite_1d(values, "values")
+    x = _finite_array(values, "values", 1, "a 1-D list of numbers")
     n, mean = x.size, float(x.mean())
     if n == 1:
         return dict(mean=mean, low=-math.inf, high=math.inf, half_width=math.inf, sd=float("nan"), se=float("nan"),
@@ -375,13 +376,7 @@ def format_ci(ci: dict, digits: int = 3) -> str:
 # %% ../nbs/08a_analysis.ipynb #fca97f93
 RESAMPLE = ("items", "items_and_seeds")
 
-def _scores(x, name) -> np.ndarray:
-    try: a = np.asarray(x, dtype=float)
-    except (TypeError, ValueError): raise ValueError(f"{name} must be per-item scores (got {name}={x!r:.80})") from None
-    if a.ndim == 1: a = a[None]
-    if a.ndim != 2 or a.size == 0: raise ValueError(f"{name} must be [items] or [seeds, items] scores (got shape {a.shape})")
-    if not np.isfinite(a).all(): raise ValueError(f"{name} must be finite scores (got non-finite values in {name})")
-    return a
+def _scores(x, name) -> np.ndarray: return _finite_array(x, name, 2, "[items] or [seeds, items] per-item scores")
 
 def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.95, resample: str = "items") -> dict:
     "Paired bootstrap over shared test items of `b - a` (`[items]` or `[seeds, items]`) -> `dict(diff, low, high, p_value, se, n_items, ...)`."
