@@ -4,6 +4,7 @@ Modules:
 
 - `flanmoe_nb.analysis`: Expert specialisation (routing tables per task cluster, mutual information between cluster and expert with a shuffled-cluster control, heatmaps, its course over training stages) and the statistics of the results notebook (mean and t interval over seeds, paired bootstrap and exact sign tests, verdicts, baseline margins).
 - `flanmoe_nb.bench`: `flanmoe bench moe`: this project's MoE FFN against a dense FFN of equal active FLOPs (the limit), the HF Switch Transformers MLP, a GShard one-hot einsum dispatch and `torch._grouped_mm`, side by side.
+- `flanmoe_nb.checkpoint`: Atomic, resumable training checkpoints: weights as safetensors, trainer state as JSON, one weights-only rank file per process; a crash never leaves a half-written one, and reading never runs code.
 - `flanmoe_nb.data`: An offline FLAN-style instruction mixture: procedural tasks in clusters, natural-language templates (zero-/few-shot, with/without options), capped examples-proportional mixing with held-out clusters, a span-corruption pretraining corpus, a locally trained T5-style tokenizer, collation and packing.
 - `flanmoe_nb.eval`: Answer normalisation, exact match and task scorers, rank classification over answer options, greedy-generation evaluation, few-shot prompts, and per-task / per-cluster / held-out aggregates.
 - `flanmoe_nb.extension`: Loading the compiled extension `flanmoe_nb._C`, its host memory cache, and the choice of a kernel path by measurement, per machine.

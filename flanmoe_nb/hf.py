@@ -356,7 +356,7 @@ def load_pretrained(path, device="cpu") -> EncoderDecoder:
     if meta.get("format_version") != 1:
         raise ValueError(f"{p}/config.json: format_version must be 1 (got format_version={meta.get('format_version')!r})")
     from safetensors.torch import load_file
-    from flanmoe_nb.train import model_config_from_dict
+    from flanmoe_nb.checkpoint import model_config_from_dict
     model = EncoderDecoder(model_config_from_dict(meta["model_config"]))
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     return model.to(device).eval()
@@ -364,7 +364,7 @@ def load_pretrained(path, device="cpu") -> EncoderDecoder:
 # %% ../nbs/05_hf.ipynb #55a8b3ec
 def export_run(run_dir, out=None, format: str = "auto") -> dict:
     "Export the newest checkpoint of a finished run folder (`<grid>/<run_id>/` with `DONE`, `checkpoints/`, `tokenizer/`) to `out` (default `run_dir/export`), the card filled from the run."
-    from flanmoe_nb.train import load_model
+    from flanmoe_nb.checkpoint import load_model
     run_dir = Path(run_dir)
     if not (run_dir / "DONE").exists(): raise FileNotFoundError(f"run_dir {str(run_dir)!r} is not a finished run (no DONE file)")
     model = load_model(run_dir / "checkpoints").float().eval()

@@ -8,8 +8,8 @@ Docs: https://flanmoe.github.io/flanmoe_nb/train.html.md"""
 
 # %% ../nbs/07_train.ipynb #fc8dcc82
 from __future__ import annotations
-import json, math, os, pickle, random, shutil, sys, time, uuid, warnings
-from dataclasses import dataclass, field, asdict, is_dataclass, replace
+import json, math, os, random, sys, time, warnings
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,17 +21,16 @@ from tqdm import tqdm
 
 from . import parallel, kernels
 from .checks import ConfigError, Int, Float, Bool, Choice, Str, Any_, check_config
-from .moe import MoELayer
+from .checkpoint import (CheckpointError, _barrier, _fsync_write, apply_checkpoint, complete_checkpoints,
+                                   latest_checkpoint, load_model, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'CHECKPOINT_FORMAT',
-           'TrainConfig', 'Adafactor', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups',
-           'adamw_fusable', 'build_optimizer', 'lr_lambda', 'Batches', 'example_length', 'as_stream', 'CheckpointError',
-           'rng_state', 'set_rng_state', 'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints',
-           'latest_checkpoint', 'read_checkpoint', 'apply_checkpoint', 'load_checkpoint', 'load_model', 'TrainResult',
-           'TrainingDiverged', 'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step',
-           'train', 'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer',
-           'export_hf', 'run_stage', 'bench_train']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'TrainConfig',
+           'Adafactor', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups', 'adamw_fusable',
+           'build_optimizer', 'lr_lambda', 'Batches', 'example_length', 'as_stream', 'TrainResult', 'TrainingDiverged',
+           'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step', 'train',
+           'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf',
+           'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -283,226 +282,6 @@ def as_stream(data, cfg: TrainConfig | None = None, collate: Callable | None = N
     if collate is not None:
         return Batches(data, cfg.batch_size, collate, cfg.seed, rank=rank, world_size=world_size, bucket_factor=cfg.bucket_factor)
     return _Cycle(data)
-
-# %% ../nbs/07_train.ipynb #98474bf9
-CHECKPOINT_FORMAT = 2                  # 1: model.pt + pickled trainer.pt; 2: model.safetensors + trainer.json
-
-class CheckpointError(RuntimeError):
-    "A checkpoint file that cannot be read safely: missing, truncated, garbage, or a pickle that is not weights-only."
-
-def _fsync_write(path: Path, data: bytes):
-    with open(path, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
-
-def _fsync_save(obj, path: Path):
-    with open(path, "wb") as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def rng_state() -> dict:
-    "RNG states of torch (CPU and CUDA), python and numpy, as tensors and plain values (`weights_only`-loadable)."
-    n = np.random.get_state(legacy=False)
-    n = dict(n, state=dict(key=torch.from_numpy(n["state"]["key"].astype(np.int64)), pos=int(n["state"]["pos"])))
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=n)
-    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-def set_rng_state(s: dict):
-    "Restore `rng_state()` (also the numpy tuple of format-1 checkpoints)."
-    torch.set_rng_state(s["torch"]); random.setstate(s["python"])
-    n = s["numpy"]
-    if isinstance(n, dict):
-        n = dict(n, state=dict(key=n["state"]["key"].numpy().astype(np.uint32), pos=n["state"]["pos"]))
-    np.random.set_state(n)
-    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-
-def _barrier(env):
-    if env is not None and env.distributed: dist.barrier()
-
-def _cfg_to_dict(cfg) -> dict | None:
-    return asdict(cfg) if is_dataclass(cfg) and not isinstance(cfg, type) else None
-
-def model_config_from_dict(d: dict):
-    "A `ModelConfig` (with its `MoEConfig`s) from `dataclasses.asdict` of one, as stored in `trainer.json`."
-    from flanmoe_nb.model import ModelConfig
-    from flanmoe_nb.moe import MoEConfig
-    d = dict(d)
-    for k in ("moe", "decoder_moe"):
-        if d.get(k) is not None: d[k] = MoEConfig(**d[k])
-    return ModelConfig(**d)
-
-def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, scheduler=None, data_state=None,
-                    trainer_state: dict | None = None, env: parallel.DistEnv | None = None, keep: int = 0) -> Path:
-    "Write `ckpt_dir/step_{step}` atomically (temp dir + fsync + rename) and point `latest` at it; `keep`: newest kept, 0 all."
-    from safetensors.torch import save as st_save
-    env = env or parallel.DistEnv()
-    ckpt_dir = Path(ckpt_dir); final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f".tmp_step_{step:08d}"
-    model_sd = parallel.full_state_dict(model, env)            # collective under EP
-    if env.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(env)
-    _fsync_save(dict(optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng_state(),
-                     data=data_state), tmp / f"rank{env.rank}.pt")
-    if env.is_main:
-        _fsync_write(tmp / "model.safetensors", st_save({k: v.contiguous() for k, v in model_sd.items()},
-                                                        metadata={"format": str(CHECKPOINT_FORMAT)}))
-        meta = dict(format=CHECKPOINT_FORMAT, step=step, world_size=env.world_size, ep_size=env.ep_size,
-                    scheduler=None if scheduler is None else scheduler.state_dict(),
-                    model_cfg=_cfg_to_dict(getattr(model, "cfg", None)), **(trainer_state or {}))
-        _fsync_write(tmp / "trainer.json", json.dumps(meta, default=str).encode())
-        if (p := os.environ.get("FLANMOE_CKPT_SLEEP")):        # test hook: a window to kill mid-write
-            print(f"CKPT_WRITING {step}", flush=True); time.sleep(float(p))
-    _barrier(env)
-    if env.is_main:
-        (tmp / "COMPLETE").write_text(str(step)); _fsync_dir(tmp)
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final); _fsync_dir(ckpt_dir)
-        ptr = ckpt_dir / f".latest.{uuid.uuid4().hex}"
-        with open(ptr, "w") as f: f.write(final.name); f.flush(); os.fsync(f.fileno())
-        os.replace(ptr, ckpt_dir / "latest"); _fsync_dir(ckpt_dir)
-        if keep:
-            for old in sorted(ckpt_dir.glob("step_*"))[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    _barrier(env)
-    return final
-
-def complete_checkpoints(ckpt_dir) -> list[Path]:
-    "The complete checkpoints (`COMPLETE` marker present) under `ckpt_dir`, newest first."
-    return sorted((p for p in Path(ckpt_dir).glob("step_*") if (p / "COMPLETE").exists()), reverse=True)
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "The newest complete checkpoint under `ckpt_dir` (the `latest` pointer, else a scan), or None."
-    ckpt_dir = Path(ckpt_dir)
-    ptr = ckpt_dir / "latest"
-    if ptr.exists():
-        p = ckpt_dir / ptr.read_text().strip()
-        if (p / "COMPLETE").exists(): return p
-    done = complete_checkpoints(ckpt_dir)
-    return done[0] if done else None
-
-def _safe_globals(legacy: bool = False, deepspeed: bool = False) -> list:
-    "What `torch.load(weights_only=True)` may rebuild besides tensors and containers (format 1: configs, numpy RNG; DeepSpeed's bookkeeping)."
-    g = []
-    if legacy:
-        from flanmoe_nb.model import ModelConfig
-        from flanmoe_nb.moe import MoEConfig
-        g += [ModelConfig, MoEConfig, np.ndarray, np.dtype, np.dtypes.UInt32DType,
-              (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-              (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
-    if deepspeed:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-        g += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    return g
-
-def _torch_load(path: Path, legacy: bool = False, deepspeed: bool = False):
-    "`torch.load(path, weights_only=True)`; any failure (missing, damaged, unsafe) is a `CheckpointError` naming the file."
-    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
-    try:
-        with torch.serialization.safe_globals(_safe_globals(legacy, deepspeed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = " ".join(l for l in str(e).splitlines() if "Unsupported" in l or "GLOBAL" in l)[:300] or str(e)[:300]
-        raise CheckpointError(f"refused to load {str(path)!r}: not a weights-only checkpoint file, it would run "
-                              f"code or build objects outside the allow-list ({why})") from None
-    except Exception as e:
-        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e)[:300]}") from None
-
-def _read_json(path: Path) -> dict:
-    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
-    try: d = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("step"), int):
-        raise CheckpointError(f"cannot read {str(path)!r}: not a trainer state (no integer 'step')")
-    return d
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load as st_load
-    if not path.exists(): raise CheckpointError(f"missing checkpoint file {str(path)!r}")
-    try: return st_load(path.read_bytes())
-    except Exception as e:
-        raise CheckpointError(f"cannot read {str(path)!r}: {type(e).__name__}: {str(e)[:300]}") from None
-
-def read_checkpoint(path, env: parallel.DistEnv | None = None, ranks=(), weights: bool = True,
-                    deepspeed: bool = False) -> dict:
-    "Read (not apply) checkpoint `path`: `trainer` state, `model` tensors, `ranks` -> per-rank states; damage -> `CheckpointError`."
-    path = Path(path)
-    if not (path / "COMPLETE").exists(): raise FileNotFoundError(f"not a complete checkpoint (got path={str(path)!r})")
-    legacy = not (path / "trainer.json").exists() and (path / "trainer.pt").exists()
-    if legacy:
-        state = _torch_load(path / "trainer.pt", legacy=True)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise CheckpointError(f"cannot read {str(path / 'trainer.pt')!r}: not a trainer state (no integer 'step')")
-        model_sd = _torch_load(path / "model.pt") if weights else None
-    else:
-        state = _read_json(path / "trainer.json")
-        if state.get("model_cfg") is not None:
-            try: state["model_cfg"] = model_config_from_dict(state["model_cfg"])
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"cannot read {str(path / 'trainer.json')!r}: bad model_cfg: {e}") from None
-        model_sd = _read_safetensors(path / "model.safetensors") if weights else None
-    if model_sd is not None and not (isinstance(model_sd, dict) and all(isinstance(v, torch.Tensor) for v in model_sd.values())):
-        raise CheckpointError(f"cannot read the model weights of {str(path)!r}: not a dict of tensors")
-    ranks = list(ranks)
-    if ranks:
-        env = env or parallel.DistEnv()
-        if state.get("world_size") != env.world_size or state.get("ep_size") != env.ep_size:
-            raise ValueError(f"optimizer/RNG state needs the same layout (checkpoint world_size={state.get('world_size')}, "
-                             f"ep_size={state.get('ep_size')}; got world_size={env.world_size}, ep_size={env.ep_size})")
-    rank_states = {}
-    for r in ranks:
-        f = path / f"rank{r}.pt"
-        rs = _torch_load(f, legacy=legacy, deepspeed=deepspeed)
-        if not isinstance(rs, dict) or not {"optimizer", "rng", "data"} <= set(rs):
-            raise CheckpointError(f"cannot read {str(f)!r}: not a rank state (keys optimizer, rng, data)")
-        rank_states[r] = rs
-    return dict(path=path, format=1 if legacy else state.get("format", CHECKPOINT_FORMAT), trainer=state,
-                model=model_sd, ranks=rank_states)
-
-def apply_checkpoint(ck: dict, model: nn.Module, optimizer=None, scheduler=None, env: parallel.DistEnv | None = None,
-                     restore_rng: bool = True) -> dict:
-    "Load what `read_checkpoint` read into `model` (any world size) and optimizer/scheduler/RNG (this rank) -> trainer state."
-    env = env or parallel.DistEnv()
-    state = dict(ck["trainer"])
-    if ck["model"] is not None: parallel.load_full_state_dict(model, ck["model"])
-    if optimizer is not None or restore_rng:
-        rs = ck["ranks"][env.rank]
-        if optimizer is not None: optimizer.load_state_dict(rs["optimizer"])
-        if restore_rng: set_rng_state(rs["rng"])
-        state["data"] = rs["data"]
-    if scheduler is not None and state.get("scheduler") is not None: scheduler.load_state_dict(state["scheduler"])
-    return state
-
-def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, env: parallel.DistEnv | None = None,
-                    restore_rng: bool = True) -> dict:
-    "Load a checkpoint into `model` (any world size) and, at the same world size, optimizer/scheduler/RNG."
-    env = env or parallel.DistEnv()
-    ranks = (env.rank,) if optimizer is not None or restore_rng else ()
-    return apply_checkpoint(read_checkpoint(path, env, ranks), model, optimizer, scheduler, env, restore_rng)
-
-def load_model(path, device="cpu") -> nn.Module:
-    "An `EncoderDecoder` from a checkpoint directory (a `step_*` dir or a run's `checkpoints/`); never runs pickled code."
-    from flanmoe_nb.model import EncoderDecoder
-    path = Path(path)
-    if not (path / "COMPLETE").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint at {str(path)!r} (looked for {path}/COMPLETE and "
-                                    f"{path}/step_*/COMPLETE)")
-        path = found
-    ck = read_checkpoint(path)
-    cfg = ck["trainer"].get("model_cfg")
-    if cfg is None: raise CheckpointError(f"checkpoint {str(path)!r} holds no model config (model_cfg)")
-    model = EncoderDecoder(cfg)
-    parallel.load_full_state_dict(model, ck["model"])
-    return model.to(device)
 
 # %% ../nbs/07_train.ipynb #2de8bae2
 def _tensorboard(path: Path, purge_step: int | None = None):

@@ -299,7 +299,7 @@ def test_export_run_reads_checkpoint_tokenizer_and_card_facts(tmp_path, tok):
     "A run folder as the grid leaves it (DONE, params.yaml, eval.json, checkpoints/, tokenizer/) exports with identical logits."
     import shutil
     from flanmoe_nb.hf import export_run, load_pretrained
-    from flanmoe_nb.train import save_checkpoint
+    from flanmoe_nb.checkpoint import save_checkpoint
     src = Path(__file__).resolve().parents[1] / "papermill_runs/tiny/s0_moe"
     run = tmp_path / "tiny" / "s0_moe"; run.mkdir(parents=True)
     for f in ("DONE", "params.yaml", "eval.json", "train.json"): shutil.copy(src / f, run / f)

@@ -7,7 +7,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W
 from flanmoe_nb import parallel
 from flanmoe_nb.model import EncoderDecoder
-from flanmoe_nb.train import TrainConfig, train, load_model
+from flanmoe_nb.train import TrainConfig, train
+from flanmoe_nb.checkpoint import load_model
 
 ROOT = Path(__file__).parents[1]
 

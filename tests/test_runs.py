@@ -188,7 +188,7 @@ def test_export_grid_exports_finished_runs_only(tmp_path):
     from flanmoe_nb.hf import load_pretrained
     from flanmoe_nb.model import EncoderDecoder
     from flanmoe_nb.runs import export_grid, ConfigError
-    from flanmoe_nb.train import save_checkpoint
+    from flanmoe_nb.checkpoint import save_checkpoint
     src = Path(__file__).resolve().parents[1] / "papermill_runs/tiny/s0_moe"
     grid = tmp_path / "tiny"
     torch.manual_seed(0); m = EncoderDecoder(W.tiny()).eval()

@@ -6,8 +6,9 @@ import pytest, torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W
 from flanmoe_nb.model import EncoderDecoder
-from flanmoe_nb.train import (TrainConfig, train, lr_lambda, build_optimizer, apply_freezing, is_frozen,
-                              latest_checkpoint, load_checkpoint, save_checkpoint, Batches, utilisation_entropy)
+from flanmoe_nb.train import (TrainConfig, train, lr_lambda, build_optimizer, apply_freezing, is_frozen, Batches,
+                              utilisation_entropy)
+from flanmoe_nb.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).parents[1]
 torch.set_num_threads(1)

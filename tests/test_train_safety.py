@@ -10,8 +10,8 @@ import _dist_worker as W
 import flanmoe_nb.train as T
 from flanmoe_nb.checks import ConfigError
 from flanmoe_nb.model import EncoderDecoder
-from flanmoe_nb.train import (TrainConfig, TRAIN_SCHEMA, TrainingDiverged, CheckpointError, train, run_stage, load_model,
-                              latest_checkpoint, complete_checkpoints)
+from flanmoe_nb.train import TrainConfig, TRAIN_SCHEMA, TrainingDiverged, train, run_stage
+from flanmoe_nb.checkpoint import CheckpointError, load_model, latest_checkpoint, complete_checkpoints, model_config_from_dict
 
 torch.set_num_threads(1)
 
@@ -249,7 +249,7 @@ def _to_legacy(ck: Path):
     from safetensors.torch import load_file
     torch.save(load_file(ck / "model.safetensors"), ck / "model.pt")
     meta = json.loads((ck / "trainer.json").read_text()); meta.pop("format")
-    meta["model_cfg"] = T.model_config_from_dict(meta["model_cfg"])
+    meta["model_cfg"] = model_config_from_dict(meta["model_cfg"])
     torch.save(meta, ck / "trainer.pt")
     rs = torch.load(ck / "rank0.pt", weights_only=True)
     n = rs["rng"]["numpy"]
