@@ -3,6 +3,7 @@
 Modules:
 
 - `flanmoe_nb.analysis`: Expert specialisation (routing tables per task cluster, mutual information between cluster and expert with a shuffled-cluster control, heatmaps, its course over training stages) and the statistics of the results notebook (mean and t interval over seeds, paired bootstrap and exact sign tests, verdicts, baseline margins).
+- `flanmoe_nb.batches`: Resumable streams of micro-batches: a seeded per-epoch order sharded over data-parallel ranks, optional length bucketing, and the position a checkpoint stores.
 - `flanmoe_nb.bench`: `flanmoe bench moe`: this project's MoE FFN against a dense FFN of equal active FLOPs (the limit), the HF Switch Transformers MLP, a GShard one-hot einsum dispatch and `torch._grouped_mm`, side by side.
 - `flanmoe_nb.checkpoint`: Atomic, resumable training checkpoints: weights as safetensors, trainer state as JSON, one weights-only rank file per process; a crash never leaves a half-written one, and reading never runs code.
 - `flanmoe_nb.data`: An offline FLAN-style instruction mixture: procedural tasks in clusters, natural-language templates (zero-/few-shot, with/without options), capped examples-proportional mixing with held-out clusters, a span-corruption pretraining corpus, a locally trained T5-style tokenizer, collation and packing.
@@ -15,6 +16,7 @@ Modules:
 - `flanmoe_nb.model`: T5-style encoder-decoder, dense or with MoE in every `sparse_step`-th FFN: config, modules in data-flow order, loss with router losses, greedy generation with a KV cache, FLOPs/parameter counter and sparse upcycling.
 - `flanmoe_nb.moe`: `MoEConfig`, the sparse `MoELayer` (router + expert bank on the grouped-GEMM kernels), the dense FFN it replaces, sparse upcycling, and a per-token reference implementation.
 - `flanmoe_nb.moe_ops`: The sparse layer's own ops: the routing plan, permute and unpermute, the expert FFN and the whole softmax top-k MoE FFN, each with its pure-PyTorch twin.
+- `flanmoe_nb.optim`: Freezing knobs, parameter groups with the experts on their own, Adafactor per expert (T5 / FLAN) or fused AdamW, and the learning-rate schedules.
 - `flanmoe_nb.parallel`: One process per device (torchrun or the deepspeed launcher), expert-parallel MoE layers whose tokens travel by all-to-all with variable splits, gradient sync, and world-size-free state dicts.
 - `flanmoe_nb.plan`: Before a job is queued: does a preset fit N GPUs on M nodes, what will its memory, FLOPs and all-to-all cost per device, and about how long will a step take? `flanmoe plan` answers from the project's own model definition, and every figure is checked against a measurement or a published formula.
 - `flanmoe_nb.routing`: Routers for sparse MoE layers: token-choice top-k (Switch, GShard, ST-MoE) and expert choice, expert capacity, and the load-balancing and z auxiliary losses.

@@ -21,21 +21,20 @@ from tqdm import tqdm
 
 from . import parallel, kernels
 from .checks import ConfigError, Int, Float, Bool, Choice, Str, Any_, check_config
+from .optim import FREEZE, adamw_fusable, apply_freezing, build_optimizer, lr_lambda, set_expert_dropout
+from .batches import as_stream
 from .checkpoint import (CheckpointError, _barrier, _fsync_write, apply_checkpoint, complete_checkpoints,
                                    latest_checkpoint, load_model, read_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'FREEZE', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'TrainConfig',
-           'Adafactor', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups', 'adamw_fusable',
-           'build_optimizer', 'lr_lambda', 'Batches', 'example_length', 'as_stream', 'TrainResult', 'TrainingDiverged',
-           'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step', 'train',
-           'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer', 'export_hf',
-           'run_stage', 'bench_train']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'TrainConfig', 'TrainResult',
+           'TrainingDiverged', 'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step',
+           'train', 'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer',
+           'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
-FREEZE = ("none", "router", "experts", "moe", "non_moe")
 NAN_POLICIES = ("skip", "stop")
 ENGINES = ("torch", "deepspeed")
 RESUME_MODES = (False, True, "auto")
@@ -102,186 +101,6 @@ class TrainConfig:
                               f"(got deepspeed_config={self.deepspeed_config!r})")
         if self.compile and self.engine != "torch":
             raise ConfigError(f"TrainConfig.compile=True needs engine='torch' (got engine={self.engine!r})")
-
-# %% ../nbs/07_train.ipynb #1f716ff7
-class Adafactor(torch.optim.Optimizer):
-    "torch's Adafactor (factored second moments, relative step, update clipping), per expert in `moe=True` groups."
-    def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps: tuple = (None, 1e-3),
-                 d: float = 1.0, weight_decay: float = 0.0):
-        if not 0.0 <= lr: raise ValueError(f"lr must be >= 0 (got lr={lr})")
-        if not beta2_decay <= 0.0: raise ValueError(f"beta2_decay must be <= 0 (got beta2_decay={beta2_decay})")
-        if not d >= 0.0: raise ValueError(f"d (clipping threshold) must be >= 0 (got d={d})")
-        if not weight_decay >= 0.0: raise ValueError(f"weight_decay must be >= 0 (got weight_decay={weight_decay})")
-        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, moe=False))
-
-    @staticmethod
-    def _rms(t: torch.Tensor, per_expert: bool) -> torch.Tensor:
-        "RMS over all of `t`, or per slice of dim 0 (shaped to broadcast against `t`)."
-        if not per_expert or t.dim() < 2: return t.float().square().mean().sqrt()
-        return t.float().square().mean(dim=tuple(range(1, t.dim())), keepdim=True).sqrt()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        for group in self.param_groups:
-            eps1, eps2 = group["eps"]
-            for p in group["params"]:
-                if p.grad is None: continue
-                if p.grad.is_sparse: raise RuntimeError("Adafactor does not support sparse gradients")
-                grad, st = p.grad, self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    if grad.dim() > 1:
-                        st["row_var"] = grad.new_zeros(grad.shape[:-1]).unsqueeze(-1)
-                        st["col_var"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:]).unsqueeze(-2)
-                    else:
-                        st["variance"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                st["step"] += 1
-                step = float(st["step"])                      # a CPU scalar: no device synchronisation
-                e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
-                lr, per_expert = group["lr"], bool(group.get("moe")) and p.dim() > 2
-                one_minus_beta2 = step ** group["beta2_decay"]
-                rho = min(lr, step ** -0.5)
-                alpha = self._rms(p, per_expert).clamp_min(eps2) * rho
-                if group["weight_decay"]: p.mul_(1 - lr * group["weight_decay"])
-                if grad.dim() > 1:
-                    st["row_var"].lerp_(torch.norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1)), one_minus_beta2)
-                    st["col_var"].lerp_(torch.norm(grad, dim=-2, keepdim=True).square_().div_(grad.size(-2)), one_minus_beta2)
-                    var = st["row_var"] @ st["col_var"]
-                    var.div_(st["row_var"].mean(dim=-2, keepdim=True).clamp_(min=e1))
-                else:
-                    st["variance"].lerp_(grad * grad, one_minus_beta2)
-                    var = st["variance"].clone()
-                update = var.clamp_(min=e1 * e1).rsqrt_().mul_(grad)
-                denom = (self._rms(update, per_expert) / group["d"]).clamp_min(1.0)
-                p.sub_(update * (alpha / denom).to(update.dtype))
-        return loss
-
-# %% ../nbs/07_train.ipynb #04a29840
-def is_frozen(name: str, freeze: str) -> bool:
-    "Whether parameter `name` is frozen under the `freeze` knob."
-    router, experts = ".router." in f".{name}", ".experts." in f".{name}"
-    return {"none": False, "router": router, "experts": experts, "moe": router or experts,
-            "non_moe": not (router or experts)}[freeze]
-
-def apply_freezing(model: nn.Module, freeze: str) -> dict:
-    "Set `requires_grad` by the `freeze` knob -> counts of trainable and frozen parameters."
-    if freeze not in FREEZE: raise ValueError(f"freeze must be one of {FREEZE} (got freeze={freeze!r})")
-    n = {"trainable": 0, "frozen": 0}
-    for name, p in model.named_parameters():
-        p.requires_grad_(not is_frozen(name, freeze))
-        n["trainable" if p.requires_grad else "frozen"] += p.numel()
-    return n
-
-def set_expert_dropout(model: nn.Module, p: float):
-    "Dropout rate on the hidden activations inside every expert of `model`."
-    for _, layer in parallel.moe_layers(model): layer.experts.dropout = p
-
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict]:
-    "Trainable parameters in two groups: dense, and experts (`moe=True`)."
-    dense = [p for n, p in model.named_parameters() if p.requires_grad and not parallel.is_expert_param(n)]
-    experts = [p for n, p in model.named_parameters() if p.requires_grad and parallel.is_expert_param(n)]
-    groups = [dict(params=dense, name="dense", weight_decay=weight_decay),
-              dict(params=experts, name="experts", moe=True, weight_decay=weight_decay)]
-    return [g for g in groups if g["params"]]
-
-def adamw_fusable(params) -> bool:
-    "Whether torch's fused AdamW (one kernel over all tensors) takes `params`: float32/bf16 tensors on CPU or CUDA, all on one device."
-    ps = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    return (bool(ps) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in ps)
-            and len({p.device for p in ps}) == 1)
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    "Adafactor (T5/FLAN; per expert in the experts' group) or AdamW over the trainable parameters only."
-    groups = param_groups(model, cfg.weight_decay)
-    if not groups: raise ValueError(f"no trainable parameters (got freeze={cfg.freeze!r})")
-    if cfg.optimizer == "adafactor": return Adafactor(groups, lr=cfg.lr)
-    # Fused with the torch engine: the same update as the per-tensor loop (to fp32 rounding) in one kernel; on CPU
-    # torch's default is that loop, ~10 ops per tensor. (DeepSpeed wraps the optimizer itself, so it keeps the default.)
-    fused = True if cfg.engine == "torch" and adamw_fusable(groups) else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    "Multiplier of `cfg.lr` at step `s`: linear warmup, then constant, inverse-sqrt or cosine."
-    w = cfg.warmup_steps
-    def f(s: int) -> float:
-        if s < w: return (s + 1) / w
-        if cfg.schedule == "constant": return 1.0
-        if cfg.schedule == "inverse_sqrt": return math.sqrt(max(w, 1) / (s + 1))
-        t = min(1.0, (s - w) / max(1, cfg.steps - w))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
-
-# %% ../nbs/07_train.ipynb #8488f5a0
-class Batches:
-    "Endless micro-batches of `examples` in seeded per-epoch order; resumable via `state_dict`."
-    def __init__(self, examples, batch_size: int, collate: Callable, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, bucket_factor: int = 0, length: Callable | None = None):
-        if len(examples) < batch_size * world_size:
-            raise ValueError(f"need at least batch_size*world_size examples (got {len(examples)} < {batch_size}*{world_size})")
-        if not (isinstance(bucket_factor, int) and bucket_factor >= 0):
-            raise ValueError(f"bucket_factor must be an int >= 0 (got bucket_factor={bucket_factor!r})")
-        self.examples, self.bs, self.collate, self.seed, self.shuffle = examples, batch_size, collate, seed, shuffle
-        self.rank, self.world, self.bucket_factor = rank, world_size, bucket_factor
-        self.length = length or example_length
-        self.epoch, self.pos = 0, 0
-        self._order, self._lengths = None, None
-
-    def _bucketed(self, order: torch.Tensor) -> torch.Tensor:
-        "`order` (a multiple of the global batch) sorted by length within chunks of `bucket_factor` global batches, batches shuffled."
-        if self._lengths is None: self._lengths = torch.tensor([self.length(e) for e in self.examples], dtype=torch.long)
-        gb = self.bs * self.world
-        chunks = [c[torch.sort(self._lengths[c], stable=True).indices] for c in order.split(gb * self.bucket_factor)]
-        batches = torch.cat(chunks).view(-1, gb)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
-            batches = batches[torch.randperm(len(batches), generator=g)]
-        return batches.reshape(-1)
-
-    def _perm(self):
-        if self._order is None:
-            n = len(self.examples)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-            order = order[: n - n % (self.bs * self.world)]
-            if self.bucket_factor: order = self._bucketed(order)
-            self._order = order.view(-1, self.world, self.bs)[:, self.rank]
-        return self._order
-
-    def __iter__(self): return self
-
-    def __next__(self):
-        if self.pos >= len(self._perm()): self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-        idx = self._perm()[self.pos].tolist()
-        self.pos += 1
-        return self.collate([self.examples[i] for i in idx])
-
-    def state_dict(self) -> dict: return dict(epoch=self.epoch, pos=self.pos)
-    def load_state_dict(self, s: dict): self.epoch, self.pos, self._order = s["epoch"], s["pos"], None
-
-def example_length(e) -> int:
-    "Tokens in one example: `input_ids` + `labels` of a dict row, else `len(e)`."
-    if isinstance(e, dict): return len(e.get("input_ids", ())) + len(e.get("labels", ()))
-    return len(e)
-
-class _Cycle:
-    "A list of ready batches, cycled, with a position."
-    def __init__(self, batches): self.batches, self.pos = list(batches), 0
-    def __iter__(self): return self
-    def __next__(self):
-        b = self.batches[self.pos % len(self.batches)]; self.pos += 1
-        return b
-    def state_dict(self) -> dict: return dict(pos=self.pos)
-    def load_state_dict(self, s: dict): self.pos = s["pos"]
-
-def as_stream(data, cfg: TrainConfig | None = None, collate: Callable | None = None, rank: int = 0, world_size: int = 1):
-    "A resumable batch stream from a stream, a list of batches, or examples + `collate`."
-    if hasattr(data, "state_dict") and hasattr(data, "__next__"): return data
-    if collate is not None:
-        return Batches(data, cfg.batch_size, collate, cfg.seed, rank=rank, world_size=world_size, bucket_factor=cfg.bucket_factor)
-    return _Cycle(data)
 
 # %% ../nbs/07_train.ipynb #2de8bae2
 def _tensorboard(path: Path, purge_step: int | None = None):

@@ -6,7 +6,7 @@ import pytest, torch
 from flanmoe_nb import plan as P
 from flanmoe_nb.checks import ConfigError
 from flanmoe_nb.model import ModelConfig, EncoderDecoder, count_params, count_flops
-from flanmoe_nb.train import Adafactor
+from flanmoe_nb.optim import Adafactor
 
 ROOT = Path(__file__).parents[1]
 
@@ -38,7 +38,7 @@ def test_optimizer_state_matches_real_optimizers():
     x = torch.randint(2, 512, (2, 8))
     m(x, labels=x).loss.backward()
     c = P.param_counts(cfg)
-    from flanmoe_nb.train import param_groups
+    from flanmoe_nb.optim import param_groups
     ada = Adafactor(param_groups(m)); ada.step()
     assert _state_elems(ada) == c["adafactor_dense"] + c["adafactor_expert"]
     n = c["dense"] + c["expert"]

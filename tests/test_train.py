@@ -6,8 +6,9 @@ import pytest, torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _dist_worker as W
 from flanmoe_nb.model import EncoderDecoder
-from flanmoe_nb.train import (TrainConfig, train, lr_lambda, build_optimizer, apply_freezing, is_frozen, Batches,
-                              utilisation_entropy)
+from flanmoe_nb.train import TrainConfig, train, utilisation_entropy
+from flanmoe_nb.optim import lr_lambda, build_optimizer, apply_freezing, is_frozen
+from flanmoe_nb.batches import Batches
 from flanmoe_nb.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).parents[1]
@@ -271,7 +272,7 @@ def test_eval_fn_bf16_and_hf_export(tmp_path):
 
 
 def test_adafactor_per_expert_equals_torch_per_slice_and_names_bad_args():
-    from flanmoe_nb.train import Adafactor
+    from flanmoe_nb.optim import Adafactor
     torch.manual_seed(1)
     e = torch.randn(4, 5, 3) * torch.tensor([1e-3, 0.1, 1.0, 30.0])[:, None, None]
     b = torch.randn(7)
@@ -327,7 +328,8 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 def test_build_optimizer_fuses_adamw_for_the_torch_engine():
-    from flanmoe_nb.train import TrainConfig, adamw_fusable, build_optimizer
+    from flanmoe_nb.train import TrainConfig
+    from flanmoe_nb.optim import adamw_fusable, build_optimizer
     m = torch.nn.Linear(4, 3)
     opt = build_optimizer(m, TrainConfig(optimizer="adamw"))
     assert opt.param_groups[0]["fused"] is True
