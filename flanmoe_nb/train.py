@@ -123,7 +123,7 @@ def _tb_scalars(writer, record: dict, step: int, prefix: str = "train") -> int:
         elif isinstance(v, (int, float)) and not isinstance(v, bool): writer.add_scalar(tag, v, step); n += 1
     return n
 
-# %% ../nbs/07_train.ipynb #dbd446a3
+# %% ../nbs/07_train.ipynb #4d374821
 @dataclass
 class TrainResult:
     "What a run returns."
@@ -139,6 +139,7 @@ class TrainResult:
     max_consecutive_skipped: int = 0    # the longest run of skipped steps in a row
     skipped_fraction: float = 0.0       # skipped / steps
 
+# %% ../nbs/07_train.ipynb #68647739
 class TrainingDiverged(RuntimeError):
     "The stage skipped more non-finite steps than `max_consecutive_skips` / `max_skipped_fraction` allow; it did not train."
     def __init__(self, step: int, steps: int, skipped: int, consecutive: int, max_consecutive_skips, max_skipped_fraction,
@@ -154,11 +155,13 @@ class TrainingDiverged(RuntimeError):
             f"was written; last complete checkpoint: {checkpoint}. Lower lr, set grad_clip, train without bf16, "
             "or raise the limits if such skips are expected.")
 
+# %% ../nbs/07_train.ipynb #477b7cff
 def skip_limit_exceeded(skipped: int, consecutive: int, cfg: TrainConfig) -> bool:
     "Whether `skipped` steps in all / `consecutive` in a row exceed the stage's limits."
     return ((cfg.max_consecutive_skips is not None and consecutive > cfg.max_consecutive_skips)
             or skipped > cfg.max_skipped_fraction * cfg.steps + 1e-9)
 
+# %% ../nbs/07_train.ipynb #6b569fc2
 _MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "decoder_attention_mask")
 
 def _to(batch: dict, device) -> dict:
@@ -174,6 +177,7 @@ def utilisation_entropy(counts: torch.Tensor) -> float:
     h = -(p * p.clamp_min(1e-30).log()).sum()
     return float(h / math.log(len(c))) if len(c) > 1 else 1.0
 
+# %% ../nbs/07_train.ipynb #c66c574a
 def _coefs(model, cfg):
     mc = getattr(model, "cfg", None)
     bc = cfg.balance_coef if cfg.balance_coef is not None else getattr(mc, "balance_coef", 0.0)
@@ -215,6 +219,7 @@ def _truncate_metrics(path: Path, step: int) -> Path | None:
     tmp = path.with_suffix(".tmp"); _fsync_write(tmp, "".join(l + "\n" for l in keep).encode()); os.replace(tmp, path)
     return dropped
 
+# %% ../nbs/07_train.ipynb #4d48ec52
 def _all_ranks(ok: bool, env) -> bool:
     "`ok` on every rank (a MIN all-reduce under several processes)."
     if env is None or not env.distributed: return ok
@@ -238,6 +243,7 @@ def find_resume_checkpoint(ckpt_dir, env: parallel.DistEnv | None = None, deepsp
                               + "\n  ".join(errors))
     return None
 
+# %% ../nbs/07_train.ipynb #a3091dc4
 def _show_progress() -> bool:
     "Whether a progress bar is wanted: stderr is a terminal, or this runs in Jupyter."
     try:
@@ -253,6 +259,7 @@ def micro_step(model, batch, cfg, bc, zc, device):
         out = model(**_to(batch, device))
     return out.ce_loss.float() + bc * out.balance_loss + zc * out.z_loss, out
 
+# %% ../nbs/07_train.ipynb #e2460731
 def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | None = None,
           collate: Callable | None = None, env: parallel.DistEnv | None = None) -> TrainResult:
     "Train `model` for `cfg.steps` optimizer steps on `train_data`; metrics, checkpoints and resume in `cfg.out_dir`."
@@ -342,6 +349,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
                        tok_total * env.world_size / max(t_total, 1e-9), last_eval, history, resumed_from,
                        longest, skipped / cfg.steps)
 
+# %% ../nbs/07_train.ipynb #0ad0b0a6
 def _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd=None) -> dict:
     "Accumulate `grad_accum` micro-batches, sync, guard, clip and step -> metrics of the step."
     opt.zero_grad(set_to_none=True)
@@ -380,7 +388,7 @@ def _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd=None) -> dict:
         m["dropped"] = [round(float(sum(a[i].dropped_fraction for a in auxes)) / len(auxes), 4) for i in range(n_layers)]
     return m
 
-# %% ../nbs/07_train.ipynb #237719cb
+# %% ../nbs/07_train.ipynb #c84b0b16
 def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict:
     "The DeepSpeed config for `cfg` (file given in `cfg.deepspeed_config` wins, batch sizes filled in)."
     ds = cfg.deepspeed_config
@@ -392,6 +400,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict:
     ds.setdefault("bf16", {"enabled": cfg.bf16})
     return ds
 
+# %% ../nbs/07_train.ipynb #6ec05bac
 def _free_port() -> int:
     import socket
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
@@ -425,6 +434,7 @@ def deepspeed_expert_parallel(model: nn.Module, opt, env) -> str | None:
     for g in moe_groups: g["name"] = name
     return name
 
+# %% ../nbs/07_train.ipynb #ee6b9216
 def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
     "Wrap model/optimizer/scheduler in a DeepSpeed engine: ZeRO 1/2 over the dense parameters, and under expert parallelism over each expert's data-parallel group."
     import deepspeed
@@ -442,6 +452,7 @@ def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, opt, sched
 
+# %% ../nbs/07_train.ipynb #41cb9b44
 def load_deepspeed_optimizer(path, opt, env, states: list | None = None):
     "Restore the engine's optimizer from checkpoint `path` (or its already read rank `states`): ZeRO 1/2 takes every rank's partition, others their own."
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -453,6 +464,7 @@ def load_deepspeed_optimizer(path, opt, env, states: list | None = None):
     if isinstance(opt, DeepSpeedZeroOptimizer): opt.load_state_dict(sds)
     else: opt.load_state_dict(sds[env.rank])
 
+# %% ../nbs/07_train.ipynb #dc60dcb3
 def _train_step_deepspeed(engine, stream, cfg, bc, zc, env) -> dict:
     "One optimizer step on the DeepSpeed engine (it accumulates, all-reduces, clips and steps the schedule)."
     tot, tokens = torch.zeros(4, dtype=torch.float64), 0
@@ -472,6 +484,7 @@ def _train_step_deepspeed(engine, stream, cfg, bc, zc, env) -> dict:
     return dict(loss=tot[0].item(), ce=tot[1].item(), balance=tot[2].item(), z=tot[3].item(),
                 grad_norm=None if gn is None else float(gn), tokens=tokens, skipped_now=int(bad), lr=lr)
 
+# %% ../nbs/07_train.ipynb #466a76d2
 def export_hf(model: nn.Module, path, env=None):
     "Save the model as an HF `SwitchTransformers`/`T5` directory when `hf.to_hf` supports its config."
     try: from flanmoe_nb.hf import to_hf
