@@ -7,11 +7,9 @@ Docs: https://flanmoe.github.io/flanmoe_nb/batches.html.md"""
 
 # %% ../nbs/07c_batches.ipynb #0101866c
 from __future__ import annotations
-from typing import Callable, TYPE_CHECKING
+from typing import Callable
 
 import torch
-
-if TYPE_CHECKING: from flanmoe_nb.train import TrainConfig
 
 # %% auto #0
 __all__ = ['example_length', 'Batches', 'as_stream']
@@ -80,8 +78,8 @@ class _Cycle:
     def state_dict(self) -> dict: return dict(pos=self.pos)
     def load_state_dict(self, s: dict): self.pos = s["pos"]
 
-def as_stream(data, cfg: TrainConfig | None = None, collate: Callable | None = None, rank: int = 0, world_size: int = 1):
-    "A resumable batch stream from a stream, a list of batches, or examples + `collate`."
+def as_stream(data, cfg=None, collate: Callable | None = None, rank: int = 0, world_size: int = 1):
+    "A resumable batch stream from a stream, a list of batches, or examples + `collate` (batch size, seed and bucketing from the `TrainConfig` `cfg`)."
     if hasattr(data, "state_dict") and hasattr(data, "__next__"): return data
     if collate is not None:
         return Batches(data, cfg.batch_size, collate, cfg.seed, rank=rank, world_size=world_size, bucket_factor=cfg.bucket_factor)

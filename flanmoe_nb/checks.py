@@ -8,7 +8,6 @@ Docs: https://flanmoe.github.io/flanmoe_nb/checks.html.md"""
 from __future__ import annotations
 import dataclasses, difflib, math
 from dataclasses import dataclass
-from typing import Any, Callable
 
 # %% auto #0
 __all__ = ['ConfigError', 'Field', 'Int', 'Float', 'Bool', 'Choice', 'Str', 'Seq', 'Map', 'Any_', 'check_config', 'check_mapping',

@@ -7,7 +7,6 @@ Docs: https://flanmoe.github.io/flanmoe_nb/cli.html.md"""
 # %% ../nbs/12_cli.ipynb #848440ab
 from __future__ import annotations
 import argparse, sys, time
-from pathlib import Path
 
 # %% auto #0
 __all__ = ['build_parser', 'main']

@@ -6,7 +6,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/docs.html.md"""
 
 # %% ../nbs/11_docs.ipynb #24959627
 from __future__ import annotations
-import os, re, shutil, subprocess, sys, textwrap
+import os, re, shutil, subprocess, sys
 from contextlib import contextmanager
 from pathlib import Path
 

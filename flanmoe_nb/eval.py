@@ -7,13 +7,12 @@ Docs: https://flanmoe.github.io/flanmoe_nb/eval.html.md"""
 
 # %% ../nbs/08_eval.ipynb #68b66539
 from __future__ import annotations
-import json, math, re, string, time
+import json, time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from . import data
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import kernels
 from .checks import ConfigError, Int, Float, Choice, check_config

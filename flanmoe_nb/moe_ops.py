@@ -81,7 +81,6 @@ def route_plan_reference(expert_idx: torch.Tensor, num_experts: int, capacity: i
 # %% ../nbs/01d_moe_ops.ipynb #a3592a34
 def _register_routing_parts():
     "Fake kernels of route_plan / permute / unpermute / gather_dot (those the build has; autograd is C++)."
-    ops = torch.ops.flanmoe
     if _op("route_plan") is not None:
         @torch.library.register_fake("flanmoe::route_plan")
         def _(expert_idx, num_experts, capacity=None, priority=None, valid=None):

@@ -8,13 +8,12 @@ Docs: https://flanmoe.github.io/flanmoe_nb/optim.html.md"""
 # %% ../nbs/07b_optim.ipynb #c0dd391f
 from __future__ import annotations
 import math
-from typing import Callable, TYPE_CHECKING
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from . import parallel
-if TYPE_CHECKING: from flanmoe_nb.train import TrainConfig
 
 # %% auto #0
 __all__ = ['FREEZE', 'is_frozen', 'apply_freezing', 'set_expert_dropout', 'param_groups', 'Adafactor', 'adamw_fusable',
@@ -117,8 +116,8 @@ def adamw_fusable(params) -> bool:
             and len({p.device for p in ps}) == 1)
 
 # %% ../nbs/07b_optim.ipynb #eda0d1c1
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    "Adafactor (T5/FLAN; per expert in the experts' group) or AdamW over the trainable parameters only."
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    "For a `TrainConfig` `cfg`: Adafactor (T5/FLAN; per expert in the experts' group) or AdamW over the trainable parameters only."
     groups = param_groups(model, cfg.weight_decay)
     if not groups: raise ValueError(f"no trainable parameters (got freeze={cfg.freeze!r})")
     if cfg.optimizer == "adafactor": return Adafactor(groups, lr=cfg.lr)
@@ -128,8 +127,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
 
 # %% ../nbs/07b_optim.ipynb #d442d9ae
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    "Multiplier of `cfg.lr` at step `s`: linear warmup, then constant, inverse-sqrt or cosine."
+def lr_lambda(cfg) -> Callable[[int], float]:
+    "Multiplier of a `TrainConfig`'s `cfg.lr` at step `s`: linear warmup, then constant, inverse-sqrt or cosine."
     w = cfg.warmup_steps
     def f(s: int) -> float:
         if s < w: return (s + 1) / w

@@ -9,7 +9,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/plan.html.md"""
 # %% ../nbs/04a_plan.ipynb #d39fbf14
 from __future__ import annotations
 import argparse, math, sys
-from dataclasses import dataclass, field, replace, asdict
+from dataclasses import dataclass, replace, asdict
 
 import torch
 
