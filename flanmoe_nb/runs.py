@@ -18,11 +18,11 @@ import yaml
 __all__ = ['SETUPS', 'LAUNCHERS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
            'moe_overrides', 'moe_block', 'model_config', 'apply_moe_changes', 'RunSpec', 'project_root', 'plain_name',
            'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy', 'execute_run', 'code_version', 'GridLock',
-           'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs', 'tidy_results',
-           'export_grid', 'execute_results', 'results_main', 'run_main', 'stage_data_config', 'stage_data',
-           'stage_model', 'train_config', 'read_hostfile', 'launch_commands', 'sbatch_script', 'train_experiment',
-           'train_drop_rates', 'validation_ce', 'evaluate_experiment', 'cluster_rows', 'routing_analysis',
-           'read_metrics', 'plot_training']
+           'weights_digest', 'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs',
+           'tidy_results', 'export_grid', 'execute_results', 'results_main', 'run_main', 'stage_data_config',
+           'stage_data', 'stage_model', 'train_config', 'read_hostfile', 'launch_commands', 'sbatch_script',
+           'train_experiment', 'train_drop_rates', 'validation_ce', 'evaluate_experiment', 'cluster_rows',
+           'routing_analysis', 'read_metrics', 'plot_training']
 
 # %% ../nbs/09_runs.ipynb #b2fc82c5
 from .checks import ConfigError, Field, Int, Float, Bool, Choice, Str, Seq, Map, Any_, check_mapping, did_you_mean
@@ -448,8 +448,9 @@ def _relpaths(v, base: Path):
     return v
 
 def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "python3",
-                timeout: float | None = None, log: bool = False, fingerprint: str = "", params_fingerprint: str = "") -> tuple[str, float, str]:
-    "Execute `spec.notebook` with papermill into `out_dir`; return (status, seconds, error text). `DONE` is written last, atomically."
+                timeout: float | None = None, log: bool = False, fingerprint: str = "", params_fingerprint: str = "",
+                parents: dict | None = None) -> tuple[str, float, str]:
+    "Execute `spec.notebook` with papermill into `out_dir`; return (status, seconds, error text). `DONE` is written last, atomically, with the digest of the run's weights and of the `parents`' weights it started from."
     import papermill as pm
     if out_dir.exists() and any(out_dir.iterdir()):   # a rerun starts clean; the earlier attempt is kept aside, not deleted
         base = out_dir.parent / ".previous" / f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -474,7 +475,8 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
     dt = time.time() - t0
     _scrub_paths(out_dir / "notebook.ipynb", out_dir)
     _atomic_write(out_dir / "DONE", json.dumps({"seconds": round(dt, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                "fingerprint": fingerprint, "params_fingerprint": params_fingerprint}) + "\n")
+                                                "fingerprint": fingerprint, "params_fingerprint": params_fingerprint,
+                                                "weights": weights_digest(out_dir), "parents": parents or {}}) + "\n")
     return "ok", dt, ""
 
 def _scrub_paths(notebook: Path, out_dir: Path) -> None:
@@ -536,6 +538,24 @@ def _checkpoint_missing(d: Path) -> bool:
     except (OSError, ValueError, AttributeError): return False
     return bool(ck) and not (d / ck).exists()
 
+def weights_digest(d: Path) -> str | None:
+    "sha256 (16 hex) of the model weights in the checkpoint a run recorded in `train.json` (`model.*` files, else every file), None without one on disk."
+    import hashlib
+    try: ck = json.loads((d / "train.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError): return None
+    if not ck or not (d / ck).is_dir(): return None
+    files = sorted((d / ck).glob("model.*")) or sorted(p for p in (d / ck).rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""): h.update(block)
+    return h.hexdigest()[:16]
+
+def _done_json(d: Path) -> dict:
+    try: j = json.loads((d / "DONE").read_text()); return j if isinstance(j, dict) else {}
+    except (OSError, ValueError): return {}
+
 def _done_fingerprint(d: Path) -> tuple:
     "The (parameters + code, parameters only) fingerprints a finished run recorded in its `DONE`."
     try: j = json.loads((d / "DONE").read_text()); return j.get("fingerprint"), j.get("params_fingerprint")
@@ -560,14 +580,27 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
     todo = [s for s in specs if not only or s.id in only]
     rows, t_start, ran_s, n_ran = [], time.time(), 0.0, 0
     say = (lambda *a: None) if quiet else (lambda m: print(m, flush=True))
+    rerun, weights = set(), {}          # points executed now; weights digest per point (DONE's, else hashed once)
+    def weights_of(x):
+        if x not in weights: weights[x] = _done_json(dirs[x]).get("weights") or weights_digest(dirs[x])
+        return weights[x]
+    def changed_parent(t):
+        "The first dependency whose weights differ from those `t` started from (or that ran again now, when `t` kept no record)."
+        rec = _done_json(dirs[t.id]).get("parents") or {}
+        for x in t.deps:
+            if (rec[x] != weights_of(x)) if rec.get(x) and weights_of(x) else x in rerun: return x
+        return None
     with GridLock(out):
         def reusable(t):
             prev = _done_fingerprint(dirs[t.id])
-            return (dirs[t.id] / "DONE").exists() and not force and (prev[0] == fps[t.id] or (reuse_stale and prev[1] == pfps[t.id]))
+            return ((dirs[t.id] / "DONE").exists() and not force and (prev[0] == fps[t.id] or (reuse_stale and prev[1] == pfps[t.id]))
+                    and changed_parent(t) is None)
         for k, s in enumerate(todo, 1):
             d, prev = dirs[s.id], _done_fingerprint(dirs[s.id])
             bad = [x for x in s.deps if not (dirs[x] / "DONE").exists()]
             reuse, why = reusable(s), None
+            if not reuse and (d / "DONE").exists() and not force and (x := changed_parent(s)):
+                why = f"rerun (it started from {x}, whose weights are not the ones {x} has now)"
             if reuse and _checkpoint_missing(d):   # a later point that will run starts from its checkpoint, which is not here
                 waiting = [t.id for t in todo[k:] if s.id in t.deps and not reusable(t)]
                 if waiting: reuse, why = False, f"rerun (finished, but its checkpoint is not here and {waiting[0]}" + (f" and {len(waiting) - 1} more start" if len(waiting) > 1 else " starts") + " from it)"
@@ -580,8 +613,9 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
             else:
                 why = why or ("rerun (--force)" if (d / "DONE").exists() and force else "rerun (parameters or code changed)" if (d / "DONE").exists() else "running")
                 say(f"[{k}/{len(todo)}] {s.id}: {why} {s.notebook.name} (elapsed {_hms(time.time() - t_start)}{eta})")
-                st, dt, err = execute_run(s, d, resolve_refs(s.params, dirs), kernel_name, timeout, log, fps[s.id], pfps[s.id])
-                ran_s += dt; n_ran += 1
+                st, dt, err = execute_run(s, d, resolve_refs(s.params, dirs), kernel_name, timeout, log, fps[s.id], pfps[s.id],
+                                          parents={x: weights_of(x) for x in s.deps})
+                ran_s += dt; n_ran += 1; rerun.add(s.id); weights.pop(s.id, None)
                 if st == "failed": say(f"  FAILED: {err.splitlines()[0]} (see {d / 'error.txt'})")
                 else: say(f"  ok in {dt:.0f}s, score {_headline(d)}")
             rows.append(dict(run_id=s.id, notebook=s.notebook.stem, status=st, seconds=round(dt, 1),

@@ -273,3 +273,37 @@ def test_finished_run_without_its_checkpoint_reruns_only_when_a_later_point_need
     log = capsys.readouterr().out
     assert "parent: rerun (finished, but its checkpoint is not here and child3 starts from it)" in log
     assert "child2: reused" in log and (out / "parent/checkpoints/step_1/w.txt").exists() and (out / "child3/DONE").exists()
+
+
+def test_a_child_reruns_when_its_parent_was_rerun_with_other_weights(tmp_path, capsys, monkeypatch):
+    "DONE records the digest of a run's weights and of the parents' weights it started from; a parent re-run with other weights (another CPU's kernels) makes its finished children stale."
+    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs/experiments").mkdir(parents=True)
+    _nb(tmp_path / "nbs/experiments/stage.ipynb", CKPT_STAGE.replace("write_text(str(x))", "write_text(str(x) + os.environ.get('SALT', ''))")
+        .replace("import json, pathlib", "import json, os, pathlib"))
+    (tmp_path / "papermill_runs").mkdir()
+    grid = tmp_path / "papermill_runs/c.yaml"
+    grid.write_text('runs:\n  - {id: parent, notebook: stage}\n  - {id: "child{x}", notebook: stage, product: {x: [2, 3]}, params: {init: "${parent}"}}\n')
+    out = tmp_path / "papermill_runs/c"
+    import shutil
+    monkeypatch.setenv("SALT", "a")
+    assert runs.grid_main([str(grid)]) == 0
+    done = json.loads((out / "child2/DONE").read_text())
+    assert done["parents"] == {"parent": runs.weights_digest(out / "parent")} and done["weights"] == runs.weights_digest(out / "child2")
+    capsys.readouterr()
+    shutil.rmtree(out / "parent/checkpoints"); shutil.rmtree(out / "child3")
+    assert runs.grid_main([str(grid)]) == 0                # parent re-run, same weights: child2 stays
+    log = capsys.readouterr().out
+    assert "parent: rerun (finished, but its checkpoint is not here" in log and "child2: reused" in log
+    monkeypatch.setenv("SALT", "b")                        # the next re-run gives other weights
+    shutil.rmtree(out / "parent/checkpoints"); shutil.rmtree(out / "child3")
+    assert runs.grid_main([str(grid)]) == 0
+    log = capsys.readouterr().out
+    assert "child2: rerun (it started from parent, whose weights are not the ones parent has now)" in log, log
+    assert json.loads((out / "child2/DONE").read_text())["parents"]["parent"] == runs.weights_digest(out / "parent")
+    d = json.loads((out / "child2/DONE").read_text()); d.pop("parents")   # a run finished before DONE kept parents
+    (out / "child2/DONE").write_text(json.dumps(d))
+    assert runs.grid_main([str(grid)]) == 0                # nothing re-ran now: no reason to doubt it
+    assert "child2: reused" in capsys.readouterr().out
+    shutil.rmtree(out / "parent/checkpoints"); shutil.rmtree(out / "child3")
+    assert runs.grid_main([str(grid)]) == 0                # the parent ran again and child2 kept no record: rerun
+    assert "child2: rerun (it started from parent" in capsys.readouterr().out
