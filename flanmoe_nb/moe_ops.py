@@ -179,6 +179,11 @@ def expert_ffn_reference(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: 
     return unpermute_reference(y, token_idx, weights, x.shape[0])
 
 # %% ../nbs/01d_moe_ops.ipynb #ab2ffd7c
+def _act_dropout(h: torch.Tensor, activation: str, dropout_p: float) -> torch.Tensor:
+    "The FFN hidden after its activation and (`dropout_p > 0`) dropout; relu in place: `h` is the first product's fresh output, which its backward does not keep."
+    h = h.relu_() if activation == "relu" else activate(h, activation)
+    return dropout(h, dropout_p, True) if dropout_p else h
+
 def _relu_gmm_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
     "True when `relu(h) @ w` per group can run as the fused CPU op (`relu_grouped_mm`: fp32/fp64/bf16 CPU, extension has it)."
     return (_op("relu_grouped_mm") is not None and h.device.type == "cpu" and w.device.type == "cpu"
@@ -211,9 +216,7 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
         # the product (no relu pass forward, no threshold pass backward: ~10 ms of a 4096-token step)
         y = torch.ops.flanmoe.relu_grouped_mm(h, w_out.contiguous(), group_sizes)
         return unpermute(y, token_idx, weights, x.shape[0])
-    # relu in place: h is ours and grouped_mm's backward does not keep it, so no second [S, f] buffer
-    h = h.relu_() if activation == "relu" else activate(h, activation)
-    if drop: h = dropout(h, dropout_p, True)
+    h = _act_dropout(h, activation, dropout_p if drop else 0.0)
     return unpermute(grouped_mm(h, w_out, group_sizes), token_idx, weights, x.shape[0])
 
 # %% ../nbs/01d_moe_ops.ipynb #9f5f571d
@@ -224,10 +227,7 @@ def dense_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activati
     drop = bool(dropout_p and training)
     if activation == "relu" and not drop and dense_relu_kernel_pays(h, w_out):
         return dense_relu_mm(h, w_out)                # relu fused into the product
-    # relu in place: the GEMM's backward keeps x and w_in, not h
-    h = h.relu_() if activation == "relu" else activate(h, activation)
-    if drop: h = dropout(h, dropout_p, True)
-    return dense_mm(h, w_out)
+    return dense_mm(_act_dropout(h, activation, dropout_p if drop else 0.0), w_out)
 
 # %% ../nbs/01d_moe_ops.ipynb #5ecaaf42
 def _topk_route(router_logits, top_k, normalize):

@@ -532,19 +532,23 @@ def _headline(out_dir: Path) -> float | None:
     try: return json.loads((out_dir / "eval.json").read_text()).get("score")
     except (OSError, ValueError, AttributeError): return None
 
+def _checkpoint_dir(d: Path) -> Path | None:
+    "The checkpoint a finished run recorded in its train.json (on disk or not), or None."
+    try: ck = json.loads((d / "train.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError): return None
+    return d / ck if ck else None
+
 def _checkpoint_missing(d: Path) -> bool:
     "Whether a finished run recorded a checkpoint (train.json) that is not on disk: checkpoints are not committed, so a fresh clone has none."
-    try: ck = json.loads((d / "train.json").read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError): return False
-    return bool(ck) and not (d / ck).exists()
+    ck = _checkpoint_dir(d)
+    return ck is not None and not ck.exists()
 
 def weights_digest(d: Path) -> str | None:
     "sha256 (16 hex) of the model weights in the checkpoint a run recorded in `train.json` (`model.*` files, else every file), None without one on disk."
     import hashlib
-    try: ck = json.loads((d / "train.json").read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError): return None
-    if not ck or not (d / ck).is_dir(): return None
-    files = sorted((d / ck).glob("model.*")) or sorted(p for p in (d / ck).rglob("*") if p.is_file())
+    ck = _checkpoint_dir(d)
+    if ck is None or not ck.is_dir(): return None
+    files = sorted(ck.glob("model.*")) or sorted(p for p in ck.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -590,17 +594,19 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
         for x in t.deps:
             if (rec[x] != weights_of(x)) if rec.get(x) and weights_of(x) else x in rerun: return x
         return None
+    def same_inputs(t):
+        "Finished with the same parameters (and code, unless `reuse_stale`): reusable unless a parent changed."
+        prev = _done_fingerprint(dirs[t.id])
+        return (dirs[t.id] / "DONE").exists() and not force and (prev[0] == fps[t.id] or (reuse_stale and prev[1] == pfps[t.id]))
+    def reusable(t): return same_inputs(t) and changed_parent(t) is None
     with GridLock(out):
-        def reusable(t):
-            prev = _done_fingerprint(dirs[t.id])
-            return ((dirs[t.id] / "DONE").exists() and not force and (prev[0] == fps[t.id] or (reuse_stale and prev[1] == pfps[t.id]))
-                    and changed_parent(t) is None)
         for k, s in enumerate(todo, 1):
             d, prev = dirs[s.id], _done_fingerprint(dirs[s.id])
             bad = [x for x in s.deps if not (dirs[x] / "DONE").exists()]
-            reuse, why = reusable(s), None
-            if not reuse and (d / "DONE").exists() and not force and (x := changed_parent(s)):
-                why = f"rerun (it started from {x}, whose weights are not the ones {x} has now)"
+            fresh = same_inputs(s)
+            changed = changed_parent(s) if fresh else None
+            reuse = fresh and changed is None
+            why = f"rerun (it started from {changed}, whose weights are not the ones {changed} has now)" if changed else None
             if reuse and _checkpoint_missing(d):   # a later point that will run starts from its checkpoint, which is not here
                 waiting = [t.id for t in todo[k:] if s.id in t.deps and not reusable(t)]
                 if waiting: reuse, why = False, f"rerun (finished, but its checkpoint is not here and {waiting[0]}" + (f" and {len(waiting) - 1} more start" if len(waiting) > 1 else " starts") + " from it)"
