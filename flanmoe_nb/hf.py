@@ -8,7 +8,6 @@ Docs: https://flanmoe.github.io/flanmoe_nb/hf.html.md"""
 # %% ../nbs/05_hf.ipynb #bc21523d
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -79,17 +78,10 @@ def config_from_hf(c, capacity: str = "hf", tied: bool | None = None) -> ModelCo
            else dict(capacity_factor=None, eval_capacity_factor=None))
     moe = MoEConfig(d_model=c.d_model, d_ff=c.d_ff, num_experts=c.num_experts, top_k=1, router="token_choice",
                     activation=act, router_bias=bool(c.router_bias), router_dtype=c.router_dtype,
-                    jitter_eps=float(c.router_jitter_noise), **cap, **_expert_dropout_kw(float(c.dropout_rate)))
+                    jitter_eps=float(c.router_jitter_noise), expert_dropout=float(c.dropout_rate), **cap)  # HF drops inside experts too
     return ModelConfig(**kw, moe=moe, sparse_step=c.encoder_sparse_step, encoder_sparse_step=c.encoder_sparse_step,
                        decoder_sparse_step=c.decoder_sparse_step, balance_coef=float(c.router_aux_loss_coef),
                        z_coef=float(c.router_z_loss_coef))
-
-def _expert_dropout_kw(p: float) -> dict:
-    "HF applies `dropout_rate` inside the experts too: pass it as the MoE layer's expert dropout."
-    names = {f.name for f in fields(MoEConfig)}
-    for n in ("expert_dropout", "dropout"):
-        if n in names: return {n: p}
-    return {}
 
 # %% ../nbs/05_hf.ipynb #48c382a3
 def _key_table(cfg: ModelConfig, kind: str) -> list[tuple[str, tuple[str, ...], str]]:

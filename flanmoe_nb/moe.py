@@ -8,18 +8,18 @@ Docs: https://flanmoe.github.io/flanmoe_nb/moe.html.md"""
 # %% ../nbs/03_moe.ipynb #ce3e473b
 from __future__ import annotations
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
 from . import kernels
-from .checks import ConfigError, Int, Float, Choice, check_config
-from .routing import Router, RouterConfig, RoutingKnobs, RoutingPlan, ROUTER_FIELDS, check_routing
+from .checks import ConfigError, Int, Float, Choice, Any_, check_config, did_you_mean
+from .routing import Router, RouterConfig, RoutingPlan, ROUTER_FIELDS
 
 # %% auto #0
-__all__ = ['ACTIVATION_ALIASES', 'MOE_PRESETS', 'MOE_FIELDS', 'is_gated', 'MoEConfig', 'DenseFFN', 'Experts', 'MoEAux',
-           'MoELayer', 'moe_reference']
+__all__ = ['ACTIVATION_ALIASES', 'MOE_PRESETS', 'MOE_FIELDS', 'MOE_ARGS', 'is_gated', 'MoEConfig', 'DenseFFN', 'Experts',
+           'MoEAux', 'MoELayer', 'moe_reference']
 
 # %% ../nbs/03_moe.ipynb #0166413c
 ACTIVATION_ALIASES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gated-gelu_new": "gated-gelu_tanh",
@@ -29,39 +29,42 @@ def is_gated(activation: str) -> bool:
     "True for activations whose `w_in` has `2 * d_ff` columns `[act | linear]`."
     return activation.startswith("gated-") or activation == "swiglu"
 
-@dataclass
-class MoEConfig(RoutingKnobs):
-    "Shapes and routing of a sparse MoE layer (routing fields as in `routing.RouterConfig`)."
+@dataclass(init=False)
+class MoEConfig:
+    "Shapes of a sparse MoE layer's experts and its router's `RouterConfig`; routing fields read and write flat."
     d_model: int
     d_ff: int
-    num_experts: int
-    top_k: int = 1
-    router: str = "token_choice"
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None = 2.0
-    min_capacity: int = 0
-    expert_capacity: int | None = None
-    capacity_scope: str = "batch"
-    batch_prioritized: bool = False
-    renormalize: bool | None = None
-    second_policy: str = "all"
-    second_policy_eval: str | None = None
-    second_threshold: float = 0.2
-    jitter_eps: float = 0.0
-    router_dtype: str = "float32"
-    router_bias: bool = False
+    routing: RouterConfig
     activation: str = "relu"
     expert_dropout: float = 0.0
-    use_kernels: bool = True
 
-    def __post_init__(self):
-        if isinstance(self.activation, str): self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
-        check_config(self, MOE_FIELDS)   # each field against its declared range
-        check_routing(self)              # top_k <= num_experts, expert choice has a capacity
+    def __init__(self, d_model: int, d_ff: int, num_experts: int | None = None, *, routing: RouterConfig | dict | None = None,
+                 activation: str = "relu", expert_dropout: float = 0.0, **router_fields):
+        if num_experts is not None or routing is None: router_fields["num_experts"] = num_experts
+        unknown = [k for k in router_fields if k not in ROUTER_FIELDS]
+        if unknown: raise TypeError(f"MoEConfig got an unknown field {unknown[0]!r}{did_you_mean(unknown[0], MOE_ARGS)}")
+        if isinstance(routing, dict): routing = RouterConfig(**routing)
+        if routing is None: routing = RouterConfig(**router_fields)
+        elif not isinstance(routing, RouterConfig):
+            raise ConfigError(f"MoEConfig.routing must be a RouterConfig or a dict of its fields (got routing={routing!r})")
+        elif router_fields: routing = replace(routing, **router_fields)
+        self.d_model, self.d_ff, self.routing, self.expert_dropout = d_model, d_ff, routing, expert_dropout
+        self.activation = ACTIVATION_ALIASES.get(activation, activation) if isinstance(activation, str) else activation
+        check_config(self, MOE_FIELDS)
 
-    def router_config(self) -> RouterConfig:
-        "The routing part of this config."
-        return RouterConfig(**{f.name: getattr(self, f.name) for f in fields(RouterConfig)})
+    def __getattr__(self, name):      # only called when normal lookup fails: the router's fields and methods
+        routing = self.__dict__.get("routing")
+        if routing is not None and not name.startswith("_") and hasattr(routing, name): return getattr(routing, name)
+        raise AttributeError(f"'MoEConfig' object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in ROUTER_FIELDS: setattr(self.routing, name, value)
+        else: object.__setattr__(self, name, value)
+
+    def __setstate__(self, state: dict):   # unpickling; format-1 checkpoints pickled the flat fields
+        if "routing" not in state:
+            state = dict(state); state["routing"] = RouterConfig(**{k: state.pop(k) for k in ROUTER_FIELDS if k in state})
+        self.__dict__.update(state)
 
     @property
     def causal_safe(self) -> bool:
@@ -82,10 +85,10 @@ MOE_PRESETS = {
 }
 
 # %% ../nbs/03_moe.ipynb #8e2b4c31
-MOE_FIELDS = {**ROUTER_FIELDS,
-              "d_model": Int(1), "d_ff": Int(1),
+MOE_FIELDS = {"d_model": Int(1), "d_ff": Int(1), "routing": Any_(none=False),
               "activation": Choice(*kernels.ACTIVATIONS),
               "expert_dropout": Float(0, 1, hi_open=True)}
+MOE_ARGS = {**{k: f for k, f in MOE_FIELDS.items() if k != "routing"}, **ROUTER_FIELDS}
 
 # %% ../nbs/03_moe.ipynb #9c9cd755
 class DenseFFN(nn.Module):
@@ -160,7 +163,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_local_experts = cfg.num_experts     # expert parallelism: num_experts // ep_size
-        self.router = Router(cfg.d_model, cfg)              # shares the layer's config
+        self.router = Router(cfg.d_model, cfg.routing)      # shares the layer's config
         self.experts = Experts(self.num_local_experts, cfg.d_model, cfg.d_ff, cfg.activation,
                                cfg.expert_dropout, cfg.use_kernels)
 

@@ -19,8 +19,8 @@ from .checks import ConfigError, Int, Float, Bool, Choice, check_config
 
 # %% auto #0
 __all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'ROUTER_FIELDS', 'router_logits', 'compute_capacity',
-           'RoutingKnobs', 'RouterConfig', 'check_routing', 'validate_router_config', 'RoutingPlan', 'top_k_gates',
-           'token_choice_plan', 'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
+           'RouterConfig', 'check_routing', 'validate_router_config', 'RoutingPlan', 'top_k_gates', 'token_choice_plan',
+           'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
 
 # %% ../nbs/02_routing.ipynb #caf13fbe
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -48,22 +48,8 @@ SECOND_POLICIES = ("all", "random", "threshold")
 CAPACITY_SCOPES = ("batch", "sequence")
 ROUTER_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
-class RoutingKnobs:
-    "Methods of any config carrying the routing fields (`RouterConfig`, `moe.MoEConfig`)."
-    @property
-    def dtype(self) -> torch.dtype: return getattr(torch, self.router_dtype)
-
-    def capacity(self, num_tokens: int, training: bool) -> int | None:
-        "Capacity per expert for a group of `num_tokens` positions (train or eval factor)."
-        cf = self.capacity_factor if training else self.eval_capacity_factor
-        return compute_capacity(num_tokens, self.num_experts, self.top_k, cf, self.min_capacity, self.expert_capacity)
-
-    def policy(self, training: bool) -> str:
-        "Second-choice policy in this mode."
-        return self.second_policy if training or self.second_policy_eval is None else self.second_policy_eval
-
 @dataclass
-class RouterConfig(RoutingKnobs):
+class RouterConfig:
     "Routing knobs shared by all routers (see the notebook for each field)."
     num_experts: int
     top_k: int = 1
@@ -83,9 +69,24 @@ class RouterConfig(RoutingKnobs):
     router_bias: bool = False
     use_kernels: bool = True
 
-    def __post_init__(self):
-        check_config(self, ROUTER_FIELDS)   # each field against its declared range
-        check_routing(self)                 # then across fields
+    def __post_init__(self): self.validate()
+
+    def validate(self) -> None:
+        "Each field against `ROUTER_FIELDS`, then across fields (`check_routing`); `ConfigError` names field and value."
+        check_config(self, ROUTER_FIELDS)
+        check_routing(self)
+
+    @property
+    def dtype(self) -> torch.dtype: return getattr(torch, self.router_dtype)
+
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        "Capacity per expert for a group of `num_tokens` positions (train or eval factor)."
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        return compute_capacity(num_tokens, self.num_experts, self.top_k, cf, self.min_capacity, self.expert_capacity)
+
+    def policy(self, training: bool) -> str:
+        "Second-choice policy in this mode."
+        return self.second_policy if training or self.second_policy_eval is None else self.second_policy_eval
 
 # %% ../nbs/02_routing.ipynb #7d1f3a21
 ROUTER_FIELDS = dict(
@@ -110,7 +111,7 @@ ROUTER_FIELDS = dict(
 
 # %% ../nbs/02_routing.ipynb #5e21862a
 def check_routing(c) -> None:
-    "Checks across the routing fields of `c` (a `RouterConfig` or `moe.MoEConfig`), each field already in range."
+    "Checks across the fields of `RouterConfig` `c`, each field already in range."
     owner = type(c).__name__
     if c.top_k > c.num_experts:
         raise ConfigError(f"{owner}.top_k must be <= num_experts (got top_k={c.top_k}, num_experts={c.num_experts})")
@@ -121,12 +122,8 @@ def check_routing(c) -> None:
                                   f"number of tokens (got {name}=None; or set expert_capacity)")
 
 def validate_router_config(c) -> None:
-    "Check the routing fields of `c` against `ROUTER_FIELDS`, then across fields; `ConfigError` names the field and value."
-    owner = type(c).__name__
-    for name, f in ROUTER_FIELDS.items():
-        v = f.check(name, getattr(c, name), owner)
-        if v is not getattr(c, name): object.__setattr__(c, name, v)
-    check_routing(c)
+    "Re-check a `RouterConfig` (or an `MoEConfig`'s `routing`) after its fields were assigned; `ConfigError` names field and value."
+    getattr(c, "routing", c).validate()
 
 # %% ../nbs/02_routing.ipynb #54e7cc38
 @dataclass
@@ -259,7 +256,7 @@ def _softmax_experts(logits: torch.Tensor) -> torch.Tensor:
 
 class Router(nn.Module):
     "Softmax router: token-choice top-k (Switch/GShard/ST-MoE) or expert choice, with capacity and losses."
-    def __init__(self, d_model: int, cfg: RoutingKnobs):
+    def __init__(self, d_model: int, cfg: RouterConfig):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))

@@ -16,13 +16,13 @@ import yaml
 
 # %% auto #0
 __all__ = ['SETUPS', 'LAUNCHERS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
-           'moe_overrides', 'moe_block', 'model_config', 'apply_moe_changes', 'RunSpec', 'project_root', 'plain_name',
-           'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy', 'execute_run', 'code_version', 'GridLock',
-           'weights_digest', 'run_grid', 'format_table', 'dry_run', 'grid_main', 'collect_results', 'compare_runs',
-           'tidy_results', 'export_grid', 'execute_results', 'results_main', 'run_main', 'stage_data_config',
-           'stage_data', 'stage_model', 'train_config', 'read_hostfile', 'launch_commands', 'sbatch_script',
-           'train_experiment', 'train_drop_rates', 'validation_ce', 'evaluate_experiment', 'cluster_rows',
-           'routing_analysis', 'read_metrics', 'plot_training']
+           'moe_overrides', 'moe_block', 'model_config', 'set_loss_coefficients', 'apply_moe_changes', 'RunSpec',
+           'project_root', 'plain_name', 'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy', 'execute_run',
+           'code_version', 'GridLock', 'weights_digest', 'run_grid', 'format_table', 'dry_run', 'grid_main',
+           'collect_results', 'compare_runs', 'tidy_results', 'export_grid', 'execute_results', 'results_main',
+           'run_main', 'stage_data_config', 'stage_data', 'stage_model', 'train_config', 'read_hostfile',
+           'launch_commands', 'sbatch_script', 'train_experiment', 'train_drop_rates', 'validation_ce',
+           'evaluate_experiment', 'cluster_rows', 'routing_analysis', 'read_metrics', 'plot_training']
 
 # %% ../nbs/09_runs.ipynb #b2fc82c5
 from .checks import ConfigError, Field, Int, Float, Bool, Choice, Str, Seq, Map, Any_, check_mapping, did_you_mean
@@ -46,7 +46,7 @@ PARAMS: dict[str, Param] = dict(
     moe=Param({}, Map(), "MoE block: `preset` (switch | gshard | expert_choice | st_moe) and any MoEConfig routing field; setups 1-3: routing changes for this stage"),
     decoder_moe=Param({}, Map(), "changes to `moe` for the decoder (expert_choice: token-choice top-2 unless set)", (0,)),
     balance_coef=Param(0.01, Float(0), "auxiliary load-balancing loss coefficient (0 turns it off for this stage)"),
-    z_coef=Param(None, Float(0, none=True), "router z-loss coefficient; None: from the MoE preset (st_moe 1e-3, else 0)"),
+    z_coef=Param(None, Float(0, none=True), "router z-loss coefficient; None: kept from the starting checkpoint (setup 0: from the MoE preset, st_moe 1e-3, else 0)"),
     sparse_step=Param(2, Int(1), "MoE in every sparse_step-th FFN", (0,)),
     dropout=Param(0.1, Float(0, 1, hi_open=True), "dropout outside the experts", (0,)),
     freeze=Param("none", Choice("none", "router", "experts", "moe", "non_moe"), "parameters frozen in this stage"),
@@ -149,16 +149,15 @@ _MOE_FIXED_LATER = ("preset", "num_experts", "router", "expert_dropout", "use_ke
 
 def moe_overrides(block: dict, fresh: bool = True, where: str = "moe") -> dict:
     "Check a grid's MoE block: `preset` and `MoEConfig` fields (routing knobs); after setup 0 only the routing knobs a stage may change."
-    from flanmoe_nb.moe import MoEConfig, MOE_PRESETS
-    allowed = ({f.name for f in dataclasses.fields(MoEConfig)} - set(_MOE_FROM_MODEL)) | {"preset"}
+    from flanmoe_nb.moe import MOE_ARGS, MOE_PRESETS
+    allowed = (set(MOE_ARGS) - set(_MOE_FROM_MODEL)) | {"preset"}
     if not fresh: allowed -= set(_MOE_FIXED_LATER)
     for k in block:
         if k in _MOE_FIXED_LATER and not fresh:
             raise ConfigError(f"{where}.{k} is fixed by the starting checkpoint (set it in setup 0; got {where}.{k}={block[k]!r})")
         if k not in allowed: raise ConfigError(f"{where}: unknown MoE key {k!r}{did_you_mean(k, allowed)}")
-    from flanmoe_nb.moe import MOE_FIELDS
     for k, v in block.items():    # each value against MoEConfig's declared range
-        if k in MOE_FIELDS: MOE_FIELDS[k].check(k, v, where)
+        if k in MOE_ARGS: MOE_ARGS[k].check(k, v, where)
     if "preset" in block and block["preset"] not in MOE_PRESETS:
         raise ConfigError(f"{where}.preset must be one of {tuple(MOE_PRESETS)} (got preset={block['preset']!r})")
     return dict(block)
@@ -181,6 +180,11 @@ def model_config(p: dict, vocab_size: int):
     return M.ModelConfig.preset(p["preset"], moe=enc, decoder_moe=dec, vocab_size=vocab_size, dropout=p["dropout"],
                                 balance_coef=p["balance_coef"], z_coef=z, sparse_step=p["sparse_step"], **p["model_overrides"])
 
+def set_loss_coefficients(model, p: dict) -> None:
+    "A later stage's auxiliary-loss coefficients, set on the loaded model: `balance_coef`, and `z_coef` unless None (keep the model's)."
+    model.cfg.balance_coef = p["balance_coef"]
+    if p["z_coef"] is not None: model.cfg.z_coef = p["z_coef"]
+
 def apply_moe_changes(model, changes: dict) -> None:
     "Change routing knobs (capacity factors, policies, jitter, ...) of every MoE layer of a loaded model, and of its config."
     from flanmoe_nb.moe import MoELayer
@@ -191,7 +195,7 @@ def apply_moe_changes(model, changes: dict) -> None:
     if model.cfg.decoder_moe is not None: model.cfg.decoder_moe = dataclasses.replace(model.cfg.decoder_moe, **changes)
     for m in model.modules():
         if isinstance(m, MoELayer):
-            m.cfg = dataclasses.replace(m.cfg, **changes); m.router.cfg = m.cfg
+            m.cfg = dataclasses.replace(m.cfg, **changes); m.router.cfg = m.cfg.routing
 
 # %% ../nbs/09_runs.ipynb #bb8ff928
 @dataclass
@@ -904,6 +908,7 @@ def stage_model(p: dict, vocab_size: int):
         kind = "moe" if net.cfg.moe is not None else "dense"
         if kind != p["model"]: raise ConfigError(f"model={p['model']!r} but init_checkpoint {str(init)!r} holds a {kind} model")
         apply_moe_changes(net, p["moe"])
+        set_loss_coefficients(net, p)
         return net
     cfg = model_config(p, vocab_size)
     torch.manual_seed(p["seed"])
@@ -926,10 +931,9 @@ def _ds_config(p: dict) -> str | None:
 def train_config(p: dict):
     "The stage's `TrainConfig` (checkpoints and metrics.jsonl in out_dir)."
     from flanmoe_nb import train as T
-    z = None if p["setup"] == 0 or p["z_coef"] is None else p["z_coef"]
     return T.TrainConfig(steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], optimizer=p["optimizer"],
                          schedule=p["schedule"], warmup_steps=p["warmup_steps"], bf16=p["bf16"], seed=p["seed"], bucket_factor=p["bucket_factor"],
-                         balance_coef=p["balance_coef"], z_coef=z, freeze=p["freeze"],
+                         freeze=p["freeze"],
                          expert_dropout=p["expert_dropout"], out_dir=p["out_dir"], ep_size=p["ep_size"],
                          engine=_engine(p), deepspeed_config=_ds_config(p),
                          compile=bool(p["torch_compile"]), progress=False)

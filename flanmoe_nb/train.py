@@ -45,7 +45,6 @@ TRAIN_SCHEMA = dict(
     schedule=Choice(*SCHEDULES), warmup_steps=Int(0), min_lr_ratio=Float(0, 1),
     grad_clip=Float(0, lo_open=True, none=True),       # None = no clipping
     bf16=Bool(), seed=Int(0, 2**32 - 1),                # numpy seeds are uint32
-    balance_coef=Float(0, none=True), z_coef=Float(0, none=True),
     freeze=Choice(*FREEZE), expert_dropout=Float(0, 1, hi_open=True, none=True),
     nan_policy=Choice(*NAN_POLICIES),
     max_consecutive_skips=Int(1, none=True),            # None = no limit
@@ -71,8 +70,6 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     bucket_factor: int = 0              # 0: random batches; k: similar lengths, sorted within random chunks of k batches
-    balance_coef: float | None = None   # None = model's
-    z_coef: float | None = None
     freeze: str = "none"
     expert_dropout: float | None = None # override the experts' dropout for this stage
     nan_policy: str = "skip"
@@ -178,11 +175,10 @@ def utilisation_entropy(counts: torch.Tensor) -> float:
     return float(h / math.log(len(c))) if len(c) > 1 else 1.0
 
 # %% ../nbs/07_train.ipynb #c66c574a
-def _coefs(model, cfg):
+def _coefs(model) -> tuple[float, float]:
+    "The model's auxiliary-loss coefficients `(balance_coef, z_coef)`; 0 for a model without a `ModelConfig`."
     mc = getattr(model, "cfg", None)
-    bc = cfg.balance_coef if cfg.balance_coef is not None else getattr(mc, "balance_coef", 0.0)
-    zc = cfg.z_coef if cfg.z_coef is not None else getattr(mc, "z_coef", 0.0)
-    return bc, zc
+    return getattr(mc, "balance_coef", 0.0), getattr(mc, "z_coef", 0.0)
 
 def _aside(path: Path, tag: str) -> Path:
     "A free name next to `path`: `metrics.jsonl` -> `metrics.<tag>.jsonl` (`-1`, `-2`... if taken)."
@@ -299,7 +295,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
         engine, opt, sched = deepspeed_engine(model, opt, sched, cfg, env)
         if found is not None: load_deepspeed_optimizer(found[0], opt, env, [found[1]["ranks"][r] for r in range(env.world_size)])
     _barrier(env)
-    bc, zc = _coefs(model, cfg)
+    bc, zc = _coefs(model)
     params = [p for p in model.parameters() if p.requires_grad]
     fwd = torch.compile(model) if cfg.compile else None     # checkpoints and gradients stay on `model`
     model.train()

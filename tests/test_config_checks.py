@@ -6,7 +6,7 @@ import torch
 
 from flanmoe_nb.checks import ConfigError
 from flanmoe_nb.routing import ROUTER_FIELDS, RouterConfig, validate_router_config
-from flanmoe_nb.moe import MOE_FIELDS, MOE_PRESETS, MoEConfig, MoELayer, moe_reference
+from flanmoe_nb.moe import MOE_ARGS, MOE_FIELDS, MOE_PRESETS, MoEConfig, MoELayer, moe_reference
 from flanmoe_nb.model import MODEL_FIELDS, _PRESETS, EncoderDecoder, ModelConfig
 
 torch.set_num_threads(1)
@@ -127,8 +127,9 @@ def test_schema_names_every_field(cls):
 
 
 def test_moe_schema_shares_router_schema():
-    assert all(MOE_FIELDS[k] is ROUTER_FIELDS[k] for k in ROUTER_FIELDS)
-    assert set(MOE_FIELDS) - set(ROUTER_FIELDS) == {"d_model", "d_ff", "activation", "expert_dropout"}
+    assert not set(MOE_FIELDS) & set(ROUTER_FIELDS)               # MoEConfig holds a RouterConfig, no copies
+    assert all(MOE_ARGS[k] is ROUTER_FIELDS[k] for k in ROUTER_FIELDS)
+    assert set(MOE_ARGS) - set(ROUTER_FIELDS) == {"d_model", "d_ff", "activation", "expert_dropout"}
 
 
 # ---- the sweep: every field rejects a value of the wrong type and values out of range
@@ -147,8 +148,9 @@ def bad_values(f):
     return out
 
 
+ARGS = {RouterConfig: ROUTER_FIELDS, MoEConfig: MOE_ARGS, ModelConfig: MODEL_FIELDS}  # what each constructor takes by name
 SWEEP = [pytest.param(cls, name, v, id=f"{cls.__name__}.{name}={v!r}")
-         for cls, (schema, _) in BASE.items() for name, f in schema.items() for v in bad_values(f)]
+         for cls, schema in ARGS.items() for name, f in schema.items() for v in bad_values(f)]
 
 
 @pytest.mark.parametrize("cls,name,value", SWEEP)
@@ -190,7 +192,7 @@ def test_validate_router_config_after_mutation():
 @pytest.mark.parametrize("p", list(MOE_PRESETS))
 def test_moe_presets_build(p):
     c = MoEConfig.preset(p, 16, 32, 8)
-    assert c.router_config().top_k == c.top_k
+    assert c.routing.top_k == c.top_k
     MoEConfig.preset(p, 16, 32, 8, activation="gated-gelu_new", expert_dropout=0.1)
 
 

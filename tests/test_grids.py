@@ -1,8 +1,9 @@
 """The committed grids (papermill_runs/*.yaml) run what they name: every grid loads, every MoE block reaches the
 model's MoEConfig exactly (the block's values, the preset's defaults for the rest), later stages change
-exactly their routing knobs on every MoE layer, and stage parameters reach the TrainConfig."""
+exactly their routing knobs on every MoE layer, and stage parameters reach the TrainConfig and the model's loss coefficients."""
 import dataclasses, functools, re
 from pathlib import Path
+from types import SimpleNamespace
 import pytest
 from flanmoe_nb import runs
 from flanmoe_nb.moe import MOE_PRESETS, MoEConfig, MoELayer
@@ -197,11 +198,14 @@ def test_stage_parameters_reach_train_config(path, rid, tmp_path, monkeypatch):
     setup = _setup(s)
     p = runs.experiment_params(setup=setup, **s.params)
     tc = runs.train_config({**p, "out_dir": str(tmp_path)})
-    for k in ("freeze", "balance_coef", "expert_dropout", "steps", "lr", "batch_size", "seed"):
+    for k in ("freeze", "expert_dropout", "steps", "lr", "batch_size", "seed"):
         want = s.params.get(k, runs.PARAMS[k].default)
         assert getattr(tc, k) == want, (rid, k, getattr(tc, k), want)
-    if setup != 0:   # setup 0's z-loss is the model's (from the MoE preset or z_coef); later stages override it when set
-        assert tc.z_coef == s.params.get("z_coef"), (rid, tc.z_coef)
+    if setup != 0:   # the loss coefficients belong to the model: a later stage sets them on the loaded one
+        net = SimpleNamespace(cfg=SimpleNamespace(balance_coef=0.5, z_coef=0.25))
+        runs.set_loss_coefficients(net, p)
+        assert net.cfg.balance_coef == s.params.get("balance_coef", runs.PARAMS["balance_coef"].default), rid
+        assert net.cfg.z_coef == (0.25 if s.params.get("z_coef") is None else s.params["z_coef"]), rid
 
 
 def test_ablation_stage_parameters_vary():
@@ -211,7 +215,11 @@ def test_ablation_stage_parameters_vary():
         return sorted({repr(runs.train_config({**runs.experiment_params(setup=_setup(s), **s.params), "out_dir": "x"}).__dict__[key])
                        for s in specs if _setup(s) == 2})
     assert values("ablation_freezing", "freeze") == sorted(map(repr, ["none", "router", "experts", "moe", "non_moe"]))
-    assert len(values("ablation_aux_losses", "balance_coef")) == 2 and len(values("ablation_aux_losses", "z_coef")) == 2
+    def coefs(s):   # what a setup-2 point sets on the model it loads
+        net = SimpleNamespace(cfg=SimpleNamespace(balance_coef=None, z_coef=None))
+        runs.set_loss_coefficients(net, runs.experiment_params(setup=2, **s.params)); return net.cfg.balance_coef, net.cfg.z_coef
+    _, specs = _grid(ROOT / "papermill_runs/ablation_aux_losses.yaml")
+    assert sorted({coefs(s) for s in specs if _setup(s) == 2}) == [(0.0, 0.0), (0.0, 0.001), (0.01, 0.0), (0.01, 0.001)]
     if (ROOT / "papermill_runs/ablation_expert_dropout.yaml").exists():
         assert len(values("ablation_expert_dropout", "expert_dropout")) >= 3
     cf = {s.id: s.params["moe"]["capacity_factor"] for s, _, _ in _moe_points(ROOT / "papermill_runs/ablation_capacity_factor.yaml")}

@@ -10,6 +10,7 @@ import _dist_worker as W
 import flanmoe_nb.train as T
 from flanmoe_nb.checks import ConfigError
 from flanmoe_nb.model import EncoderDecoder
+from flanmoe_nb.moe import MoEConfig
 from flanmoe_nb.train import TrainConfig, TRAIN_SCHEMA, TrainingDiverged, train, run_stage
 from flanmoe_nb.checkpoint import CheckpointError, load_model, latest_checkpoint, complete_checkpoints, model_config_from_dict
 
@@ -55,7 +56,7 @@ def test_schema_names_every_field():
     ("max_skipped_fraction", -0.1, ">= 0"), ("seed", -1, ">= 0"), ("out_dir", "", "non-empty"),
     ("deepspeed_config", 3, "a path, a dict or None"), ("expert_dropout", 1.0, "< 1"), ("min_lr_ratio", 2.0, "<= 1"),
     ("ckpt_every", -5, ">= 0"), ("log_every", 0, ">= 1"), ("eval_every", 1.5, "int"), ("ep_size", 0, ">= 1"),
-    ("weight_decay", -0.1, ">= 0"), ("balance_coef", float("nan"), "finite"), ("export_hf", 0, "True or False"),
+    ("weight_decay", -0.1, ">= 0"), ("lr", float("nan"), "finite"), ("export_hf", 0, "True or False"),
 ])
 def test_bad_values_fail_naming_field_value_and_allowed(field, value, allowed):
     with pytest.raises(ConfigError) as e:
@@ -215,7 +216,7 @@ def test_checkpoint_files_are_safetensors_json_and_weights_only(tmp_path):
     ck = Path(res.checkpoint)
     assert sorted(p.name for p in ck.iterdir()) == ["COMPLETE", "model.safetensors", "rank0.pt", "trainer.json"]
     meta = json.loads((ck / "trainer.json").read_text())
-    assert meta["format"] == 2 and meta["model_cfg"]["moe"]["num_experts"] == 4 and meta["train_cfg"]["steps"] == 1
+    assert meta["format"] == 2 and meta["model_cfg"]["moe"]["routing"]["num_experts"] == 4 and meta["train_cfg"]["steps"] == 1
     assert torch.serialization.get_unsafe_globals_in_checkpoint(ck / "rank0.pt") == []
 
 
@@ -250,7 +251,10 @@ def _to_legacy(ck: Path):
     torch.save(load_file(ck / "model.safetensors"), ck / "model.pt")
     meta = json.loads((ck / "trainer.json").read_text()); meta.pop("format")
     meta["model_cfg"] = model_config_from_dict(meta["model_cfg"])
-    torch.save(meta, ck / "trainer.pt")
+    flat = lambda m: {**{k: v for k, v in m.__dict__.items() if k != "routing"}, **m.routing.__dict__}
+    with pytest.MonkeyPatch.context() as mp:                            # format 1 pickled MoEConfig's fields flat
+        mp.setattr(MoEConfig, "__getstate__", flat, raising=False)
+        torch.save(meta, ck / "trainer.pt")
     rs = torch.load(ck / "rank0.pt", weights_only=True)
     n = rs["rng"]["numpy"]
     legacy_np = np.random.RandomState()
@@ -264,6 +268,7 @@ def test_previous_format_checkpoints_still_load_weights_only(tmp_path, reference
     older, newest = _two_checkpoints(tmp_path)
     for ck in (older, newest): _to_legacy(ck)
     assert "numpy.ndarray" in str(torch.serialization.get_unsafe_globals_in_checkpoint(newest / "rank0.pt"))
+    assert "RouterConfig" not in str(torch.serialization.get_unsafe_globals_in_checkpoint(newest / "trainer.pt"))
     m = load_model(tmp_path / "checkpoints").eval()
     b = W.batches(1)[0]
     ref = train(model(), W.batches(3), cfg(tmp_path / "ref4", steps=4))
