@@ -6,13 +6,16 @@ Modules:
 - `flanmoe_nb.batches`: Resumable streams of micro-batches: a seeded per-epoch order sharded over data-parallel ranks, optional length bucketing, and the position a checkpoint stores.
 - `flanmoe_nb.bench`: `flanmoe bench moe`: this project's MoE FFN against a dense FFN of equal active FLOPs (the limit), the HF Switch Transformers MLP, a GShard one-hot einsum dispatch and `torch._grouped_mm`, side by side.
 - `flanmoe_nb.checkpoint`: Atomic, resumable training checkpoints: weights as safetensors, trainer state as JSON, one weights-only rank file per process; a crash never leaves a half-written one, and reading never runs code.
-- `flanmoe_nb.data`: An offline FLAN-style instruction mixture: procedural tasks in clusters, natural-language templates (zero-/few-shot, with/without options), capped examples-proportional mixing with held-out clusters, a span-corruption pretraining corpus, a locally trained T5-style tokenizer, collation and packing.
+- `flanmoe_nb.collate`: Padded torch batches from token rows (T5's shifted decoder inputs, segment ids for packed rows), length-bucketed batching and T5-style packing.
+- `flanmoe_nb.corpus`: English prose shipped with Python (and any local text) for pretraining, and T5 span corruption: the noise mask, sentinel inputs and targets, and the lengths they need.
+- `flanmoe_nb.data`: The data pipeline's configuration and builders: one `DataConfig` with presets, an Arrow cache keyed by config, and the tokenized instruction mixture, task splits, eval prompts and pretraining corpus.
 - `flanmoe_nb.eval`: Answer normalisation, exact match and task scorers, rank classification over answer options, greedy-generation evaluation, few-shot prompts, and per-task / per-cluster / held-out aggregates.
 - `flanmoe_nb.extension`: Loading the compiled extension `flanmoe_nb._C`, its host memory cache, and the choice of a kernel path by measurement, per machine.
 - `flanmoe_nb.gemm`: The expert products: `grouped_mm` and its weight gradient, the CPU kernels that run them and how a path is chosen per shape, and the dense products on the same kernels.
 - `flanmoe_nb.hf`: Convert transformers' `T5ForConditionalGeneration` and `SwitchTransformersForConditionalGeneration` to and from our `EncoderDecoder`, with logit, routing and round-trip parity.
 - `flanmoe_nb.kernels`: Every compiled op of the extension and its pure-PyTorch twin in one namespace, `import flanmoe_nb.kernels as K`: the MoE ops, the grouped GEMM, the T5 layer ops and the extension's controls.
 - `flanmoe_nb.layer_ops`: The T5 layer's own ops: dropout, attention with a learned bias, RMS norm and token cross-entropy, each one compiled op per direction on CPU, with its pure-PyTorch twin.
+- `flanmoe_nb.mixture`: Examples-proportional mixing with a cap, and the held-out clusters of setup (ii) with the check that none of their tasks, clusters or questions reach a training split.
 - `flanmoe_nb.model`: T5-style encoder-decoder, dense or with MoE in every `sparse_step`-th FFN: config, modules in data-flow order, loss with router losses, greedy generation with a KV cache, FLOPs/parameter counter and sparse upcycling.
 - `flanmoe_nb.moe`: `MoEConfig`, the sparse `MoELayer` (router + expert bank on the grouped-GEMM kernels), the dense FFN it replaces, sparse upcycling, and a per-token reference implementation.
 - `flanmoe_nb.moe_ops`: The sparse layer's own ops: the routing plan, permute and unpermute, the expert FFN and the whole softmax top-k MoE FFN, each with its pure-PyTorch twin.
@@ -21,6 +24,8 @@ Modules:
 - `flanmoe_nb.plan`: Before a job is queued: does a preset fit N GPUs on M nodes, what will its memory, FLOPs and all-to-all cost per device, and about how long will a step take? `flanmoe plan` answers from the project's own model definition, and every figure is checked against a measurement or a published formula.
 - `flanmoe_nb.routing`: Routers for sparse MoE layers: token-choice top-k (Switch, GShard, ST-MoE) and expert choice, expert capacity, and the load-balancing and z auxiliary losses.
 - `flanmoe_nb.runs`: The papermill grid runner: grid files in `papermill_runs/*.yaml`, one executed notebook per parameter set, dependencies between stages, skip-if-done, failures kept with their traceback, and the results table.
+- `flanmoe_nb.tasks`: The offline FLAN tasks: reasoning-gym generators in clusters, their splits and scorers, the natural-language templates and answer options of each prompt, and local FLAN-format files.
+- `flanmoe_nb.tokenizer`: A byte-level BPE tokenizer trained locally with HF `tokenizers`, with T5's ids (pad 0, eos 1, unk 2) and the `<extra_id_*>` sentinels at the top of the vocabulary.
 - `flanmoe_nb.train`: A plain training loop: Adafactor/AdamW, warmup schedules, clipping and accumulation, bf16 autocast, freezing knobs, NaN guards, atomic checkpoints with exact resume, expert parallelism and a DeepSpeed path."""
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['ConfigError', 'Field', 'Int', 'Float', 'Bool', 'Choice', 'Str', 'Seq', 'Map', 'Any_', 'check_config', 'check_mapping',
-           'did_you_mean']
+           'did_you_mean', 'raise_unknown']
 
 # %% ../nbs/00_checks.ipynb #3dada649
 class ConfigError(ValueError):
@@ -134,3 +134,9 @@ def did_you_mean(name, known) -> str:
     "'; did you mean 'x'?' for the closest names in `known`, or the list of known names."
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=3, cutoff=0.6)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else f" (known: {', '.join(sorted(map(str, known)))})"
+
+def raise_unknown(what: str, name, known):
+    "Raise `KeyError` naming the unknown `name` and its closest matches among `known`."
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; known: {', '.join(sorted(map(str, known)))}"
+    raise KeyError(f"unknown {what} {name!r}{hint}")
