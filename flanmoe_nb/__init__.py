@@ -10,10 +10,13 @@ Modules:
 - `flanmoe_nb.corpus`: English prose shipped with Python (and any local text) for pretraining, and T5 span corruption: the noise mask, sentinel inputs and targets, and the lengths they need.
 - `flanmoe_nb.data`: The data pipeline's configuration and builders: one `DataConfig` with presets, an Arrow cache keyed by config, and the tokenized instruction mixture, task splits, eval prompts and pretraining corpus.
 - `flanmoe_nb.eval`: Answer normalisation, exact match and task scorers, rank classification over answer options, greedy-generation evaluation, few-shot prompts, and per-task / per-cluster / held-out aggregates.
+- `flanmoe_nb.experiment`: One stage of an experiment end to end: its data and model (fresh, or the starting run's checkpoint), training in this process or under a launcher, and `eval.json` with expert specialisation.
 - `flanmoe_nb.extension`: Loading the compiled extension `flanmoe_nb._C`, its host memory cache, and the choice of a kernel path by measurement, per machine.
 - `flanmoe_nb.gemm`: The expert products: `grouped_mm` and its weight gradient, the CPU kernels that run them and how a path is chosen per shape, and the dense products on the same kernels.
+- `flanmoe_nb.grid`: `papermill_runs/*.yaml` parsed into checked run specs: products of parameters, `${run_id}` stage dependencies in run order, the setup notebooks' parameter schemas, and notebook copies for papermill.
 - `flanmoe_nb.hf`: Convert transformers' `T5ForConditionalGeneration` and `SwitchTransformersForConditionalGeneration` to and from our `EncoderDecoder`, with logit, routing and round-trip parity.
 - `flanmoe_nb.kernels`: Every compiled op of the extension and its pure-PyTorch twin in one namespace, `import flanmoe_nb.kernels as K`: the MoE ops, the grouped GEMM, the T5 layer ops and the extension's controls.
+- `flanmoe_nb.launch`: Training a stage on several processes or nodes: `torchrun` (one node, or one per node of a hostfile, by ssh), the DeepSpeed launcher with its hostfile, and a Slurm batch script.
 - `flanmoe_nb.layer_ops`: The T5 layer's own ops: dropout, attention with a learned bias, RMS norm and token cross-entropy, each one compiled op per direction on CPU, with its pure-PyTorch twin.
 - `flanmoe_nb.mixture`: Examples-proportional mixing with a cap, and the held-out clusters of setup (ii) with the check that none of their tasks, clusters or questions reach a training split.
 - `flanmoe_nb.model`: T5-style encoder-decoder, dense or with MoE in every `sparse_step`-th FFN: config, modules in data-flow order, loss with router losses, greedy generation with a KV cache, FLOPs/parameter counter and sparse upcycling.
@@ -21,7 +24,9 @@ Modules:
 - `flanmoe_nb.moe_ops`: The sparse layer's own ops: the routing plan, permute and unpermute, the expert FFN and the whole softmax top-k MoE FFN, each with its pure-PyTorch twin.
 - `flanmoe_nb.optim`: Freezing knobs, parameter groups with the experts on their own, Adafactor per expert (T5 / FLAN) or fused AdamW, and the learning-rate schedules.
 - `flanmoe_nb.parallel`: One process per device (torchrun or the deepspeed launcher), expert-parallel MoE layers whose tokens travel by all-to-all with variable splits, gradient sync, and world-size-free state dicts.
+- `flanmoe_nb.params`: Every setup notebook's parameters declared once (default, allowed values, meaning, setups), the grid's MoE block, and the model configuration and loss settings they give a stage.
 - `flanmoe_nb.plan`: Before a job is queued: does a preset fit N GPUs on M nodes, what will its memory, FLOPs and all-to-all cost per device, and about how long will a step take? `flanmoe plan` answers from the project's own model definition, and every figure is checked against a measurement or a published formula.
+- `flanmoe_nb.results`: The lab book: every run folder into one table, the tidy `results.csv`, comparisons with the committed results, exports of finished runs, and the training plots of the setup notebooks.
 - `flanmoe_nb.routing`: Routers for sparse MoE layers: token-choice top-k (Switch, GShard, ST-MoE) and expert choice, expert capacity, and the load-balancing and z auxiliary losses.
 - `flanmoe_nb.runs`: The papermill grid runner: grid files in `papermill_runs/*.yaml`, one executed notebook per parameter set, dependencies between stages, skip-if-done, failures kept with their traceback, and the results table.
 - `flanmoe_nb.tasks`: The offline FLAN tasks: reasoning-gym generators in clusters, their splits and scorers, the natural-language templates and answer options of each prompt, and local FLAN-format files.

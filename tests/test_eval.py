@@ -241,3 +241,25 @@ def test_score_options_encodes_each_prompt_once_with_the_same_scores():
         got = [s for row in ev.score_options(m, xs, opts, batch_size=bs) for s in row]
         assert got == pytest.approx(ref, abs=1e-4)
         assert sum(calls) == len(xs)          # every prompt encoded exactly once
+
+
+def test_validation_ce_is_token_weighted_and_order_free():
+    "Batched in length order, the token-weighted CE equals the per-row computation in any row order."
+    import random, torch
+    from types import SimpleNamespace
+    from flanmoe_nb.model import ModelConfig, EncoderDecoder
+    torch.manual_seed(0)
+    m = EncoderDecoder(ModelConfig.preset("tiny", vocab_size=40)).eval()
+    rng = random.Random(0)
+    rows = [dict(input_ids=[rng.randrange(3, 40) for _ in range(rng.randrange(2, 30))] + [1],
+                 labels=[rng.randrange(3, 40) for _ in range(rng.randrange(1, 6))] + [1]) for _ in range(23)]
+    tok = SimpleNamespace(pad_token_id=0)
+    tot = n = 0.0
+    with torch.no_grad():
+        for r in rows:
+            x, y = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+            tot += float(m(input_ids=x, attention_mask=x.ne(0), labels=y).ce_loss) * y.numel(); n += y.numel()
+    got = ev.validation_ce(m, rows, tok, torch.device("cpu"), batch_size=5)
+    assert got == pytest.approx(tot / n, abs=2e-5)
+    assert ev.validation_ce(m, rows[::-1], tok, torch.device("cpu"), batch_size=7) == pytest.approx(got, abs=2e-5)
+    assert ev.validation_ce(m, [], tok, torch.device("cpu")) is None

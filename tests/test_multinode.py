@@ -22,7 +22,7 @@ def params(**kw):
 
 def test_torchrun_one_node_is_standalone():
     (host, cmd), = runs.launch_commands(params(launcher="torchrun", nproc=4), "/x/run/stage.json")
-    assert cmd == [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "flanmoe_nb.runs", "/x/run/stage.json"]
+    assert cmd == [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "flanmoe_nb.experiment", "/x/run/stage.json"]
 
 
 def test_torchrun_two_nodes_on_localhost_share_one_rendezvous():
@@ -30,7 +30,7 @@ def test_torchrun_two_nodes_on_localhost_share_one_rendezvous():
     assert [h for h, _ in cmds] == ["localhost", "localhost"]
     for i, (_, cmd) in enumerate(cmds):
         assert cmd == [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
-                       "--master_addr=127.0.0.1", "--master_port=31234", "-m", "flanmoe_nb.runs", "/x/s.json"]
+                       "--master_addr=127.0.0.1", "--master_port=31234", "-m", "flanmoe_nb.experiment", "/x/s.json"]
 
 
 def test_hostfile_nodes_go_by_ssh(tmp_path):
@@ -41,7 +41,7 @@ def test_hostfile_nodes_go_by_ssh(tmp_path):
     assert "--node_rank=1 --master_addr=node-a --master_port=29500" in cmds[1][1][2]
     (_, ds), = runs.launch_commands(params(launcher="deepspeed", nodes=2, nproc=8, hostfile=str(hf)), "/x/s.json")
     assert Path(ds[0]).name == "deepspeed" and ds[1:] == ["--num_gpus=8", "--num_nodes=2", f"--hostfile={hf}", "--master_addr=node-a",
-                  "--master_port=29500", "--module", "flanmoe_nb.runs", "/x/s.json"]
+                  "--master_port=29500", "--module", "flanmoe_nb.experiment", "/x/s.json"]
 
 
 def test_slurm_script_starts_one_torchrun_per_node():
@@ -86,7 +86,7 @@ def test_grid_dry_run_prints_every_points_commands(tmp_path, capsys):
     assert runs.grid_main([str(tmp_path / "papermill_runs/g.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     s0 = tmp_path / "papermill_runs/g/s0"
-    assert f"--node_rank=1 --master_addr=127.0.0.1 --master_port=30001 -m flanmoe_nb.runs {s0}/stage.json" in out
+    assert f"--node_rank=1 --master_addr=127.0.0.1 --master_port=30001 -m flanmoe_nb.experiment {s0}/stage.json" in out
     assert out.count("[localhost]") == 3 and "#SBATCH --nodes=2" in out
     assert not (tmp_path / "papermill_runs/g").exists()             # nothing ran
 

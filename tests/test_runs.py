@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 import nbformat, pytest, yaml
-from flanmoe_nb import runs
+from flanmoe_nb import grid, runs
 
 
 def _nb(path, body):
@@ -118,7 +118,7 @@ def test_experiment_notebooks_have_parameters_cells():
     root = Path(__file__).resolve().parents[1] / "nbs/experiments"
     for nb in sorted(root.glob("*.ipynb")):
         cells = [c for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
-        assert any(runs._PARAM_MARK.match(c.source) for c in cells), nb.name
+        assert any(grid._PARAM_MARK.match(c.source) for c in cells), nb.name
     p = runs.experiment_params(setup=1, model="moe", init_checkpoint="x")
     assert p["task"] == "syllogism" and p["moe"] == {}
     with pytest.raises(ValueError, match="init_checkpoint"): runs.experiment_params(setup=3)
@@ -222,28 +222,6 @@ def test_scrub_paths_removes_run_project_and_python_prefix(tmp_path):
     text = nb.read_text()
     assert str(tmp_path) not in text and sys.prefix not in text
     assert json.loads(text)["cells"][0]["outputs"][0]["text"] == ["./eval.json", "<python>/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning"]
-
-
-def test_validation_ce_is_token_weighted_and_order_free():
-    "Batched in length order, the token-weighted CE equals the per-row computation in any row order."
-    import random, torch
-    from types import SimpleNamespace
-    from flanmoe_nb.model import ModelConfig, EncoderDecoder
-    torch.manual_seed(0)
-    m = EncoderDecoder(ModelConfig.preset("tiny", vocab_size=40)).eval()
-    rng = random.Random(0)
-    rows = [dict(input_ids=[rng.randrange(3, 40) for _ in range(rng.randrange(2, 30))] + [1],
-                 labels=[rng.randrange(3, 40) for _ in range(rng.randrange(1, 6))] + [1]) for _ in range(23)]
-    tok = SimpleNamespace(pad_token_id=0)
-    tot = n = 0.0
-    with torch.no_grad():
-        for r in rows:
-            x, y = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
-            tot += float(m(input_ids=x, attention_mask=x.ne(0), labels=y).ce_loss) * y.numel(); n += y.numel()
-    got = runs.validation_ce(m, rows, tok, torch.device("cpu"), batch_size=5)
-    assert got == pytest.approx(tot / n, abs=2e-5)
-    assert runs.validation_ce(m, rows[::-1], tok, torch.device("cpu"), batch_size=7) == pytest.approx(got, abs=2e-5)
-    assert runs.validation_ce(m, [], tok, torch.device("cpu")) is None
 
 
 CKPT_STAGE = """import json, pathlib
