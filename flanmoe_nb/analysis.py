@@ -29,6 +29,7 @@ __all__ = ['ROUTING_COLUMNS', 'CHOICES', 'SUMMARY_COLUMNS', 'RESAMPLE', 'VERDICT
 
 # %% ../nbs/08a_analysis.ipynb #979d1bd2
 ROUTING_COLUMNS = ["layer", "side", "block", "cluster", "held_out", "expert", "tokens"]
+
 CHOICES = ("top1", "all")
 
 def moe_layers(model) -> list:
@@ -40,10 +41,12 @@ def moe_layers(model) -> list:
             if isinstance(getattr(blk, "ffn", None), MoELayer): out.append((len(out), side, b, blk.ffn))
     return out
 
+# %% ../nbs/08a_analysis.ipynb #ef1a21dc
 def layer_label(side: str, block: int) -> str:
     "Short name of an MoE layer, e.g. `enc.1`, `dec.3`."
     return f"{side[:3]}.{int(block)}"
 
+# %% ../nbs/08a_analysis.ipynb #884ec962
 @contextmanager
 def dropless(model):
     "Inside the block, every token-choice router of `model` runs without an eval capacity limit (expert choice keeps its own); configs and `model.training` are restored on exit."
@@ -149,6 +152,7 @@ def mi_bits(counts) -> float:
     p = n / N
     return float(max(_entropy_bits(p.sum(1)) + _entropy_bits(p.sum(0)) - _entropy_bits(p), 0.0))
 
+# %% ../nbs/08a_analysis.ipynb #2f7ed40a
 def _mi_many(tables: np.ndarray) -> np.ndarray:
     "Plug-in MI in bits of each table of `[S, R, E]` counts (same total)."
     N = tables.sum((1, 2)).astype(float)[:, None, None]
@@ -169,6 +173,7 @@ def shuffled_tables(counts, n_shuffle: int = 1000, seed: int = 0) -> np.ndarray:
         out[s, :, -1] = rem
     return out
 
+# %% ../nbs/08a_analysis.ipynb #ff8ddac8
 def contingency(table: pd.DataFrame, layer: int) -> pd.DataFrame:
     "Counts of one layer of a routing table: rows = clusters (in-distribution first, then held out), columns = experts."
     t = table[table.layer == layer]
@@ -260,6 +265,7 @@ def specialisation_summary(tables_by_stage: Mapping, n_shuffle: int = 1000, seed
     df["stage"] = pd.Categorical(df["stage"], categories=[str(s) for s in tables_by_stage], ordered=True)
     return df
 
+# %% ../nbs/08a_analysis.ipynb #b9dc9a15
 def plot_specialisation_stages(summary: pd.DataFrame, metric: str = "mi", title: str | None = None):
     "MI (solid) and its control's 95th percentile (dashed) per MoE layer across stages -> `Figure` (None if `summary` is empty)."
     import matplotlib.pyplot as plt
@@ -280,6 +286,7 @@ def plot_specialisation_stages(summary: pd.DataFrame, metric: str = "mi", title:
     if title: ax.set_title(title)
     return fig
 
+# %% ../nbs/08a_analysis.ipynb #c06a1615
 def save_routing(table: pd.DataFrame, out_dir) -> Path:
     "Write `routing.csv` (and `routing.json` with the table's attrs) into `out_dir` -> the CSV path."
     _check_table(table)
@@ -288,6 +295,7 @@ def save_routing(table: pd.DataFrame, out_dir) -> Path:
     (out / "routing.json").write_text(json.dumps({"columns": list(table.columns), "attrs": dict(table.attrs)}, default=str, indent=1))
     return out / "routing.csv"
 
+# %% ../nbs/08a_analysis.ipynb #2e54516e
 def load_routing(out_dir) -> pd.DataFrame:
     "The routing table saved by `save_routing` in `out_dir` (FileNotFoundError naming the path if absent)."
     p = Path(out_dir) / "routing.csv"
@@ -323,11 +331,13 @@ def betainc(a: float, b: float, x: float) -> float:
     if x < (a + 1) / (a + b + 2): return math.exp(lbt) * _betacf(a, b, x) / a
     return 1 - math.exp(lbt) * _betacf(b, a, 1 - x) / b
 
+# %% ../nbs/08a_analysis.ipynb #ab28405f
 def t_cdf(t: float, df: float) -> float:
     "Student-t cumulative distribution function."
     tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
     return 1 - tail if t > 0 else tail
 
+# %% ../nbs/08a_analysis.ipynb #aad0a33b
 def t_ppf(q: float, df: float) -> float:
     "Student-t quantile (inverse of `t_cdf`), by bisection."
     if not 0 < q < 1: raise ValueError(f"q must be in (0, 1) (got q={q!r})")
@@ -366,6 +376,7 @@ def mean_ci(values, level: float = 0.95) -> dict:
     hw = t_ppf((1 + level) / 2, n - 1) * se
     return dict(mean=mean, low=mean - hw, high=mean + hw, half_width=hw, sd=sd, se=se, n=n, level=level, note="")
 
+# %% ../nbs/08a_analysis.ipynb #cee1efe4
 def format_ci(ci: dict, digits: int = 3) -> str:
     "`mean ± half-width [low, high] (n=...)` from `mean_ci` (or `diff [low, high]` from `paired_bootstrap`)."
     f = lambda v: f"{v:.{digits}f}"
@@ -425,6 +436,7 @@ def exact_sign_test(a, b) -> dict:
     pos, neg = int((d > 0).sum()), int((d < 0).sum())
     return dict(n_pos=pos, n_neg=neg, n_ties=int(d.size - pos - neg), diff=float(d.mean()), p_value=_binom_two_sided(min(pos, neg), pos + neg))
 
+# %% ../nbs/08a_analysis.ipynb #38640dc1
 def mcnemar(a, b) -> dict:
     "Exact McNemar test for binary (0/1) per-item scores: `exact_sign_test` after checking the scores are 0/1."
     for name, x in (("a", a), ("b", b)):
@@ -435,6 +447,7 @@ def mcnemar(a, b) -> dict:
 
 # %% ../nbs/08a_analysis.ipynb #ad232aca
 VERDICTS = ("reproduced", "opposite", "inconclusive at this power")
+
 _SIGNS = {1: 1, -1: -1, "+": 1, "-": -1, "positive": 1, "negative": -1}
 
 def verdict(ci_low: float, ci_high: float, expected_sign=1) -> str:
@@ -449,6 +462,7 @@ def verdict(ci_low: float, ci_high: float, expected_sign=1) -> str:
     if ci_high < 0: return VERDICTS[0] if sign < 0 else VERDICTS[1]
     return VERDICTS[2]
 
+# %% ../nbs/08a_analysis.ipynb #e4dda93f
 def above_baseline(acc: float, n: int, baseline: float, k: float = 2, se_from: str = "acc") -> dict:
     "Whether `acc` >= `baseline` + `k` binomial SEs over `n` items -> `dict(passes, margin_se, se, threshold, ...)`."
     for name, v in (("acc", acc), ("baseline", baseline)):

@@ -30,6 +30,7 @@ class Shape:
     "One benchmark point."
     T: int = 4096; d: int = 512; f: int = 2048; E: int = 8; k: int = 1; dtype: str = "fp32"
 
+# %% ../nbs/10_bench.ipynb #db599333
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}   # fp16: CUDA only
 
 def make_inputs(s: Shape, seed: int = 0) -> dict:
@@ -41,6 +42,7 @@ def make_inputs(s: Shape, seed: int = 0) -> dict:
                 w_out=r(s.E, s.f, s.d, scale=s.f ** -0.5), w1=r(s.d, s.k * s.f, scale=s.d ** -0.5),
                 w2=r(s.k * s.f, s.d, scale=s.f ** -0.5))
 
+# %% ../nbs/10_bench.ipynb #ac731068
 def _step(fn, params):
     "A method: `fn(*params) -> y` with fresh leaf copies of `params` (all differentiated)."
     return fn, [p.detach().requires_grad_() for p in params]
@@ -74,11 +76,13 @@ def build_flanmoe(s, inp):
         return K.moe_ffn(x, x.float() @ router.float().T, w_in, w_out, top_k=s.k)[0]
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+# %% ../nbs/10_bench.ipynb #b8a5a793
 def build_flanmoe_blas(s, inp):
     "`flanmoe` with its CPU expert GEMMs switched off: every expert product goes to BLAS (CPU only; n/a where they never run)."
     if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"]: return None
     return (*build_flanmoe(s, inp), lambda: K.use_cpu_gemm("blas"))
 
+# %% ../nbs/10_bench.ipynb #a6d9591e
 @contextlib.contextmanager
 def _gemm_prefetch(on: bool):
     "The fp32 NN kernel's next-weight-block prefetch switched on (or off) inside the block."
@@ -91,6 +95,7 @@ def build_flanmoe_prefetch(s, inp):
     if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"] or not hasattr(_C, "set_gemm_prefetch"): return None
     return (*build_flanmoe(s, inp), lambda: _gemm_prefetch(True))
 
+# %% ../nbs/10_bench.ipynb #93d93191
 def build_dense_gmm(s, inp):
     "The same dense FFN as `dense` through this project's ops with one group (relu fused into the second product on CPU, as in the MoE path): the limit for its own kernels."
     one = torch.tensor([s.T])
@@ -100,10 +105,12 @@ def build_dense_gmm(s, inp):
         return K.grouped_mm(F.relu(h), w2[None], one)
     return _step(fn, [inp["x"], inp["w1"], inp["w2"]])
 
+# %% ../nbs/10_bench.ipynb #ea76e9ac
 def build_dense(s, inp):
     "The limit: one dense FFN with the same active FLOPs (d_ff = k*f), plain torch matmuls."
     return _step(lambda x, w1, w2: F.relu(x @ w1) @ w2, [inp["x"], inp["w1"], inp["w2"]])
 
+# %% ../nbs/10_bench.ipynb #05160219
 def build_hf(s, inp):
     "HF transformers `SwitchTransformersSparseMLP` (top-1 only, Python loop over experts), capacity = T."
     if s.k != 1: return None
@@ -119,6 +126,7 @@ def build_hf(s, inp):
             mlp.experts[f"expert_{e}"].wo.weight.copy_(inp["w_out"][e].T)
     return (lambda x, *ws: mlp(x[None])[0]), [inp["x"].detach().requires_grad_()] + list(mlp.parameters())
 
+# %% ../nbs/10_bench.ipynb #454ab253
 def build_einsum(s, inp):
     "GShard/DeepSpeed style: one-hot dispatch/combine tensors [T, E, C] and einsums (C = largest load)."
     def fn(x, router, w_in, w_out):
@@ -134,6 +142,7 @@ def build_einsum(s, inp):
         return torch.einsum("tec,ecd->td", combine, ye)
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+# %% ../nbs/10_bench.ipynb #99175bab
 def build_torch_gmm(s, inp):
     "`torch._grouped_mm` on tokens sorted by expert (where this torch supports it on the device)."
     if not hasattr(torch, "_grouped_mm"): return None
@@ -151,6 +160,7 @@ def build_torch_gmm(s, inp):
     except (RuntimeError, NotImplementedError): return None
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+# %% ../nbs/10_bench.ipynb #348cf51c
 def _layer_config(s):
     "The `MoEConfig` of the layer methods at shape `s`: dropless, gates not renormalised (as `flanmoe`)."
     from flanmoe_nb.moe import MoEConfig
@@ -165,6 +175,7 @@ def build_moe_layer(s, inp):
         return y, aux.balance_loss + aux.z_loss          # the aux losses are part of the step (no pass over y to add them)
     return _step(fn, [inp["x"], inp["router"], inp["w_in"], inp["w_out"]])
 
+# %% ../nbs/10_bench.ipynb #ee4e301e
 def build_router(s, inp):
     "The `MoELayer`'s router module alone (logits, softmax, top-k, plan, balance and z losses, gate weights), fwd+bwd w.r.t. x and its weight."
     from flanmoe_nb.routing import Router
@@ -174,6 +185,7 @@ def build_router(s, inp):
         return plan.weights, plan.balance_loss + plan.z_loss
     return _step(fn, [inp["x"], inp["router"]])
 
+# %% ../nbs/10_bench.ipynb #3c5e040b
 def build_experts_gemm(s, inp):
     "The expert FFN alone: grouped_mm -> relu -> grouped_mm on tokens already in expert order (the routing of `flanmoe`, computed outside the step)."
     with torch.no_grad():
@@ -210,6 +222,7 @@ def time_methods(s: Shape, methods: list[str], reps: int = 3) -> dict:
             t0 = time.perf_counter(); r(); best[m] = min(best[m], time.perf_counter() - t0)
     return best
 
+# %% ../nbs/10_bench.ipynb #535d977e
 def _status_kib(field: str) -> int:
     "A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: resident peak)."
     with open("/proc/self/status") as fh:
@@ -277,6 +290,7 @@ def machine_rates(dtype: str = "fp32", T: int = 4096, d: int = 512, f: int = 204
     tg = best(lambda: x @ w, reps)
     return dict(copy_gbs=2 * a.numel() * 4 / tc / 1e9, gemm_gflops=2 * T * d * f / tg / 1e9)
 
+# %% ../nbs/10_bench.ipynb #e957aa92
 def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flanmoe") -> dict | None:
     """Where a measured MoE FFN step stands against this machine: its GFLOP/s, the expert-weight traffic a step must
     make (read twice, forward and input gradient; weight gradients written once) in GB/s, and the floor
@@ -291,6 +305,7 @@ def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flan
                 bound="memory" if t_memory > t_compute else "compute", over_floor=t / max(t_compute, t_memory),
                 over_sum=t / (t_compute + t_memory))
 
+# %% ../nbs/10_bench.ipynb #cc5db87c
 def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2), dtypes=("fp32",),
                   methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=None) -> list[dict]:
     "Time every method at every (dtype, k, E); print a table with ratios vs dense; return the rows."
@@ -444,6 +459,7 @@ def machine_info() -> dict:
                 blas=blas + (", oneDNN" if torch.backends.mkldnn.is_available() else ""),
                 threads=fp["threads"], torch=fp["torch"], **K.kernel_paths())
 
+# %% ../nbs/10_bench.ipynb #1427ed99
 def machine_line() -> str:
     "`machine_info()` as the one line every benchmark prints first."
     m = machine_info()
@@ -451,6 +467,7 @@ def machine_line() -> str:
              f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if m["bf16_expert_gemm"] else ""
     return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; torch {m['torch']}{paths}"
 
+# %% ../nbs/10_bench.ipynb #19e541b9
 def main(argv: list[str] | None = None) -> int:
     "`flanmoe bench moe|gmm|attn|train [--quick] [...]`: print the MoE FFN, grouped-GEMM, attention or training-throughput table."
     p = argparse.ArgumentParser(prog="flanmoe bench", description="Benchmarks: `moe` (the compiled MoE FFN against "

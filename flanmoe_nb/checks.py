@@ -17,6 +17,7 @@ __all__ = ['ConfigError', 'Field', 'Int', 'Float', 'Bool', 'Choice', 'Str', 'Seq
 class ConfigError(ValueError):
     "A config field or grid parameter with a value outside its declared range."
 
+# %% ../nbs/00_checks.ipynb #def70d22
 def _num(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 @dataclass(frozen=True)
@@ -81,30 +82,37 @@ def Int(lo=None, hi=None, none: bool = False) -> Field:
     "An int (never a bool) in `[lo, hi]`."
     return Field("int", lo, hi, none=none)
 
+# %% ../nbs/00_checks.ipynb #c84bd92e
 def Float(lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, none: bool = False, finite: bool = True) -> Field:
     "A finite int or float (never a bool, never NaN) within the bounds; `lo_open`/`hi_open` exclude a bound."
     return Field("float", lo, hi, lo_open, hi_open, none=none, finite=finite)
 
+# %% ../nbs/00_checks.ipynb #e0d976b3
 def Bool(none: bool = False) -> Field:
     "True or False (not 0/1, not 'yes')."
     return Field("bool", none=none)
 
+# %% ../nbs/00_checks.ipynb #1c0590ec
 def Choice(*values, none: bool = False) -> Field:
     "One of `values` (same type too: `1` is not `True`)."
     return Field("choice", choices=tuple(values), none=none)
 
+# %% ../nbs/00_checks.ipynb #29862a26
 def Str(nonempty: bool = False, none: bool = False) -> Field:
     "A string."
     return Field("str", none=none, nonempty=nonempty)
 
+# %% ../nbs/00_checks.ipynb #2ff25506
 def Seq(item: Field | None = None, none: bool = False) -> Field:
     "A list or tuple whose items each satisfy `item` (lists come back as tuples)."
     return Field("seq", item=item, none=none)
 
+# %% ../nbs/00_checks.ipynb #a112cb1b
 def Map(none: bool = False) -> Field:
     "A dict."
     return Field("map", none=none)
 
+# %% ../nbs/00_checks.ipynb #7c332aa6
 def Any_(none: bool = True) -> Field:
     "Anything (for fields checked elsewhere, such as nested configs)."
     return Field("any", none=none)
@@ -120,6 +128,7 @@ def check_config(obj, schema: dict, skip: tuple = ()) -> None:
         v = f.check(name, getattr(obj, name), owner)
         if v is not getattr(obj, name): object.__setattr__(obj, name, v)
 
+# %% ../nbs/00_checks.ipynb #43c2e75c
 def check_mapping(values: dict, schema: dict, where: str = "") -> dict:
     "Check a dict of parameters against `schema`: unknown names (with the closest valid one) and bad values are `ConfigError`s."
     out = {}
@@ -130,11 +139,13 @@ def check_mapping(values: dict, schema: dict, where: str = "") -> dict:
         except ConfigError as e: raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
     return out
 
+# %% ../nbs/00_checks.ipynb #de32b254
 def did_you_mean(name, known) -> str:
     "'; did you mean 'x'?' for the closest names in `known`, or the list of known names."
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=3, cutoff=0.6)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else f" (known: {', '.join(sorted(map(str, known)))})"
 
+# %% ../nbs/00_checks.ipynb #62ce574b
 def raise_unknown(what: str, name, known):
     "Raise `KeyError` naming the unknown `name` and its closest matches among `known`."
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=5, cutoff=0.5)

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_docs)
     return p
 
+# %% ../nbs/12_cli.ipynb #58351620
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `flanmoe` console script."
     argv = sys.argv[1:] if argv is None else list(argv)

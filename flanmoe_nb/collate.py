@@ -28,6 +28,7 @@ def pack_dataset(ds, max_inputs_len: int, max_targets_len: int):
     flush()
     return Dataset.from_list(out)
 
+# %% ../nbs/06e_collate.ipynb #82d91a0a
 class Collator:
     "Pad rows (plain or packed) into a batch of torch tensors for a T5-style encoder-decoder."
     def __init__(self, pad_id: int = 0, label_pad_id: int = -100, decoder_start_id: int = 0, pad_to_multiple_of: int = 1,
@@ -59,6 +60,7 @@ class Collator:
         b["decoder_attention_mask"] = (b["labels"] != self.label_pad_id).long()
         return b
 
+# %% ../nbs/06e_collate.ipynb #fd6ddd55
 def bucket_batches(lengths, batch_size: int, seed: int = 0, bucket_factor: int = 50, shuffle: bool = True) -> list:
     "Index batches of similar length: sort inside shuffled chunks of `batch_size * bucket_factor`, shuffle batches."
     rng = random.Random(seed)

@@ -57,6 +57,7 @@ def corpus_paragraphs(source: str) -> list:
     files = [p] if p.is_file() else sorted(f for e in ("*.txt", "*.md", "*.rst") for f in p.rglob(e))
     return [q for f in files for q in _prose(f.read_text(encoding="utf-8", errors="replace"))]
 
+# %% ../nbs/06c_corpus.ipynb #ef91b8cf
 def corpus_texts(cfg) -> list:
     "The deduplicated prose paragraphs of `cfg.corpus_sources`, truncated to `cfg.corpus_max_chars`."
     out, seen, n = [], set(), 0
@@ -95,6 +96,7 @@ def random_spans_noise_mask(length: int, noise_density: float = 0.15, mean_noise
     span_num = np.cumsum(span_start_indicator)
     return (span_num % 2 == 1)[:orig_length]
 
+# %% ../nbs/06c_corpus.ipynb #abd050db
 def span_corrupt(ids, mask: np.ndarray, sentinel_ids) -> tuple:
     "T5 `noise_span_to_unique_sentinel` on inputs (noise spans) and targets (non-noise spans)."
     ids = np.asarray(ids)
@@ -107,6 +109,7 @@ def span_corrupt(ids, mask: np.ndarray, sentinel_ids) -> tuple:
         return out
     return replace(~mask), replace(mask)
 
+# %% ../nbs/06c_corpus.ipynb #433df11e
 def compute_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> tuple:
     "T5's `random_spans_helper`: raw tokens per example and target length for `inputs_length` (eos included)."
     def lengths(tokens_length):
@@ -117,6 +120,7 @@ def compute_lengths(inputs_length: int, noise_density: float = 0.15, mean_noise_
     while lengths(n + 1)[0] <= inputs_length: n += 1
     return n, lengths(n)[1]
 
+# %% ../nbs/06c_corpus.ipynb #dee9ea9c
 def reassemble(inputs, targets, sentinel_ids) -> list:
     "Invert span corruption: put each target span back in place of its sentinel."
     sent = {int(s): i for i, s in enumerate(sentinel_ids)}

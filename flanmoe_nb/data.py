@@ -36,6 +36,7 @@ def default_cache_dir() -> Path:
     "Where datasets are cached: `$FLANMOE_DATA_CACHE` or `~/.cache/flanmoe_nb/data`."
     return Path(os.environ.get("FLANMOE_DATA_CACHE", Path.home() / ".cache" / "flanmoe_nb" / "data"))
 
+# %% ../nbs/06_data.ipynb #7be6eee6
 @dataclass
 class DataConfig:
     "Every knob of the data pipeline; `get_config(preset, **overrides)` builds one."
@@ -79,7 +80,9 @@ class DataConfig:
         check_config(self, DATA_SCHEMA)
         _check_data_config(self)
 
+# %% ../nbs/06_data.ipynb #1599436a
 _NAMES = Seq(Str(nonempty=True))
+
 DATA_SCHEMA = dict(
     seed=Int(0), tasks=_NAMES, clusters=_NAMES, held_out_clusters=_NAMES, held_out_tasks=_NAMES,
     n_train=Int(1), n_validation=Int(0), n_test=Int(1), train_sizes=Map(), mixture_size=Int(1, none=True),
@@ -134,6 +137,7 @@ def config_hash(cfg: DataConfig, fields=None, **extra) -> str:
     blob = json.dumps(dict(d, _extra=extra, _v=DATA_VERSION, _rg=_rg_version()), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+# %% ../nbs/06_data.ipynb #a94a2b30
 def _cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
@@ -173,6 +177,7 @@ def task_splits(name: str, cfg: DataConfig) -> dict:
     if key not in _SPLITS: _SPLITS[key] = generate_task(name, cfg.seed, n_train, cfg.n_validation, cfg.n_test)
     return _SPLITS[key]
 
+# %% ../nbs/06_data.ipynb #06aa2351
 def _pick_kind(rng: random.Random, kinds: dict) -> str:
     for k in kinds:
         if k not in TEMPLATE_KINDS: raise_unknown("template kind", k, TEMPLATE_KINDS)
@@ -192,6 +197,7 @@ def templated_split(name: str, split: str, cfg: DataConfig, n: int | None = None
     kinds = cfg.template_kinds if kinds is None else kinds
     return [_row(make_prompt(src[i % len(src)], _pick_kind(rng, kinds), pool, rng, cfg)) for i in range(n)] if src else []
 
+# %% ../nbs/06_data.ipynb #4d0f34dd
 _MIX: dict = {}
 
 def raw_mixture(cfg: DataConfig) -> dict:
@@ -239,6 +245,7 @@ def tokenizer_dir(cfg: DataConfig) -> Path:
     "Where `build_tokenizer(cfg)` saves (or found) its tokenizer."
     return Path(cfg.tokenizer_path) if cfg.tokenizer_path else _cache_root(cfg) / f"tokenizer-{config_hash(cfg, _TOK_FIELDS)}"
 
+# %% ../nbs/06_data.ipynb #80c3f6f4
 def tokenizer_task_texts(cfg: DataConfig, per_task: int = 50) -> list:
     "Task text the tokenizer trains on: templates, and the first `per_task` train questions/answers of each training task."
     out = [p + s for fam in TEMPLATES.values() for p, s in fam] + OPTION_HEADERS
@@ -246,6 +253,7 @@ def tokenizer_task_texts(cfg: DataConfig, per_task: int = 50) -> list:
     if cfg.local_files: out += [x for r in load_flan_files(cfg.local_files).select_columns(["inputs", "targets"]).to_list() for x in r.values()]
     return out
 
+# %% ../nbs/06_data.ipynb #75f07f3d
 def build_tokenizer(cfg: DataConfig):
     "The tokenizer for `cfg`: `cfg.tokenizer_path` if given, else trained on corpus + mixture and cached."
     path = tokenizer_dir(cfg)
@@ -259,6 +267,7 @@ def build_tokenizer(cfg: DataConfig):
     except OSError: shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(path)
 
+# %% ../nbs/06_data.ipynb #68a44aa7
 def tokenize_rows(rows: list, tok, cfg: DataConfig):
     "A `Dataset` of rows with `input_ids`/`labels` (eos-terminated), over-long rows dropped."
     from datasets import Dataset
@@ -269,6 +278,7 @@ def tokenize_rows(rows: list, tok, cfg: DataConfig):
     cols["input_ids"], cols["labels"] = [ins[i] for i in keep], [tgs[i] for i in keep]
     return Dataset.from_dict(cols)
 
+# %% ../nbs/06_data.ipynb #cd64c74f
 def build_mixture(cfg: DataConfig):
     "`DatasetDict(train, validation)` of tokenized instruction rows (held-out clusters checked absent)."
     from datasets import DatasetDict
@@ -282,10 +292,12 @@ def build_mixture(cfg: DataConfig):
         return dd
     return _cached(cfg, "mixture", config_hash(cfg, tok=tokenizer_fingerprint(tok)), build)
 
+# %% ../nbs/06_data.ipynb #1d43118a
 def tokenizer_fingerprint(tok) -> str:
     "A hash of a tokenizer's full serialisation (vocabulary, model, normalisation)."
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
+# %% ../nbs/06_data.ipynb #26fa263f
 def build_task_split(task: str, cfg: DataConfig, kinds: dict | None = None):
     "`DatasetDict(train, validation, test)` of one task (setups i and iii); zero-shot without options by default."
     from datasets import DatasetDict
@@ -295,6 +307,7 @@ def build_task_split(task: str, cfg: DataConfig, kinds: dict | None = None):
         return DatasetDict({s: tokenize_rows(templated_split(task, s, cfg, kinds=kinds), tok, cfg) for s in ("train", "validation", "test")})
     return _cached(cfg, f"task-{task}", config_hash(cfg, tok=tokenizer_fingerprint(tok), kinds=kinds), build)
 
+# %% ../nbs/06_data.ipynb #926c9f8e
 def build_eval_sets(cfg: DataConfig, clusters=None, shots: int = 0, options: bool | None = None, split: str = "test", template: int | None = None):
     "Raw prompts of `clusters`' tasks (default: held-out clusters) with `shots` train exemplars (local rows verbatim); closed-set tasks get their options."
     from datasets import Dataset

@@ -56,11 +56,13 @@ def doc_notebooks(nbs_path: Path) -> list[Path]:
     return sorted(p for p in Path(nbs_path).rglob("*.ipynb")
                   if not any(part.startswith(("_", ".")) for part in p.relative_to(nbs_path).parts))
 
+# %% ../nbs/11_docs.ipynb #c699ec59
 def page_name(rel: str | Path) -> str:
     "The page of a notebook path relative to `nbs/`, named as nbdev names it (`03_moe.ipynb` -> `moe`), so nbdev's cross-links find it."
     from nbdev.config import nbpath2html
     return nbpath2html(Path(rel)).with_suffix("").as_posix()
 
+# %% ../nbs/11_docs.ipynb #08add3cd
 def _intro(cells) -> str | None:
     "The whole `>` blockquote under a notebook's `# title` (nbdev's front matter keeps only its first line)."
     md = next((c for c in cells if c["cell_type"] == "markdown"), None)
@@ -73,6 +75,7 @@ def _intro(cells) -> str | None:
     return " ".join(q for q in quote if q) or None
 
 _SRC_LINK = re.compile(r'\[source\]\((?P<url>[^)\s]+)\)\{target="_blank"[^}]*\}\n*')
+
 _ATTRS = re.compile(r'(\]\([^)\s]+\))\{target="_blank"[^}]*\}')
 
 def fix_source_links(md: str, source_url=None) -> str:
@@ -83,6 +86,7 @@ def fix_source_links(md: str, source_url=None) -> str:
         return f"[source]({url})\n\n" if url else ""
     return _ATTRS.sub(r"\1", _SRC_LINK.sub(sub, md))
 
+# %% ../nbs/11_docs.ipynb #2cd491bb
 def git_source_url(root: str | Path):
     "`(path, line) -> URL` of a file at the current commit in the repository's `origin` remote (https or ssh form), or None without one."
     def git(*a):
@@ -95,6 +99,7 @@ def git_source_url(root: str | Path):
     base = f"https://{m[1]}/{m[2]}"
     return lambda path, line=None: f"{base}/blob/{commit}/{path}" + (f"#L{line}" if line else "")
 
+# %% ../nbs/11_docs.ipynb #66019d88
 _NO_EXEC = ("exec_show_docs", "add_show_docs")
 
 def process_notebook(src: Path, execute_docs: bool = True, source_url=None, notes: list | None = None) -> dict:
@@ -240,6 +245,7 @@ def build_docs(root: str | Path = ".", out: str = "_docs", quiet: bool = True, r
                       source_links="to " + src_url("", None).rsplit("/blob/", 1)[0] if src_url else "none (no git remote)")
     return site / "index.html"
 
+# %% ../nbs/11_docs.ipynb #4c9d4237
 def docs_summary(report: dict, index: Path, seconds: float) -> str:
     "What `flanmoe docs` prints: the site, its pages and links in three lines, then one `warning:` line per problem."
     p, l = report["pages"], report["links"]
@@ -313,6 +319,7 @@ def notebook_markdown(nb: dict) -> str:
     body = re.sub(r"\n```(python)?\n\n```\n", "\n", body)
     return re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
 
+# %% ../nbs/11_docs.ipynb #5b37f675
 def render_readme(root: str | Path = ".") -> Path:
     "Render `nbs/index.ipynb` (through the same processors) to `README.md` as GitHub-flavoured Markdown."
     root = Path(root).resolve()

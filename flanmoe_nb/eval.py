@@ -37,6 +37,7 @@ def task_scorer(task: str, scorers: dict | None = None) -> Callable:
     if scorers and task in scorers: return scorers[task]
     return _registry_scorer(task) or _em_scorer
 
+# %% ../nbs/08_eval.ipynb #39373d41
 def score_prediction(pred: str, example: dict, scorers: dict | None = None, errors: list | None = None) -> float:
     "Score one prediction with its task's scorer, in [0, 1]; a scorer error (raise, NaN, out of range) raises, or scores 0 and is appended to `errors`."
     task = example.get("task", "")
@@ -82,6 +83,7 @@ def tokenize(tok, text: str, eos_id: int | None = None, max_len: int | None = No
     if n is not None and len(ids) > n: ids = ids[len(ids) - n:] if keep == "end" else ids[:n]
     return ids + ([eos_id] if eos_id is not None else [])
 
+# %% ../nbs/08_eval.ipynb #404b0f78
 def detokenize(tok, ids: list[int], eos_id: int = 1, pad_id: int = 0) -> str:
     "Text of generated ids: cut at the first EOS, drop pads, skip special tokens."
     ids = [int(i) for i in ids]
@@ -90,6 +92,7 @@ def detokenize(tok, ids: list[int], eos_id: int = 1, pad_id: int = 0) -> str:
     try: return tok.decode(ids, skip_special_tokens=True)
     except TypeError: return tok.decode(ids)
 
+# %% ../nbs/08_eval.ipynb #abc84a38
 def pad_batch(seqs: list[list[int]], pad: int) -> torch.Tensor:
     "Right-pad integer sequences into a `[B, L]` long tensor."
     L = max(1, max(len(s) for s in seqs))
@@ -110,6 +113,7 @@ def sequence_logprobs(model, input_ids: list[list[int]], target_ids: list[list[i
     tok = lp.gather(-1, y.clamp_min(0)[..., None])[..., 0]
     return (tok * mask).sum(-1).cpu()
 
+# %% ../nbs/08_eval.ipynb #177803e3
 def _shared_encoder(model) -> bool:
     "Whether `model` can encode a prompt once and decode several targets against it (`encode`/`decode`, like `model.EncoderDecoder`)."
     return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None)) and hasattr(model, "cfg")
@@ -175,6 +179,7 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 32, b
         answers += [detokenize(tok, row[1:].tolist(), eos_id, pad_id) for row in out]
     return answers
 
+# %% ../nbs/08_eval.ipynb #103021b8
 def rank_answers(model, tok, examples: list[dict], batch_size: int = 32, max_input_len: int = 512,
                  pad_id: int = 0, eos_id: int = 1, device=None) -> list[dict]:
     "Per example with options: `pred` (best mean log-likelihood per token), `pred_sum` (best sum), both score lists, `truncated`."
@@ -210,6 +215,7 @@ def task_report(rows: list[dict], max_messages: int = 3) -> dict:
                 truncated=sum(bool(r.get("truncated")) for r in rows),
                 scorer_errors=len(msgs), scorer_error_messages=msgs[:max_messages])
 
+# %% ../nbs/08_eval.ipynb #1ad2c316
 def aggregate(rows: list[dict], held_out: Iterable[str] = ()) -> dict:
     "Mean score (and summed-ranking score) per task, per cluster (mean of its tasks), held-out and overall, plus `task_report`s."
     by_task, cluster_of = defaultdict(list), {}
@@ -228,6 +234,7 @@ def aggregate(rows: list[dict], held_out: Iterable[str] = ()) -> dict:
     out["scorer_errors"] = sum(v["scorer_errors"] for v in out["tasks"].values())
     return out
 
+# %% ../nbs/08_eval.ipynb #45b9247c
 def evaluate(model, tok, eval_set, mode: str = "auto", held_out: Iterable[str] = (), scorers: dict | None = None,
              batch_size: int = 32, max_new_tokens: int = 32, max_input_len: int = 512,
              pad_id: int = 0, eos_id: int = 1, device=None) -> dict:
@@ -261,6 +268,7 @@ def evaluate(model, tok, eval_set, mode: str = "auto", held_out: Iterable[str] =
                      "scorer_errors": errs})
     return {**aggregate(rows, held_out), "seconds": time.time() - t0, "examples": rows}
 
+# %% ../nbs/08_eval.ipynb #2c6cdf36
 def _gold_index(options: list, target) -> int | None:
     "Position of the gold answer among `options` (None if it is not one of them)."
     keys = [normalize_answer(o) for o in options]

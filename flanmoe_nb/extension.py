@@ -66,10 +66,12 @@ def extension_available() -> bool:
     "True when the compiled ops can be used."
     return _C is not None
 
+# %% ../nbs/01a_extension.ipynb #6783afdd
 def require_extension():
     "Raise `ExtensionError` explaining how to build the extension if it is not usable."
     if _C is None: raise ExtensionError(_LOAD_ERROR)
 
+# %% ../nbs/01a_extension.ipynb #20e5af0d
 def op_available(name: str) -> bool:
     "True when the loaded extension has the compiled op `torch.ops.flanmoe.<name>`."
     return _op(name) is not None

@@ -224,6 +224,7 @@ def dense_relu_kernel_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
     "True when `dense_relu_mm` runs as one compiled op (where `dense_mm` runs on the compiled kernels and the build has `relu_grouped_mm`)."
     return _dense_kernels_pay(h, w) and _op("relu_grouped_mm") is not None
 
+# %% ../nbs/01b_gemm.ipynb #638a3edf
 def dense_relu_mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     "`relu(h) @ w` for `h [..., K]` (a relu FFN's second product): one `relu_grouped_mm` where `dense_relu_kernel_pays` (no relu pass either way), else `dense_mm(relu(h), w)`."
     if not dense_relu_kernel_pays(h, w): return dense_mm(F.relu(h), w)

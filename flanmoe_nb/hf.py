@@ -148,6 +148,7 @@ def load_hf(path: str | Path):
     if cls is None: raise UnsupportedHFConfig(f"model_type must be 't5' or 'switch_transformers' (got model_type={t!r})")
     return cls.from_pretrained(p, local_files_only=True)
 
+# %% ../nbs/05_hf.ipynb #4c1d25d5
 def from_hf(hf, capacity: str = "hf") -> EncoderDecoder:
     "Our `EncoderDecoder` with the weights of an HF T5/Switch model (or a local `save_pretrained` dir)."
     if isinstance(hf, (str, Path)): hf = load_hf(hf)
@@ -226,6 +227,7 @@ def config_to_hf(cfg: ModelConfig, expert_capacity: int | None = None):
                                     tie_word_embeddings=cfg.tie_embeddings, router_z_loss_coef=cfg.z_coef,
                                     router_aux_loss_coef=cfg.balance_coef)
 
+# %% ../nbs/05_hf.ipynb #fc263194
 def to_hf(model: EncoderDecoder, expert_capacity: int | None = None):
     "The HF model (T5 if dense, SwitchTransformers if MoE) with `model`'s weights."
     from transformers import T5ForConditionalGeneration, SwitchTransformersForConditionalGeneration
@@ -258,6 +260,7 @@ def hf_refusal(cfg: ModelConfig, expert_capacity: int | None = None) -> str | No
     except ValueError as e: return str(e)
     return None
 
+# %% ../nbs/05_hf.ipynb #a5728015
 def _run_facts(run_dir) -> dict:
     "What a run folder says about the model: grid, run id, notebook, parameters, training steps and loss, scores."
     import json, yaml
@@ -307,6 +310,7 @@ def model_card(model: EncoderDecoder, fmt: str, run_dir=None, reason: str | None
             lines += ["", "| evaluation | score |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in f["scores"].items()]
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/05_hf.ipynb #a760e44b
 def _save_tokenizer(tokenizer, path: Path):
     if tokenizer is None: return
     if isinstance(tokenizer, (str, Path)):
@@ -337,6 +341,7 @@ def export_model(model: EncoderDecoder, path, tokenizer=None, run_dir=None, expe
     (path / "README.md").write_text(model_card(model, fmt, run_dir, reason))
     return dict(format=fmt, path=str(path), reason=reason)
 
+# %% ../nbs/05_hf.ipynb #b4cb09c4
 def load_pretrained(path, device="cpu") -> EncoderDecoder:
     "The `EncoderDecoder` of an `export_model` folder, either format (an HF T5/Switch folder goes through `from_hf`), in eval mode."
     import json

@@ -102,6 +102,7 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
     return (_op("attention") is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu"))
 
+# %% ../nbs/01c_layer_ops.ipynb #c52d6031
 def attention_kernel_faster(d_head: int) -> bool:
     "True when the active copy of the compiled fp32 attention beats the composite at head size `d_head` (`flanmoe bench attn`, fwd+bwd): the AVX-512 copy at every size, AVX2 up to 32, the SSE2 baseline never."
     isa = _CPU_GEMM["active"]                    # a dict read: no graph break under compile

@@ -21,6 +21,7 @@ def mixing_rates(sizes: dict, cap: int, temperature: float = 1.0) -> dict:
     tot = sum(w.values())
     return {k: v / tot for k, v in w.items()}
 
+# %% ../nbs/06b_mixture.ipynb #b11860c5
 def mixture_counts(sizes: dict, cap: int, temperature: float = 1.0, total: int | None = None) -> dict:
     "Rows per task in a mixture of `total` rows (default: sum of capped sizes), largest-remainder rounding."
     rates = mixing_rates(sizes, cap, temperature)
@@ -34,16 +35,19 @@ def mixture_counts(sizes: dict, cap: int, temperature: float = 1.0, total: int |
 class LeakError(RuntimeError):
     "A held-out task, cluster or example reached training data."
 
+# %% ../nbs/06b_mixture.ipynb #0a19443d
 def local_clusters(cfg) -> set:
     "Clusters named by `cfg.local_files` rows."
     return set(load_flan_files(cfg.local_files)["cluster"]) if cfg.local_files else set()
 
+# %% ../nbs/06b_mixture.ipynb #f41fbc62
 def held_out_tasks(cfg) -> set:
     "Every registered task name held out by `cfg` (held-out clusters plus held-out tasks)."
     check_clusters(cfg.held_out_clusters, local_clusters(cfg))
     for t in cfg.held_out_tasks: get_task(t)
     return {t for t, s in TASKS.items() if s.cluster in cfg.held_out_clusters} | set(cfg.held_out_tasks)
 
+# %% ../nbs/06b_mixture.ipynb #a0870e9a
 def training_tasks(cfg) -> list:
     "The registered tasks in `cfg`'s training mixture (held-out ones removed; asking for one is an error)."
     for t in cfg.tasks: get_task(t)
@@ -54,6 +58,7 @@ def training_tasks(cfg) -> list:
     names = list(cfg.tasks) or sorted(TASKS)
     return [t for t in names if t not in held and (not cfg.clusters or TASKS[t].cluster in cfg.clusters)]
 
+# %% ../nbs/06b_mixture.ipynb #49c6bf38
 def check_no_leak(rows, cfg, held_questions=()) -> None:
     "Raise `LeakError` if `rows` (a training split) holds a held-out task, cluster or question."
     held, hc, hq = held_out_tasks(cfg), set(cfg.held_out_clusters), {_norm(q) for q in held_questions}

@@ -175,6 +175,7 @@ def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets
     large = large.clamp(max=num_buckets - 1)
     return buckets + torch.where(rel < max_exact, rel, large)
 
+# %% ../nbs/04_model.ipynb #74a4bb5e
 class RelativePositionBias(nn.Module):
     "Learned bias `[1, heads, q_len, k_len]` per relative-position bucket."
     def __init__(self, num_buckets: int, max_distance: int, num_heads: int, bidirectional: bool):
@@ -221,6 +222,7 @@ class AttnBias:
             self._full = k if self.pos is None else self.pos + k
         return self._full
 
+# %% ../nbs/04_model.ipynb #ee8ee296
 def _sdpa(q, k, v, mask=None, dropout: float = 0.0):
     "`softmax(q k^T + mask) v` per head (T5: no 1/sqrt(d_kv)), q/k/v `[B, H, L, d_kv]`, dropout on the probabilities."
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
@@ -264,7 +266,6 @@ class Attention(nn.Module):
             y = _sdpa(q, k, v, bias.full(), drop).transpose(1, 2)
         return kernels.dense_mm(y.reshape(B, L, H * D), self.o.weight, trans_w=True)
 
-
 # %% ../nbs/04_model.ipynb #65542c8c
 def _identity(x): return x
 
@@ -272,6 +273,7 @@ class Dropout(nn.Dropout):
     "`nn.Dropout` on `kernels.dropout` (the compiled counter-based op on CPU, `F.dropout` elsewhere)."
     def forward(self, x): return kernels.dropout(x, self.p, self.training)
 
+# %% ../nbs/04_model.ipynb #5980af74
 class Block(nn.Module):
     "One T5 layer: self attention, cross attention (decoder), dense or MoE FFN; pre-norm residuals."
     def __init__(self, cfg: ModelConfig, is_decoder: bool, moe: MoEConfig | None):
@@ -355,6 +357,7 @@ class Seq2SeqOutput:
     aux: list = field(default_factory=list)
     encoder_hidden: torch.Tensor | None = None
 
+# %% ../nbs/04_model.ipynb #0b90d0ea
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
     "Decoder inputs from labels: prepend the start token, drop the last label, -100 -> pad."
     out = labels.new_full(labels.shape, start_id)
@@ -470,6 +473,7 @@ def count_flops(cfg: ModelConfig, src_len: int = 512, tgt_len: int = 128) -> dic
     r["total"] = sum(r.values())
     return r
 
+# %% ../nbs/04_model.ipynb #056be9e7
 def flops_per_token(cfg: ModelConfig, src_len: int = 512, tgt_len: int = 128) -> float:
     "Active forward FLOPs per token (encoder and decoder tokens together)."
     return count_flops(cfg, src_len, tgt_len)["total"] / (src_len + tgt_len)

@@ -29,6 +29,7 @@ def is_gated(activation: str) -> bool:
     "True for activations whose `w_in` has `2 * d_ff` columns `[act | linear]`."
     return activation.startswith("gated-") or activation == "swiglu"
 
+# %% ../nbs/03_moe.ipynb #09568d7c
 @dataclass(init=False)
 class MoEConfig:
     "Shapes of a sparse MoE layer's experts and its router's `RouterConfig`; routing fields read and write flat."
@@ -110,6 +111,7 @@ class DenseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.dense_ffn(x, self.w_in, self.w_out, self.activation, self.dropout, self.training)
 
+# %% ../nbs/03_moe.ipynb #888eed4a
 class Experts(nn.Module):
     "`num_local_experts` FFNs stored as stacked `w_in [E, d, f or 2f]`, `w_out [E, f, d]`, run by `kernels.expert_ffn`."
     def __init__(self, num_local_experts: int, d_model: int, d_ff: int, activation: str = "relu",
@@ -148,6 +150,7 @@ class MoEAux:
         return cls(p.balance_loss, p.z_loss, p.group_sizes, p.dropped_fraction, p.router_probs, p.expert_idx,
                    p.requested, p.capacity)
 
+# %% ../nbs/03_moe.ipynb #bce7006c
 def _check_mask(x: torch.Tensor, mask: torch.Tensor | None) -> None:
     "`mask` must be None or a bool tensor shaped like `x.shape[:-1]` (True = real token)."
     if mask is None: return

@@ -31,6 +31,7 @@ def check_parallel_config(world_size: int, ep_size: int, num_experts: int | None
     if num_experts is not None and num_experts % ep_size:
         raise ValueError(f"num_experts must be divisible by ep_size (got num_experts={num_experts}, ep_size={ep_size})")
 
+# %% ../nbs/03a_parallel.ipynb #a32c140a
 def local_rank_from_argv(argv=None) -> int | None:
     "The `--local_rank N` / `--local_rank=N` argument the deepspeed launcher passes, if any."
     argv = sys.argv if argv is None else argv
@@ -39,6 +40,7 @@ def local_rank_from_argv(argv=None) -> int | None:
         if a == "--local_rank" and i + 1 < len(argv): return int(argv[i + 1])
     return None
 
+# %% ../nbs/03a_parallel.ipynb #7e65f893
 @dataclass
 class DistEnv:
     "Rank layout: world, expert-parallel group (size `ep_size`) and expert-data-parallel group."
@@ -58,6 +60,7 @@ class DistEnv:
     @property
     def is_main(self) -> bool: return self.rank == 0
 
+# %% ../nbs/03a_parallel.ipynb #5bd8605b
 def init_distributed(ep_size: int = 1, num_experts: int | None = None, backend: str | None = None) -> DistEnv:
     "Join the process group the launcher set up (if any) and build the expert-parallel groups."
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,6 +152,7 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     "`(name, layer)` of every MoE layer of `model`."
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
+# %% ../nbs/03a_parallel.ipynb #0f7b2314
 def expert_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
     "Replace every `MoELayer` by an `ExpertParallelMoE` shard for this rank (in place; returns `model`)."
     if env.ep_size == 1: return model
@@ -160,10 +164,12 @@ def expert_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
                 ExpertParallelMoE.from_layer(layer, env.ep_size, env.ep_rank, env.ep_group))
     return model
 
+# %% ../nbs/03a_parallel.ipynb #8ba85966
 def is_expert_param(name: str) -> bool:
     "Whether a parameter name belongs to an expert bank (sharded under expert parallelism)."
     return ".experts." in name or name.startswith("experts.")
 
+# %% ../nbs/03a_parallel.ipynb #528431d9
 def broadcast_parameters(model: nn.Module, env: DistEnv):
     "Copy rank 0's dense parameters (and each EP rank's experts from its expert-data-parallel peer 0)."
     if not env.distributed: return
@@ -184,6 +190,7 @@ def sync_gradients(model: nn.Module, env: DistEnv):
         else: dist.all_reduce(p.grad)
         p.grad.div_(env.world_size)
 
+# %% ../nbs/03a_parallel.ipynb #126fd8a6
 def grad_norm(model: nn.Module, env: DistEnv | None = None) -> torch.Tensor:
     "L2 norm of all gradients of the *global* model (expert shards of the EP group included once)."
     dense, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
@@ -213,6 +220,7 @@ def full_state_dict(model: nn.Module, env: DistEnv | None = None) -> dict:
             for e in range(full.shape[0]): sd[f"{key}.{e}"] = full[e].clone()
     return sd
 
+# %% ../nbs/03a_parallel.ipynb #ec4df6f8
 def load_full_state_dict(model: nn.Module, sd: dict, strict: bool = True):
     "Load a `full_state_dict` into `model`, taking this rank's experts if the model is expert-parallel."
     sd = dict(sd)

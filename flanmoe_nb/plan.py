@@ -110,6 +110,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         m = EncoderDecoder(cfg)
     return {n: tuple(p.shape) for n, p in m.named_parameters()}
 
+# %% ../nbs/04a_plan.ipynb #686cee36
 def _adafactor_state(shape: tuple) -> int:
     "Elements of `train.Adafactor`'s state for one parameter: factored rows + columns for a matrix (per leading index), the full vector otherwise."
     if len(shape) < 2: return math.prod(shape)
@@ -175,6 +176,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, src: int, tgt: int, precision
     peak = max([src * e for e in enc] + [tgt * x + cross_kv for x in dec] + [0])
     return batch * (inputs + peak + head + ends) + bias + 3 * i * d * a
 
+# %% ../nbs/04a_plan.ipynb #4b43404d
 def measure_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
     "Bytes of the distinct tensors autograd saves for backward in one forward (parameters and their views excluded)."
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -197,6 +199,7 @@ def moe_layer_rows(cfg: ModelConfig, src: int, tgt: int) -> list[tuple[str, int,
             out.append((f"{stack}.blocks.{j}", L, float(m.capacity_factor if m.router == "expert_choice" else m.top_k)))
     return out
 
+# %% ../nbs/04a_plan.ipynb #3b65284e
 def all_to_all_bytes(cfg: ModelConfig, batch: int, src: int, tgt: int, ep_size: int, precision: str = "bf16",
                      checkpointing: bool = False) -> dict:
     "Bytes one device puts into expert-parallel all-to-alls for one micro-batch (forward + backward), per MoE layer and in all; `off_device` is the part that leaves the device under uniform routing."
@@ -230,6 +233,7 @@ class Plan:
     def fits(self, checkpointing: bool = False) -> bool:
         return self.total_memory(checkpointing) <= self.device.memory_gb * 1e9
 
+# %% ../nbs/04a_plan.ipynb #cf9a6156
 def plan(cfg: PlanConfig, device: DeviceModel | str = "h100") -> Plan:
     "Size `cfg` on `device`: parameters, memory, FLOPs, all-to-all bytes and an estimated step time, per device."
     dev = DEVICES[device] if isinstance(device, str) else device

@@ -121,6 +121,7 @@ def check_routing(c) -> None:
                 raise ConfigError(f"{owner}.{name} must be set for router='expert_choice', each expert takes a fixed "
                                   f"number of tokens (got {name}=None; or set expert_capacity)")
 
+# %% ../nbs/02_routing.ipynb #7085cd86
 def validate_router_config(c) -> None:
     "Re-check a `RouterConfig` (or an `MoEConfig`'s `routing`) after its fields were assigned; `ConfigError` names field and value."
     getattr(c, "routing", c).validate()
@@ -238,6 +239,7 @@ def balance_loss(probs: torch.Tensor, first_idx: torch.Tensor, valid: torch.Tens
     has = (n > 0).float().view(G)
     return (E * (f * P).sum(-1) * has).sum() / has.sum().clamp_min(1)
 
+# %% ../nbs/02_routing.ipynb #05e49b74
 def z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None, probs: torch.Tensor | None = None,
            top: torch.Tensor | None = None) -> torch.Tensor:
     "Router z-loss `mean_t logsumexp(logits_t)^2` over valid tokens (fp32); with `probs` (softmax of `logits`) and `top` (argmax `[T, 1]`), logsumexp is `logit - log p` at the argmax (two gathers, not a reduction over E)."

@@ -38,11 +38,13 @@ class Task:
         "Score `prediction` for `example` of this task (see `score_answer`)."
         return score_answer(dict(example, task=self.name), prediction)
 
+# %% ../nbs/06a_tasks.ipynb #cca9393b
 def _t(name, cluster, answer_set=(), distractors=True, **ov):
     return Task(name, cluster, tuple(sorted(ov.items())), tuple(answer_set), distractors)
 
 _COLORS = ("blue", "brown", "cyan", "gold", "gray", "green", "indigo", "magenta", "orange", "pink", "purple",
            "red", "silver", "violet", "white", "yellow")
+
 _KIN = ("brother", "daughter", "father", "father-in-law", "grandfather", "grandmother", "husband", "mother",
         "mother-in-law", "sister", "son", "wife")
 
@@ -93,11 +95,13 @@ def clusters() -> dict[str, list[str]]:
     for t in TASKS.values(): out.setdefault(t.cluster, []).append(t.name)
     return {c: sorted(v) for c, v in sorted(out.items())}
 
+# %% ../nbs/06a_tasks.ipynb #81892731
 def get_task(name: str) -> Task:
     "The registered `Task` called `name` (error with close matches otherwise)."
     if name not in TASKS: raise_unknown("task", name, TASKS)
     return TASKS[name]
 
+# %% ../nbs/06a_tasks.ipynb #9adea31f
 def check_clusters(names, extra=()) -> tuple:
     "Validate cluster names against the registry and `extra` ones (error with close matches)."
     known = list(clusters()) + list(extra)
@@ -146,6 +150,7 @@ def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: in
         warnings.warn(f"task {name!r}: only {len(rows) - n_test - n_validation} distinct train questions (n_train={n_train})")
     return dict(test=rows[:n_test], validation=rows[n_test:n_test + n_validation], train=rows[n_test + n_validation:])
 
+# %% ../nbs/06a_tasks.ipynb #bd60d974
 def generator_entry(example: dict) -> dict:
     "Regenerate the reasoning-gym entry (question, answer, metadata) behind a generated `example`."
     return _entry(example["task"], example["source_seed"], example["source_size"], example["source_index"])
@@ -159,15 +164,18 @@ def normalize_answer(s) -> str:
     "The one answer normalisation: whitespace squeezed and trimmed, case folded; punctuation, signs and articles kept."
     return " ".join(str(s).split()).casefold()
 
+# %% ../nbs/06a_tasks.ipynb #c0c7c9c5
 def exact_match(prediction, target) -> float:
     "1.0 when `prediction` equals `target` (or one of a list/tuple of targets) after `normalize_answer`, else 0.0."
     targets = target if isinstance(target, (list, tuple)) else [target]
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(t) for t in targets))
 
+# %% ../nbs/06a_tasks.ipynb #44452be5
 class ScorerError(RuntimeError):
     "A task's own scorer raised on a prediction (the message names the task, the prediction and the error)."
 
+# %% ../nbs/06a_tasks.ipynb #5cfd3761
 def score_answer(example: dict, prediction: str) -> float:
     "Score `prediction` for `example` with its task's scorer (exact match for local tasks); a scorer crash is a `ScorerError`."
     pred = "" if prediction is None else str(prediction).strip()
@@ -200,18 +208,21 @@ TEMPLATES = {
     "generic": [("{question}", ""), ("Q: {question}", "\nA:"), ("Question: {question}", "\nAnswer:"),
                 ("Instruction: {question}", "\nResponse:"), ("Answer the following.\n\n{question}", "")],
 }
+
 OPTION_HEADERS = ["OPTIONS:", "Choose from:", "Pick your answer from:", "Select one of the options:", "Possible answers:"]
 
 def family(cluster: str) -> str:
     "The template family used for a cluster."
     return FAMILY_OF_CLUSTER.get(cluster, "generic")
 
+# %% ../nbs/06a_tasks.ipynb #9512ecfc
 def render(question: str, template: tuple, options=None, header: str = "OPTIONS:") -> str:
     "One prompt from a `(prefix, suffix)` template, with an options block when `options` is given."
     prefix, suffix = template
     opt = f"\n\n{header}\n" + "\n".join(f"- {o}" for o in options) if options else ""
     return prefix.format(question=question) + opt + suffix
 
+# %% ../nbs/06a_tasks.ipynb #bc3043c0
 def render_fewshot(query: str, exemplars: list) -> str:
     "Join rendered `(prompt, answer)` exemplars and the query prompt, FLAN style."
     shots = [p + (" " if p.endswith(":") else "\n") + a for p, a in exemplars]
@@ -255,6 +266,7 @@ def answer_options(example: dict) -> list:
         raise ValueError(f"task {task.name!r}: gold answer {example['answer']!r} is not in its closed answer set {opts[:12]}")
     return opts
 
+# %% ../nbs/06a_tasks.ipynb #1f8e2901
 def make_options(ex: dict, pool_answers: list, n: int, rng: random.Random, max_chars: int = 40) -> list:
     "Answer options for `ex`: its whole closed set, or gold + up to `n - 1` scorer-rejected distractors; [] when not applicable."
     closed = answer_options(ex)
@@ -273,6 +285,7 @@ def make_options(ex: dict, pool_answers: list, n: int, rng: random.Random, max_c
     rng.shuffle(out)
     return out
 
+# %% ../nbs/06a_tasks.ipynb #9bf4180c
 def make_prompt(ex: dict, kind: str, pool: list, rng: random.Random, cfg, template: int | None = None,
                 fits=None) -> dict:
     "A templated row (`inputs`, `targets`, `options`, `template`, `kind`) for `ex`; few-shot exemplars are dropped until `fits(text)` (default: a character budget)."

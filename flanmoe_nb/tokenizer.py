@@ -14,7 +14,9 @@ __all__ = ['SPECIAL', 'SENTINELS', 'train_tokenizer', 'load_tokenizer', 'sentine
 
 # %% ../nbs/06d_tokenizer.ipynb #ae6f63a6
 SPECIAL = ["<pad>", "</s>", "<unk>"]
+
 SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+
 def train_tokenizer(texts, vocab_size: int = 3000, model: str = "bpe"):
     "Train a byte-level T5-style tokenizer (no `<unk>`, exact round trips) on an iterable of strings; a `PreTrainedTokenizerFast`."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
@@ -39,12 +41,14 @@ def train_tokenizer(texts, vocab_size: int = 3000, model: str = "bpe"):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    additional_special_tokens=SENTINELS, clean_up_tokenization_spaces=False)
 
+# %% ../nbs/06d_tokenizer.ipynb #359d78ee
 def load_tokenizer(path):
     "Load a local HF tokenizer directory (must hold `tokenizer.json` or a slow-tokenizer model file)."
     from transformers import AutoTokenizer
     if not Path(path).is_dir(): raise FileNotFoundError(f"tokenizer_path {str(path)!r} is not a directory")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
+# %% ../nbs/06d_tokenizer.ipynb #3fcfa1b7
 def sentinel_ids(tok) -> list:
     "Ids of `<extra_id_0>`, `<extra_id_1>`, ... (as many as the tokenizer has)."
     ids = tok.convert_tokens_to_ids([s for s in SENTINELS])
