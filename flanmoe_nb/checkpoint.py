@@ -19,9 +19,9 @@ import torch.distributed as dist
 from . import parallel
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'rng_state', 'set_rng_state', 'model_config_from_dict', 'save_checkpoint',
-           'complete_checkpoints', 'latest_checkpoint', 'read_checkpoint', 'apply_checkpoint', 'load_checkpoint',
-           'load_model']
+__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'fsync_write', 'rng_state', 'set_rng_state', 'barrier',
+           'model_config_from_dict', 'save_checkpoint', 'complete_checkpoints', 'latest_checkpoint', 'read_checkpoint',
+           'apply_checkpoint', 'load_checkpoint', 'load_model']
 
 # %% ../nbs/07a_checkpoint.ipynb #12101ee6
 CHECKPOINT_FORMAT = 2                  # 1: model.pt + pickled trainer.pt; 2: model.safetensors + trainer.json
@@ -30,7 +30,8 @@ class CheckpointError(RuntimeError):
     "A checkpoint file that cannot be read safely: missing, truncated, garbage, or a pickle that is not weights-only."
 
 # %% ../nbs/07a_checkpoint.ipynb #4ec649a5
-def _fsync_write(path: Path, data: bytes):
+def fsync_write(path: Path, data: bytes):
+    "Write `data` to `path` and fsync it before returning (a checkpoint file is on disk before its COMPLETE marker)."
     with open(path, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
 
 def _fsync_save(obj, path: Path):
@@ -62,7 +63,8 @@ def set_rng_state(s: dict):
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
 # %% ../nbs/07a_checkpoint.ipynb #c90a1fa0
-def _barrier(env):
+def barrier(env):
+    "`dist.barrier()` when `env` is a distributed run; nothing otherwise."
     if env is not None and env.distributed: dist.barrier()
 
 def _cfg_to_dict(cfg) -> dict | None:
@@ -90,19 +92,19 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, sched
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists(): shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier(env)
+    barrier(env)
     _fsync_save(dict(optimizer=None if optimizer is None else optimizer.state_dict(), rng=rng_state(),
                      data=data_state), tmp / f"rank{env.rank}.pt")
     if env.is_main:
-        _fsync_write(tmp / "model.safetensors", st_save({k: v.contiguous() for k, v in model_sd.items()},
+        fsync_write(tmp / "model.safetensors", st_save({k: v.contiguous() for k, v in model_sd.items()},
                                                         metadata={"format": str(CHECKPOINT_FORMAT)}))
         meta = dict(format=CHECKPOINT_FORMAT, step=step, world_size=env.world_size, ep_size=env.ep_size,
                     scheduler=None if scheduler is None else scheduler.state_dict(),
                     model_cfg=_cfg_to_dict(getattr(model, "cfg", None)), **(trainer_state or {}))
-        _fsync_write(tmp / "trainer.json", json.dumps(meta, default=str).encode())
+        fsync_write(tmp / "trainer.json", json.dumps(meta, default=str).encode())
         if (p := os.environ.get("FLANMOE_CKPT_SLEEP")):        # test hook: a window to kill mid-write
             print(f"CKPT_WRITING {step}", flush=True); time.sleep(float(p))
-    _barrier(env)
+    barrier(env)
     if env.is_main:
         (tmp / "COMPLETE").write_text(str(step)); _fsync_dir(tmp)
         if final.exists(): shutil.rmtree(final)
@@ -112,7 +114,7 @@ def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer=None, sched
         os.replace(ptr, ckpt_dir / "latest"); _fsync_dir(ckpt_dir)
         if keep:
             for old in sorted(ckpt_dir.glob("step_*"))[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    _barrier(env)
+    barrier(env)
     return final
 
 # %% ../nbs/07a_checkpoint.ipynb #048f5873

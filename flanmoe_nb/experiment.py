@@ -11,9 +11,9 @@ import json, os, sys, time
 from pathlib import Path
 
 from .checks import ConfigError
-from .params import _TASK, SETUPS, apply_moe_changes, model_config, set_loss_coefficients
-from .grid import _atomic_write, project_root
-from .launch import _run_launchers, launch_commands, sbatch_script
+from .params import TASK_SETUPS, SETUPS, apply_moe_changes, model_config, set_loss_coefficients
+from .grid import atomic_write, project_root
+from .launch import run_launchers, launch_commands, sbatch_script
 
 # %% auto #0
 __all__ = ['stage_data_config', 'stage_data', 'stage_model', 'train_config', 'train_experiment', 'train_drop_rates',
@@ -37,7 +37,7 @@ def stage_data_config(p: dict):
             raise ConfigError(f"init_checkpoint {str(init)!r} has no tokenizer/ (a run folder of an earlier stage is expected)")
         tok_path = str(init / "tokenizer")
     kw = dict(p["data_overrides"])
-    if p["setup"] in _TASK: kw["train_sizes"] = {**kw.get("train_sizes", {}), p["task"]: p["task_train_size"]}
+    if p["setup"] in TASK_SETUPS: kw["train_sizes"] = {**kw.get("train_sizes", {}), p["task"]: p["task_train_size"]}
     return data.get_config(p["preset"], seed=p["data_seed"], held_out_clusters=tuple(p["held_out_clusters"]),
                            tokenizer_path=tok_path, **kw)
 
@@ -115,7 +115,7 @@ def _train_here(p: dict) -> dict:
     out, rank0 = Path(p["out_dir"]), int(os.environ.get("RANK", "0")) == 0
     try: model, res = T.run_stage(model, rows, train_config(p), collate=collate)
     except T.TrainingDiverged as e:   # the run fails (its grid point too), with the counts on disk
-        if rank0: _atomic_write(out / "train.json", json.dumps(dict(status="diverged", step=e.step, skipped_steps=e.skipped,
+        if rank0: atomic_write(out / "train.json", json.dumps(dict(status="diverged", step=e.step, skipped_steps=e.skipped,
                                                                      consecutive_skips=e.consecutive, message=str(e)), indent=1))
         raise
     if rank0:
@@ -126,7 +126,7 @@ def _train_here(p: dict) -> dict:
                     checkpoint=os.path.relpath(res.checkpoint, out) if res.checkpoint else None, status="trained",
                     skipped_steps=res.skipped, max_consecutive_skipped=res.max_consecutive_skipped, skipped_fraction=res.skipped_fraction,
                     kernel_choices=kernels.kernel_choices(), kernel_paths=kernels.kernel_paths())
-        _atomic_write(out / "train.json", json.dumps(info, indent=1))
+        atomic_write(out / "train.json", json.dumps(info, indent=1))
     return dict(model=model, tok=tok, result=res)
 
 # %% ../nbs/09d_experiment.ipynb #680a3540
@@ -138,7 +138,7 @@ def train_experiment(p: dict) -> dict:
     spec = out / "stage.json"; spec.write_text(json.dumps(p, indent=1))
     cmds = launch_commands(p, spec)
     if p["launcher"] == "slurm": (out / "sbatch.sh").write_text(sbatch_script(p, spec))
-    _run_launchers(cmds, out)
+    run_launchers(cmds, out)
     from flanmoe_nb import data, train as T
     return dict(model=T.load_model(out / "checkpoints"), tok=data.load_tokenizer(out / "tokenizer"),
                 result=json.loads((out / "train.json").read_text()))

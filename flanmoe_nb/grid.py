@@ -17,7 +17,8 @@ from .checks import ConfigError, Field, Int, Float, Bool, Str, Seq, Map, Any_, c
 from .params import PARAMS, SETUPS, experiment_params, setup_params
 
 # %% auto #0
-__all__ = ['RunSpec', 'project_root', 'plain_name', 'notebook_schema', 'load_grid', 'resolve_refs', 'tagged_copy']
+__all__ = ['RunSpec', 'project_root', 'plain_name', 'notebook_schema', 'load_grid', 'resolve_refs', 'is_injected_cell',
+           'tagged_copy', 'atomic_write']
 
 # %% ../nbs/09b_grid.ipynb #abeabc67
 @dataclass
@@ -239,7 +240,7 @@ def resolve_refs(params: dict, out_dirs: dict[str, Path]) -> dict:
 # %% ../nbs/09b_grid.ipynb #a2a33cdc
 _PARAM_MARK = re.compile(r"^\s*#\s*parameters\b", re.I)
 
-def _injected(c) -> bool:
+def is_injected_cell(c) -> bool:
     "A cell papermill injected in an earlier run (its tag, or its header once nbdev-clean has dropped the tag)."
     return c.cell_type == "code" and ("injected-parameters" in c.metadata.get("tags", []) or c.source.startswith("# Parameters\n"))
 
@@ -254,9 +255,10 @@ def tagged_copy(notebook: str | Path, dest: str | Path) -> Path:
         if c is None: raise ValueError(f"{notebook}: no parameters cell (tag one 'parameters', or start it with '# parameters')")
         c.metadata.setdefault("tags", []).append("parameters")
     i = nb.cells.index(c)
-    while i + 1 < len(nb.cells) and _injected(nb.cells[i + 1]): del nb.cells[i + 1]
+    while i + 1 < len(nb.cells) and is_injected_cell(nb.cells[i + 1]): del nb.cells[i + 1]
     nbformat.write(nb, str(dest))
     return Path(dest)
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    "Write `text` through a temporary name and rename it into place: a reader sees the old file or the new one."
     tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text); os.replace(tmp, path)

@@ -15,7 +15,7 @@ from .params import LAUNCHERS
 from .grid import project_root
 
 # %% auto #0
-__all__ = ['read_hostfile', 'launch_commands', 'sbatch_script']
+__all__ = ['read_hostfile', 'launch_commands', 'sbatch_script', 'run_launchers']
 
 # %% ../nbs/09c_launch.ipynb #79b1d1f3
 def read_hostfile(path: str | Path) -> list[tuple[str, int | None]]:
@@ -120,7 +120,7 @@ def sbatch_script(p: dict, spec: str | Path) -> str:
             "export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)\n"
             f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)}\n")
 
-def _run_launchers(cmds: list[tuple[str, list[str]]], out: Path) -> None:
+def run_launchers(cmds: list[tuple[str, list[str]]], out: Path) -> None:
     "Start every launcher process at once (node 0 first), wait for all; on a failure stop the others and raise with its log."
     import signal, subprocess
     logs = [out / ("launcher.log" if len(cmds) == 1 else f"launcher-node{i}.log") for i in range(len(cmds))]

@@ -8,7 +8,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/mixture.html.md"""
 # %% ../nbs/06b_mixture.ipynb #713712fe
 from __future__ import annotations
 
-from .tasks import TASKS, _norm, check_clusters, get_task, load_flan_files
+from .tasks import TASKS, normalize_question, check_clusters, get_task, load_flan_files
 
 # %% auto #0
 __all__ = ['mixing_rates', 'mixture_counts', 'LeakError', 'local_clusters', 'held_out_tasks', 'training_tasks', 'check_no_leak']
@@ -61,7 +61,7 @@ def training_tasks(cfg) -> list:
 # %% ../nbs/06b_mixture.ipynb #49c6bf38
 def check_no_leak(rows, cfg, held_questions=()) -> None:
     "Raise `LeakError` if `rows` (a training split) holds a held-out task, cluster or question."
-    held, hc, hq = held_out_tasks(cfg), set(cfg.held_out_clusters), {_norm(q) for q in held_questions}
+    held, hc, hq = held_out_tasks(cfg), set(cfg.held_out_clusters), {normalize_question(q) for q in held_questions}
     for i, (t, c, q) in enumerate(zip(rows["task"], rows["cluster"], rows["question"])):
         if t in held or c in hc: raise LeakError(f"held-out task {t!r} (cluster {c!r}) found in training row {i}")
-        if hq and _norm(q) in hq: raise LeakError(f"held-out question found in training row {i} (task {t!r})")
+        if hq and normalize_question(q) in hq: raise LeakError(f"held-out question found in training row {i} (task {t!r})")

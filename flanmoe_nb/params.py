@@ -15,14 +15,15 @@ import yaml
 from .checks import ConfigError, Field, Int, Float, Bool, Choice, Str, Seq, Map, check_mapping, did_you_mean
 
 # %% auto #0
-__all__ = ['SETUPS', 'LAUNCHERS', 'PARAMS', 'Param', 'setup_params', 'parameters_source', 'notebook_params', 'experiment_params',
-           'moe_overrides', 'moe_block', 'model_config', 'set_loss_coefficients', 'apply_moe_changes']
+__all__ = ['SETUPS', 'ALL_SETUPS', 'HELD_OUT_SETUPS', 'TASK_SETUPS', 'INIT_SETUPS', 'LAUNCHERS', 'PARAMS', 'Param',
+           'setup_params', 'parameters_source', 'notebook_params', 'experiment_params', 'moe_overrides', 'moe_block',
+           'model_config', 'set_loss_coefficients', 'apply_moe_changes']
 
 # %% ../nbs/09a_params.ipynb #b2a097ac
 SETUPS = {0: "pretrain", 1: "direct_finetune", 2: "instruction_tuning", 3: "instruct_then_finetune"}
 
 # %% ../nbs/09a_params.ipynb #d9195d96
-_ALL, _HELD, _TASK, _INIT = (0, 1, 2, 3), (0, 2), (1, 3), (1, 2, 3)
+ALL_SETUPS, HELD_OUT_SETUPS, TASK_SETUPS, INIT_SETUPS = (0, 1, 2, 3), (0, 2), (1, 3), (1, 2, 3)
 
 @dataclass(frozen=True)
 class Param:
@@ -30,7 +31,7 @@ class Param:
     default: object
     field: Field
     doc: str
-    setups: tuple = _ALL
+    setups: tuple = ALL_SETUPS
 
 # %% ../nbs/09a_params.ipynb #c5ea587a
 LAUNCHERS = ("local", "torchrun2", "torchrun", "deepspeed", "slurm")
@@ -49,10 +50,10 @@ PARAMS: dict[str, Param] = dict(
     expert_dropout=Param(None, Float(0, 1, hi_open=True, none=True), "dropout inside the experts for this stage (None: as in the checkpoint)"),
     seed=Param(0, Int(0), "training seed (initialisation in setup 0, data order and dropout)"),
     data_seed=Param(0, Int(0), "seed of the generated tasks and templates"),
-    held_out_clusters=Param(["logic"], Seq(Str(nonempty=True)), "task clusters kept out of instruction tuning (evaluated zero/few-shot)", _HELD),
-    task=Param("syllogism", Str(nonempty=True), "the downstream task finetuned and tested", _TASK),
-    task_train_size=Param(2000, Int(1), "training examples of the downstream task", _TASK),
-    init_checkpoint=Param("", Str(), "required: the starting run folder (or checkpoint folder)", _INIT),
+    held_out_clusters=Param(["logic"], Seq(Str(nonempty=True)), "task clusters kept out of instruction tuning (evaluated zero/few-shot)", HELD_OUT_SETUPS),
+    task=Param("syllogism", Str(nonempty=True), "the downstream task finetuned and tested", TASK_SETUPS),
+    task_train_size=Param(2000, Int(1), "training examples of the downstream task", TASK_SETUPS),
+    init_checkpoint=Param("", Str(), "required: the starting run folder (or checkpoint folder)", INIT_SETUPS),
     steps=Param(100, Int(1), "optimizer steps"),
     batch_size=Param(16, Int(1), "examples per step"),
     bucket_factor=Param(8, Int(0), "0: random batches; k: batches of similar length, sorted within random chunks of k batches"),
@@ -73,7 +74,7 @@ PARAMS: dict[str, Param] = dict(
     model_overrides=Param({}, Map(), "ModelConfig fields on top of the preset (e.g. num_encoder_layers)", (0,)),
     data_overrides=Param({}, Map(), "DataConfig fields on top of the preset"),
     eval_per_task=Param(200, Int(1), "test items per evaluated task"),
-    shots=Param(2, Int(1), "exemplars in the few-shot evaluation", _HELD),
+    shots=Param(2, Int(1), "exemplars in the few-shot evaluation", HELD_OUT_SETUPS),
     max_new_tokens=Param(16, Int(1), "generation length for open-answer tasks"),
     eval_batch_size=Param(64, Int(1), "evaluation batch size"),
     deepspeed_config=Param("", Str(), "DeepSpeed JSON (default papermill_runs/deepspeed/<preset>.json)"),
@@ -129,7 +130,7 @@ def experiment_params(setup: int = 0, **p) -> dict:
     out["held_out_clusters"] = list(out["held_out_clusters"])
     if setup != 0 and not out["init_checkpoint"]:
         raise ConfigError(f"setup {setup} starts from a checkpoint: set init_checkpoint (got init_checkpoint={out['init_checkpoint']!r})")
-    if setup in _TASK:
+    if setup in TASK_SETUPS:
         from flanmoe_nb import data
         try: data.get_task(out["task"])
         except KeyError as e: raise ConfigError(f"task: {e.args[0]}") from None

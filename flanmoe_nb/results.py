@@ -17,8 +17,8 @@ from .params import SETUPS, setup_params
 from .grid import project_root, tagged_copy
 
 # %% auto #0
-__all__ = ['collect_results', 'compare_runs', 'tidy_results', 'export_grid', 'execute_results', 'results_main', 'read_metrics',
-           'plot_training']
+__all__ = ['collect_results', 'compare_runs', 'tidy_results', 'export_grid', 'execute_results', 'project_root_or_exit',
+           'results_main', 'read_metrics', 'plot_training']
 
 # %% ../nbs/09e_results.ipynb #d46718d6
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -130,14 +130,15 @@ def execute_results(runs_root: str | Path, notebook: str | Path, output: str | P
     return output
 
 # %% ../nbs/09e_results.ipynb #0f3aedf4
-def _root_or_exit() -> Path:
+def project_root_or_exit() -> Path:
+    "The project root above the current folder, or a `ConfigError` saying to run from inside the project."
     root = project_root()
     if root is None: raise ConfigError("run this from inside the flanmoe_nb project (no pyproject.toml with nbs/ above the current folder)")
     return root
 
 def results_main(argv: list[str] | None = None) -> int:
     "`flanmoe results [--runs DIR] [--no-execute]`: print the table of all runs, execute the results notebook."
-    root = _root_or_exit()
+    root = project_root_or_exit()
     p = argparse.ArgumentParser(prog="flanmoe results", description="collect every run into one table and render the results notebook")
     p.add_argument("--runs", default=str(root / "papermill_runs"), help="folder holding <grid>/<run_id>/ runs")
     p.add_argument("--notebook", default=str(root / "nbs/experiments/results.ipynb"), help="results notebook")

@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from .checks import ConfigError
-from .grid import RunSpec, _atomic_write, _injected, load_grid, notebook_schema, project_root, resolve_refs, tagged_copy
-from .results import _root_or_exit, compare_runs, export_grid, results_main
+from .grid import RunSpec, atomic_write, is_injected_cell, load_grid, notebook_schema, project_root, resolve_refs, tagged_copy
+from .results import project_root_or_exit, compare_runs, export_grid, results_main
 from .params import experiment_params
 from .launch import launch_commands, sbatch_script
 
@@ -56,7 +56,7 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
         keep.parent.mkdir(parents=True, exist_ok=True); os.replace(out_dir, keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {**params, "out_dir": str(out_dir), "run_id": spec.id}
-    _atomic_write(out_dir / "params.yaml", yaml.safe_dump({"run_id": spec.id, "notebook": spec.notebook.name, "deps": spec.deps,
+    atomic_write(out_dir / "params.yaml", yaml.safe_dump({"run_id": spec.id, "notebook": spec.notebook.name, "deps": spec.deps,
                                                            "params": _relpaths(params, out_dir)}, sort_keys=False))
     t0 = time.time()
     try:
@@ -65,13 +65,13 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
                             kernel_name=kernel_name, cwd=str(out_dir), progress_bar=False, log_output=log,
                             execution_timeout=timeout)
     except BaseException as e:
-        err = _error_text(e); _atomic_write(out_dir / "error.txt", err)
+        err = _error_text(e); atomic_write(out_dir / "error.txt", err)
         if not isinstance(e, Exception): raise
         return "failed", time.time() - t0, err
     finally: (out_dir / ".input.ipynb").unlink(missing_ok=True)
     dt = time.time() - t0
     _scrub_paths(out_dir / "notebook.ipynb", out_dir)
-    _atomic_write(out_dir / "DONE", json.dumps({"seconds": round(dt, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    atomic_write(out_dir / "DONE", json.dumps({"seconds": round(dt, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                 "fingerprint": fingerprint, "params_fingerprint": params_fingerprint,
                                                 "weights": weights_digest(out_dir), "parents": parents or {}}) + "\n")
     return "ok", dt, ""
@@ -96,7 +96,7 @@ def code_version(notebook: str | Path | None = None) -> str:
         if f.name != "_modidx.py": h.update(f.name.encode()); h.update(f.read_bytes())
     if notebook is not None:
         for c in nbformat.read(str(notebook), as_version=4).cells:
-            if c.cell_type == "code" and not _injected(c): h.update(c.source.encode())
+            if c.cell_type == "code" and not is_injected_cell(c): h.update(c.source.encode())
     return h.hexdigest()[:16]
 
 # %% ../nbs/09_runs.ipynb #20db13d5
@@ -304,7 +304,7 @@ def grid_main(argv: list[str] | None = None) -> int:
 # %% ../nbs/09_runs.ipynb #b0ece582
 def run_main(argv: list[str] | None = None) -> int:
     "`flanmoe run`: the main job: every point of the tiny grid into `runs/` (resumable), its results notebook, and the comparison with the committed lab book."
-    try: root = _root_or_exit()
+    try: root = project_root_or_exit()
     except ConfigError as e: print(f"error: {e}", file=sys.stderr); return 2
     p = argparse.ArgumentParser(prog="flanmoe run", description="run the tiny grid (all setups, dense vs MoE, 3 seeds) and render the results")
     p.add_argument("--grid", default=str(root / "papermill_runs/tiny.yaml"))

@@ -15,9 +15,9 @@ from .checks import raise_unknown
 
 # %% auto #0
 __all__ = ['TASKS', 'FAMILY_OF_CLUSTER', 'TEMPLATES', 'OPTION_HEADERS', 'CLOSED_SETS', 'Task', 'clusters', 'get_task',
-           'check_clusters', 'generate_task', 'generator_entry', 'normalize_answer', 'exact_match', 'ScorerError',
-           'score_answer', 'family', 'render', 'render_fewshot', 'answer_options', 'make_options', 'make_prompt',
-           'load_flan_files']
+           'check_clusters', 'normalize_question', 'generate_task', 'generator_entry', 'normalize_answer',
+           'exact_match', 'ScorerError', 'score_answer', 'family', 'render', 'render_fewshot', 'answer_options',
+           'make_options', 'make_prompt', 'load_flan_files']
 
 # %% ../nbs/06a_tasks.ipynb #570bec94
 @dataclass(frozen=True)
@@ -127,7 +127,9 @@ def _generator(name: str, seed: int, size: int):
     import reasoning_gym
     with _quiet(): return reasoning_gym.create_dataset(name, seed=seed, size=size, **dict(get_task(name).overrides))
 
-def _norm(s: str) -> str: return " ".join(str(s).split()).lower()
+def normalize_question(s: str) -> str:
+    "Whitespace squeezed and lower-cased: the key questions are deduplicated by (`lower`, not `casefold`: the splits depend on it)."
+    return " ".join(str(s).split()).lower()
 
 def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: int = 10, n_test: int = 200) -> dict:
     "Deterministic deduplicated `{'train','validation','test'}` lists of raw examples for task `name` (error if test/validation cannot be filled)."
@@ -137,7 +139,7 @@ def generate_task(name: str, seed: int = 0, n_train: int = 200, n_validation: in
     with _quiet():
         for i in range(size):
             e = ds[i]
-            key = _norm(e["question"])
+            key = normalize_question(e["question"])
             if key in seen: continue
             seen.add(key)
             rows.append(dict(task=name, cluster=task.cluster, question=e["question"], answer=str(e["answer"]),

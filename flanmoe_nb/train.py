@@ -23,7 +23,7 @@ from . import parallel, kernels
 from .checks import ConfigError, Int, Float, Bool, Choice, Str, Any_, check_config
 from .optim import FREEZE, adamw_fusable, apply_freezing, build_optimizer, lr_lambda, set_expert_dropout
 from .batches import as_stream
-from .checkpoint import (CheckpointError, _barrier, _fsync_write, apply_checkpoint, complete_checkpoints,
+from .checkpoint import (CheckpointError, barrier, fsync_write, apply_checkpoint, complete_checkpoints,
                                    latest_checkpoint, load_model, read_checkpoint, save_checkpoint)
 
 # %% auto #0
@@ -212,7 +212,7 @@ def _truncate_metrics(path: Path, step: int) -> Path | None:
     if drop:
         dropped = path.parent / f"metrics.dropped-{step}.jsonl"
         with open(dropped, "a") as f: f.write("".join(l + "\n" for l in drop)); f.flush(); os.fsync(f.fileno())
-    tmp = path.with_suffix(".tmp"); _fsync_write(tmp, "".join(l + "\n" for l in keep).encode()); os.replace(tmp, path)
+    tmp = path.with_suffix(".tmp"); fsync_write(tmp, "".join(l + "\n" for l in keep).encode()); os.replace(tmp, path)
     return dropped
 
 # %% ../nbs/07_train.ipynb #4d48ec52
@@ -294,7 +294,7 @@ def train(model: nn.Module, train_data, cfg: TrainConfig, eval_fn: Callable | No
     if ds:
         engine, opt, sched = deepspeed_engine(model, opt, sched, cfg, env)
         if found is not None: load_deepspeed_optimizer(found[0], opt, env, [found[1]["ranks"][r] for r in range(env.world_size)])
-    _barrier(env)
+    barrier(env)
     bc, zc = _coefs(model)
     params = [p for p in model.parameters() if p.requires_grad]
     fwd = torch.compile(model) if cfg.compile else None     # checkpoints and gradients stay on `model`

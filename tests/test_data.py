@@ -76,7 +76,7 @@ def all_splits():
 
 def test_no_test_example_in_train_for_any_task(all_splits):
     for t, sp in all_splits.items():
-        q = {s: {TK._norm(r["question"]) for r in sp[s]} for s in sp}
+        q = {s: {TK.normalize_question(r["question"]) for r in sp[s]} for s in sp}
         assert len(sp["test"]) == 10 and len(sp["validation"]) == 5 and len(sp["train"]) >= 20, t
         assert not q["test"] & q["train"] and not q["validation"] & q["train"] and not q["test"] & q["validation"], t
 
@@ -96,7 +96,7 @@ def test_each_scorer_accepts_gold_and_rejects_wrong(all_splits):
             assert D.get_task(t).score(" " + ex["answer"] + "\n", ex) == 1.0, t
             assert D.exact_match(ex["answer"], ex["answer"]) == 1.0
             assert D.score_answer(ex, "") < 1.0, t
-            wrong = next((r["answer"] for r in sp["train"] if TK._norm(r["answer"]) != TK._norm(ex["answer"])), None)
+            wrong = next((r["answer"] for r in sp["train"] if TK.normalize_question(r["answer"]) != TK.normalize_question(ex["answer"])), None)
             if wrong is not None:
                 assert D.score_answer(ex, wrong) < 1.0, (t, ex["answer"], wrong)
 
@@ -205,8 +205,8 @@ def test_mixture_rows_are_well_formed(cache):
         if r["kind"].endswith("_opt"): assert r["answer"] in r["options"]
         if r["kind"].startswith("fs"): assert r["inputs"].count("\n\n") >= 1
     # few-shot exemplars are train questions of the same task, never test ones
-    tests = {TK._norm(x["question"]) for t in MICRO_TASKS for x in D.task_splits(t, cfg)["test"]}
-    assert not any(TK._norm(q) in tests for q in tr["question"])
+    tests = {TK.normalize_question(x["question"]) for t in MICRO_TASKS for x in D.task_splits(t, cfg)["test"]}
+    assert not any(TK.normalize_question(q) in tests for q in tr["question"])
 
 
 def test_held_out_clusters_never_reach_training(cache):
@@ -215,8 +215,8 @@ def test_held_out_clusters_never_reach_training(cache):
     assert set(m["train"]["task"]) == set(D.clusters()["arithmetic"])
     assert not {"syllogism", "aiw", "course_schedule"} & set(m["train"]["task"]) and not {"logic", "graphs"} & set(m["train"]["cluster"])
     assert not {"logic", "graphs"} & set(m["validation"]["cluster"])
-    held_q = {TK._norm(r["question"]) for t in D.held_out_tasks(cfg) for s in ("train", "validation", "test") for r in D.task_splits(t, cfg)[s]}
-    assert not any(TK._norm(q) in held_q for q in m["train"]["question"])
+    held_q = {TK.normalize_question(r["question"]) for t in D.held_out_tasks(cfg) for s in ("train", "validation", "test") for r in D.task_splits(t, cfg)[s]}
+    assert not any(TK.normalize_question(q) in held_q for q in m["train"]["question"])
     ev = D.build_eval_sets(cfg, shots=0)
     assert set(ev["cluster"]) == {"logic", "graphs"} and set(ev["task"]) == set(D.held_out_tasks(cfg))
     # asking for a held-out task in training, or a leaked row, raises
