@@ -2,7 +2,7 @@
 
 Modules:
 
-- `flanmoe_nb.analysis`: Expert specialisation (routing tables per task cluster, mutual information between cluster and expert with a shuffled-cluster control, heatmaps, its course over training stages) and the statistics of the results notebook (mean and t interval over seeds, paired bootstrap and exact sign tests, verdicts, baseline margins).
+- `flanmoe_nb.analysis`: Expert specialisation: routing tables per task cluster, mutual information between cluster and expert with a shuffled-cluster control, heatmaps, and its course over training stages.
 - `flanmoe_nb.batches`: Resumable streams of micro-batches: a seeded per-epoch order sharded over data-parallel ranks, optional length bucketing, and the position a checkpoint stores.
 - `flanmoe_nb.bench`: `flanmoe bench moe`: this project's MoE FFN against a dense FFN of equal active FLOPs (the limit), the HF Switch Transformers MLP, a GShard one-hot einsum dispatch and `torch._grouped_mm`, side by side.
 - `flanmoe_nb.checkpoint`: Atomic, resumable training checkpoints: weights as safetensors, trainer state as JSON, one weights-only rank file per process; a crash never leaves a half-written one, and reading never runs code.
@@ -29,6 +29,7 @@ Modules:
 - `flanmoe_nb.results`: The lab book: every run folder into one table, the tidy `results.csv`, comparisons with the committed results, exports of finished runs, and the training plots of the setup notebooks.
 - `flanmoe_nb.routing`: Routers for sparse MoE layers: token-choice top-k (Switch, GShard, ST-MoE) and expert choice, expert capacity, and the load-balancing and z auxiliary losses.
 - `flanmoe_nb.runs`: The papermill grid runner: grid files in `papermill_runs/*.yaml`, one executed notebook per parameter set, dependencies between stages, skip-if-done, failures kept with their traceback, and the results table.
+- `flanmoe_nb.stats`: The statistics of the results notebook: mean and Student-t interval over seeds, paired bootstrap, exact sign and McNemar tests over shared test items, verdicts on the paper's signs, baseline margins.
 - `flanmoe_nb.tasks`: The offline FLAN tasks: reasoning-gym generators in clusters, their splits and scorers, the natural-language templates and answer options of each prompt, and local FLAN-format files.
 - `flanmoe_nb.tokenizer`: A byte-level BPE tokenizer trained locally with HF `tokenizers`, with T5's ids (pad 0, eos 1, unk 2) and the `<extra_id_*>` sentinels at the top of the vocabulary.
 - `flanmoe_nb.train`: A plain training loop: Adafactor/AdamW, warmup schedules, clipping and accumulation, bf16 autocast, freezing knobs, NaN guards, atomic checkpoints with exact resume, expert parallelism and a DeepSpeed path."""

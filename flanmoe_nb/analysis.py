@@ -1,6 +1,5 @@
-"""Expert specialisation (routing tables per task cluster, mutual information between cluster and expert with
-a shuffled-cluster control, heatmaps, its course over training stages) and the statistics of the results
-notebook (mean and t interval over seeds, paired bootstrap and exact sign tests, verdicts, baseline margins).
+"""Expert specialisation: routing tables per task cluster, mutual information between cluster and
+expert with a shuffled-cluster control, heatmaps, and its course over training stages.
 
 Docs: https://flanmoe.github.io/flanmoe_nb/analysis.html.md"""
 
@@ -21,11 +20,9 @@ import torch
 from .moe import MoELayer
 
 # %% auto #0
-__all__ = ['ROUTING_COLUMNS', 'CHOICES', 'SUMMARY_COLUMNS', 'RESAMPLE', 'VERDICTS', 'moe_layers', 'layer_label', 'dropless',
-           'routing_table', 'mi_bits', 'shuffled_tables', 'contingency', 'mutual_information', 'plot_specialisation',
-           'specialisation_summary', 'plot_specialisation_stages', 'save_routing', 'load_routing', 'betainc', 't_cdf',
-           't_ppf', 'mean_ci', 'format_ci', 'paired_bootstrap', 'exact_sign_test', 'mcnemar', 'verdict',
-           'above_baseline']
+__all__ = ['ROUTING_COLUMNS', 'CHOICES', 'SUMMARY_COLUMNS', 'moe_layers', 'layer_label', 'dropless', 'routing_table', 'mi_bits',
+           'shuffled_tables', 'contingency', 'mutual_information', 'plot_specialisation', 'specialisation_summary',
+           'plot_specialisation_stages', 'save_routing', 'load_routing']
 
 # %% ../nbs/08a_analysis.ipynb #979d1bd2
 ROUTING_COLUMNS = ["layer", "side", "block", "cluster", "held_out", "expert", "tokens"]
@@ -308,173 +305,5 @@ def load_routing(out_dir) -> pd.DataFrame:
     if meta.exists(): df.attrs.update(json.loads(meta.read_text()).get("attrs", {}))
     return df
 
-# %% ../nbs/08a_analysis.ipynb #0dd4df4d
-def _betacf(a: float, b: float, x: float) -> float:
-    "Continued fraction of the regularised incomplete beta function (modified Lentz)."
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1
-    c, d = 1.0, 1 - qab * x / qap
-    d = 1 / (d if abs(d) > tiny else tiny); h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1 + aa * d; d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + aa / c; c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-15: break
-    return h
-
-def betainc(a: float, b: float, x: float) -> float:
-    "Regularised incomplete beta function I_x(a, b)."
-    if x <= 0: return 0.0
-    if x >= 1: return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2): return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1 - math.exp(lbt) * _betacf(b, a, 1 - x) / b
-
-# %% ../nbs/08a_analysis.ipynb #ab28405f
-def t_cdf(t: float, df: float) -> float:
-    "Student-t cumulative distribution function."
-    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
-    return 1 - tail if t > 0 else tail
-
-# %% ../nbs/08a_analysis.ipynb #aad0a33b
-def t_ppf(q: float, df: float) -> float:
-    "Student-t quantile (inverse of `t_cdf`), by bisection."
-    if not 0 < q < 1: raise ValueError(f"q must be in (0, 1) (got q={q!r})")
-    if q < 0.5: return -t_ppf(1 - q, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < q: hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
-        if hi - lo < 1e-12 * max(1.0, hi): break
-    return (lo + hi) / 2
-
-# %% ../nbs/08a_analysis.ipynb #d598e05c
-def _check_level(level):
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1) (got level={level!r})")
-
-def _finite_array(values, name: str, ndim: int, what: str) -> np.ndarray:
-    "`values` as a non-empty finite float array of `ndim` axes (one leading axis added to an input with one fewer)."
-    try: x = np.asarray(values, dtype=float)
-    except (TypeError, ValueError): raise ValueError(f"{name} must be {what} (got {name}={values!r:.80})") from None
-    if x.ndim == ndim - 1: x = x[None]
-    if x.ndim != ndim or x.size == 0: raise ValueError(f"{name} must be {what}, not empty (got shape {x.shape})")
-    if not np.isfinite(x).all(): raise ValueError(f"{name} must be finite (got {name}={x.tolist()!r:.80})")
-    return x
-
-def mean_ci(values, level: float = 0.95) -> dict:
-    "Mean over seeds with a Student-t interval -> `dict(mean, low, high, half_width, sd, se, n, level, note)`; n=1 gives (-inf, inf)."
-    _check_level(level)
-    x = _finite_array(values, "values", 1, "a 1-D list of numbers")
-    n, mean = x.size, float(x.mean())
-    if n == 1:
-        return dict(mean=mean, low=-math.inf, high=math.inf, half_width=math.inf, sd=float("nan"), se=float("nan"),
-                    n=1, level=level, note="n=1: a single seed has no interval")
-    sd = float(x.std(ddof=1)); se = sd / math.sqrt(n)
-    hw = t_ppf((1 + level) / 2, n - 1) * se
-    return dict(mean=mean, low=mean - hw, high=mean + hw, half_width=hw, sd=sd, se=se, n=n, level=level, note="")
-
-# %% ../nbs/08a_analysis.ipynb #cee1efe4
-def format_ci(ci: dict, digits: int = 3) -> str:
-    "`mean ± half-width [low, high] (n=...)` from `mean_ci` (or `diff [low, high]` from `paired_bootstrap`)."
-    f = lambda v: f"{v:.{digits}f}"
-    if "diff" in ci: return f"{f(ci['diff'])} [{f(ci['low'])}, {f(ci['high'])}] (p={ci['p_value']:.3g}, {ci['n_items']} items)"
-    if math.isinf(ci["half_width"]): return f"{f(ci['mean'])} (n=1, no interval)"
-    return f"{f(ci['mean'])} ± {f(ci['half_width'])} [{f(ci['low'])}, {f(ci['high'])}] (n={ci['n']})"
-
-# %% ../nbs/08a_analysis.ipynb #fca97f93
-RESAMPLE = ("items", "items_and_seeds")
-
-def _scores(x, name) -> np.ndarray: return _finite_array(x, name, 2, "[items] or [seeds, items] per-item scores")
-
-def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.95, resample: str = "items") -> dict:
-    "Paired bootstrap over shared test items of `b - a` (`[items]` or `[seeds, items]`) -> `dict(diff, low, high, p_value, se, n_items, ...)`."
-    _check_level(level)
-    if resample not in RESAMPLE: raise ValueError(f"resample must be one of {RESAMPLE} (got resample={resample!r})")
-    if not isinstance(n_boot, int) or n_boot < 100: raise ValueError(f"n_boot must be an int >= 100 (got n_boot={n_boot!r})")
-    A, B = _scores(a, "a"), _scores(b, "b")
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"a and b must score the same items (got {A.shape[1]} items in a, {B.shape[1]} in b)")
-    n, Sa, Sb = A.shape[1], A.shape[0], B.shape[0]
-    diff = float(B.mean() - A.mean())
-    rng = np.random.default_rng(seed)
-    d_item = B.mean(0) - A.mean(0)
-    boots = np.empty(n_boot)
-    chunk = max(1, min(n_boot, 2_000_000 // max(n, 1)))
-    for s in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - s)
-        idx = rng.integers(0, n, size=(m, n))
-        if resample == "items": boots[s:s + m] = d_item[idx].mean(1)
-        else:
-            wa = rng.multinomial(Sa, np.full(Sa, 1 / Sa), size=m) / Sa     # seed weights [m, S]
-            wb = rng.multinomial(Sb, np.full(Sb, 1 / Sb), size=m) / Sb
-            boots[s:s + m] = (wb * B[:, idx].mean(2).T).sum(1) - (wa * A[:, idx].mean(2).T).sum(1)
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    p = float((1 + (np.abs(boots - diff) >= abs(diff) - 1e-12).sum()) / (1 + n_boot)) if diff != 0 else 1.0
-    return dict(diff=diff, low=float(lo), high=float(hi), p_value=p, se=float(boots.std(ddof=1)), n_items=n,
-                n_seeds_a=Sa, n_seeds_b=Sb, n_boot=n_boot, level=level, resample=resample,
-                method="percentile interval; p by the shift method")
-
-# %% ../nbs/08a_analysis.ipynb #fd2778a9
-def _binom_two_sided(k: int, n: int) -> float:
-    "Exact two-sided p of `k` successes or fewer (the smaller side) in `n` fair coin flips."
-    if n == 0: return 1.0
-    k = min(k, n - k)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
-    mx = max(logs)
-    tail = math.exp(mx) * sum(math.exp(v - mx) for v in logs)
-    return min(1.0, 2 * tail)
-
-def exact_sign_test(a, b) -> dict:
-    "Exact two-sided sign test of paired scores (McNemar for binary) -> `dict(n_pos, n_neg, n_ties, diff, p_value)`; `n_pos` = items where b > a."
-    A, B = _scores(a, "a"), _scores(b, "b")
-    if A.shape[0] > 1 or B.shape[0] > 1: raise ValueError(f"a and b must be 1-D per-item scores (got shapes {A.shape}, {B.shape}); average seeds first")
-    if A.shape != B.shape: raise ValueError(f"a and b must score the same items (got {A.shape[1]} items in a, {B.shape[1]} in b)")
-    d = (B - A)[0]
-    pos, neg = int((d > 0).sum()), int((d < 0).sum())
-    return dict(n_pos=pos, n_neg=neg, n_ties=int(d.size - pos - neg), diff=float(d.mean()), p_value=_binom_two_sided(min(pos, neg), pos + neg))
-
-# %% ../nbs/08a_analysis.ipynb #38640dc1
-def mcnemar(a, b) -> dict:
-    "Exact McNemar test for binary (0/1) per-item scores: `exact_sign_test` after checking the scores are 0/1."
-    for name, x in (("a", a), ("b", b)):
-        v = _scores(x, name)
-        if not np.isin(v, (0, 1)).all(): raise ValueError(f"{name} must hold binary 0/1 scores for McNemar (got values {np.unique(v)[:5].tolist()})")
-    r = exact_sign_test(a, b)
-    return dict(r, b_only=r["n_pos"], a_only=r["n_neg"])
-
-# %% ../nbs/08a_analysis.ipynb #ad232aca
-VERDICTS = ("reproduced", "opposite", "inconclusive at this power")
-
-_SIGNS = {1: 1, -1: -1, "+": 1, "-": -1, "positive": 1, "negative": -1}
-
-def verdict(ci_low: float, ci_high: float, expected_sign=1) -> str:
-    "'reproduced' if the interval excludes 0 on the expected side, 'opposite' if on the other, else 'inconclusive at this power'."
-    sign = _SIGNS.get(expected_sign) if not isinstance(expected_sign, bool) else None
-    if sign is None: raise ValueError(f"expected_sign must be +1 or -1 (or '+', '-') (got expected_sign={expected_sign!r})")
-    for name, v in (("ci_low", ci_low), ("ci_high", ci_high)):
-        if not isinstance(v, (int, float, np.floating, np.integer)) or math.isnan(v):
-            raise ValueError(f"{name} must be a number (got {name}={v!r})")
-    if ci_low > ci_high: raise ValueError(f"ci_low must be <= ci_high (got ci_low={ci_low!r}, ci_high={ci_high!r})")
-    if ci_low > 0: return VERDICTS[0] if sign > 0 else VERDICTS[1]
-    if ci_high < 0: return VERDICTS[0] if sign < 0 else VERDICTS[1]
-    return VERDICTS[2]
-
-# %% ../nbs/08a_analysis.ipynb #e4dda93f
-def above_baseline(acc: float, n: int, baseline: float, k: float = 2, se_from: str = "acc") -> dict:
-    "Whether `acc` >= `baseline` + `k` binomial SEs over `n` items -> `dict(passes, margin_se, se, threshold, ...)`."
-    for name, v in (("acc", acc), ("baseline", baseline)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v <= 1:
-            raise ValueError(f"{name} must be a proportion in [0, 1] (got {name}={v!r})")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"n must be an int >= 1 (got n={n!r})")
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or k < 0: raise ValueError(f"k must be a number >= 0 (got k={k!r})")
-    if se_from not in ("acc", "baseline"): raise ValueError(f"se_from must be 'acc' or 'baseline' (got se_from={se_from!r})")
-    p = acc if se_from == "acc" else baseline
-    se = math.sqrt(p * (1 - p) / n)
-    gap = acc - baseline
-    margin = gap / se if se > 0 else (math.inf if gap > 0 else -math.inf if gap < 0 else 0.0)
-    thr = baseline + k * se
-    return dict(acc=float(acc), baseline=float(baseline), n=int(n), k=k, se=se, threshold=thr,
-                margin_se=margin, passes=bool(acc >= thr), se_from=se_from)
+# %% ../nbs/08a_analysis.ipynb #33f99a4b
+from .stats import *
