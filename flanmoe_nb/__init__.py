@@ -9,6 +9,7 @@ Modules:
 - `flanmoe_nb.collate`: Padded torch batches from token rows (T5's shifted decoder inputs, segment ids for packed rows), length-bucketed batching and T5-style packing.
 - `flanmoe_nb.corpus`: English prose shipped with Python (and any local text) for pretraining, and T5 span corruption: the noise mask, sentinel inputs and targets, and the lengths they need.
 - `flanmoe_nb.data`: The data pipeline's configuration and builders: one `DataConfig` with presets, an Arrow cache keyed by config, and the tokenized instruction mixture, task splits, eval prompts and pretraining corpus.
+- `flanmoe_nb.ds`: The DeepSpeed engine of a training stage: its config, ZeRO 1/2 over the dense parameters, and the hand-over of our expert-parallel layout to DeepSpeed's MoE groups so ZeRO partitions expert state per group.
 - `flanmoe_nb.eval`: Answer normalisation, exact match and task scorers, rank classification over answer options, greedy-generation evaluation, few-shot prompts, and per-task / per-cluster / held-out aggregates.
 - `flanmoe_nb.experiment`: One stage of an experiment end to end: its data and model (fresh, or the starting run's checkpoint), training in this process or under a launcher, and `eval.json` with expert specialisation.
 - `flanmoe_nb.extension`: Loading the compiled extension `flanmoe_nb._C`, its host memory cache, and the choice of a kernel path by measurement, per machine.

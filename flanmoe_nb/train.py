@@ -25,12 +25,12 @@ from .optim import FREEZE, adamw_fusable, apply_freezing, build_optimizer, lr_la
 from .batches import as_stream
 from .checkpoint import (CheckpointError, barrier, fsync_write, apply_checkpoint, complete_checkpoints,
                                    latest_checkpoint, load_model, read_checkpoint, save_checkpoint)
+from .ds import deepspeed_engine, load_deepspeed_optimizer
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'NAN_POLICIES', 'ENGINES', 'RESUME_MODES', 'TRAIN_SCHEMA', 'TrainConfig', 'TrainResult',
            'TrainingDiverged', 'skip_limit_exceeded', 'utilisation_entropy', 'find_resume_checkpoint', 'micro_step',
-           'train', 'deepspeed_config', 'deepspeed_expert_parallel', 'deepspeed_engine', 'load_deepspeed_optimizer',
-           'export_hf', 'run_stage', 'bench_train']
+           'train', 'export_hf', 'run_stage', 'bench_train']
 
 # %% ../nbs/07_train.ipynb #1c7af6f3
 OPTIMIZERS = ("adafactor", "adamw")
@@ -383,82 +383,6 @@ def _train_step(model, stream, opt, cfg, bc, zc, env, params, fwd=None) -> dict:
         m["entropy"] = [round(utilisation_entropy(c), 4) for c in counts]
         m["dropped"] = [round(float(sum(a[i].dropped_fraction for a in auxes)) / len(auxes), 4) for i in range(n_layers)]
     return m
-
-# %% ../nbs/07_train.ipynb #c84b0b16
-def deepspeed_config(cfg: TrainConfig, world_size: int = 1) -> dict:
-    "The DeepSpeed config for `cfg` (file given in `cfg.deepspeed_config` wins, batch sizes filled in)."
-    ds = cfg.deepspeed_config
-    if isinstance(ds, (str, Path)): ds = json.loads(Path(ds).read_text())
-    ds = dict(ds or {"zero_optimization": {"stage": 1}})
-    ds.update(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              train_batch_size=cfg.batch_size * cfg.grad_accum * world_size)
-    ds.setdefault("gradient_clipping", cfg.grad_clip or 0.0)
-    ds.setdefault("bf16", {"enabled": cfg.bf16})
-    return ds
-
-# %% ../nbs/07_train.ipynb #6ec05bac
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-_DS_MOE_CLASSES: dict = {}
-
-def _deepspeed_moe_class(cls):
-    "`cls` (an `ExpertParallelMoE`) that DeepSpeed's engine also takes for one of its MoE layers: same forward, groups given, not made."
-    if cls not in _DS_MOE_CLASSES:
-        from deepspeed.moe.layer import MoE
-        def set_deepspeed_parallelism(self, *args, **kwargs): pass   # the groups exist already (`deepspeed_expert_parallel`)
-        _DS_MOE_CLASSES[cls] = type(f"DeepSpeed{cls.__name__}", (cls, MoE), dict(set_deepspeed_parallelism=set_deepspeed_parallelism))
-    return _DS_MOE_CLASSES[cls]
-
-def deepspeed_expert_parallel(model: nn.Module, opt, env) -> str | None:
-    "Hand the expert-parallel layout to DeepSpeed -> its group name: DeepSpeed's expert and expert-data-parallel groups (`ep_size_<P>`) carry the all-to-alls, expert parameters are marked as MoE parameters of that group, the optimizer's expert group takes its name, and the layers count as DeepSpeed MoE layers (so ZeRO reduces and partitions expert gradients over the expert-data-parallel group)."
-    from deepspeed.utils import groups
-    if env.ep_size == 1: return None
-    name = f"ep_size_{env.ep_size}"
-    if name not in groups._get_expert_parallel_group_dict(): groups._create_expert_and_data_parallel(env.ep_size)
-    ep_group = groups._get_expert_parallel_group(name)
-    moe_groups = [g for g in opt.param_groups if g.get("moe")]
-    for _, layer in parallel.moe_layers(model):
-        if not isinstance(layer, parallel.ExpertParallelMoE):
-            raise ValueError(f"deepspeed_expert_parallel needs expert-parallel layers (got {type(layer).__name__}; call parallel.expert_parallel first)")
-        layer.ep_group = ep_group
-        if moe_groups:          # frozen experts: no expert gradients, nothing for ZeRO to reduce
-            layer.__class__ = _deepspeed_moe_class(type(layer))
-            layer.num_experts, layer.expert_group_name = layer.cfg.num_experts, name
-            for p in layer.experts.parameters(): p.allreduce, p.group_name = False, name
-    for g in moe_groups: g["name"] = name
-    return name
-
-# %% ../nbs/07_train.ipynb #ee6b9216
-def deepspeed_engine(model, opt, sched, cfg: TrainConfig, env):
-    "Wrap model/optimizer/scheduler in a DeepSpeed engine: ZeRO 1/2 over the dense parameters, and under expert parallelism over each expert's data-parallel group."
-    import deepspeed
-    if not dist.is_initialized():
-        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                     ("WORLD_SIZE", "1")):
-            os.environ.setdefault(k, v)
-    deepspeed.init_distributed(dist_backend=env.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-    ds = deepspeed_config(cfg, env.world_size)
-    if cfg.ep_size > 1:
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (1, 2):
-            raise ValueError(f"engine='deepspeed' with ep_size>1 needs ZeRO stage 1 or 2 (got stage={stage}, ep_size={cfg.ep_size})")
-        deepspeed_expert_parallel(model, opt, env)
-    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
-    return engine, opt, sched
-
-# %% ../nbs/07_train.ipynb #41cb9b44
-def load_deepspeed_optimizer(path, opt, env, states: list | None = None):
-    "Restore the engine's optimizer from checkpoint `path` (or its already read rank `states`): ZeRO 1/2 takes every rank's partition, others their own."
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    path = Path(path)
-    if states is None:
-        states = list(read_checkpoint(path, env, range(env.world_size), weights=False, deepspeed=True)["ranks"].values())
-    sds = [s["optimizer"] for s in states]
-    if any(sd is None for sd in sds): raise ValueError(f"checkpoint has no optimizer state (got path={str(path)!r})")
-    if isinstance(opt, DeepSpeedZeroOptimizer): opt.load_state_dict(sds)
-    else: opt.load_state_dict(sds[env.rank])
 
 # %% ../nbs/07_train.ipynb #dc60dcb3
 def _train_step_deepspeed(engine, stream, cfg, bc, zc, env) -> dict:

@@ -48,7 +48,8 @@ def main(out, stage, ep, steps=3, resume=False):
 def zero_sizes(out, stage, ep):
     "Per rank: elements of ZeRO's fp32 partitions and of AdamW's state after one step, dense and expert groups apart."
     from flanmoe_nb.optim import build_optimizer
-    from flanmoe_nb.train import deepspeed_engine, _train_step_deepspeed
+    from flanmoe_nb.ds import deepspeed_engine
+    from flanmoe_nb.train import _train_step_deepspeed
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     env = parallel.init_distributed(ep_size=ep, num_experts=4)
     torch.manual_seed(0)
