@@ -292,9 +292,7 @@ def machine_rates(dtype: str = "fp32", T: int = 4096, d: int = 512, f: int = 204
 
 # %% ../nbs/10_bench.ipynb #e957aa92
 def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flanmoe") -> dict | None:
-    """Where a measured MoE FFN step stands against this machine: its GFLOP/s, the expert-weight traffic a step must
-    make (read twice, forward and input gradient; weight gradients written once) in GB/s, and the floor
-    max(compute at the dense GEMM rate, that traffic at the copy bandwidth) with the step's time over it."""
+    "A measured MoE FFN step against this machine: GFLOP/s, expert-weight GB/s, and its time over the compute / bandwidth floor."
     t = row.get(f"{method}_s")
     if not t: return None
     nbytes = torch.finfo(DTYPES[row["dtype"]]).bits // 8

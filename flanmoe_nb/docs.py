@@ -263,7 +263,7 @@ _ID = re.compile(r'\sid="([^"]+)"')
 _SCHEME = re.compile(r"^(?:[a-zA-Z][\w+.-]*:|//)")
 
 def fix_site_links(site: str | Path, doc_base: str = "") -> dict:
-    "Make every link of a built site relative: nbdev's absolute cross-links (`doc_base` + `moe.html#moeconfig`) and relative ones point at the page and the anchor Sphinx wrote; returns counts, and the links whose page or anchor is missing."
+    "Make every link of a built site relative, pointing at the page and anchor Sphinx wrote; returns counts and the broken links."
     import html, posixpath
     from docutils.nodes import make_id
     site = Path(site)

@@ -48,7 +48,7 @@ def _deepspeed_moe_class(cls):
     return _DS_MOE_CLASSES[cls]
 
 def deepspeed_expert_parallel(model: nn.Module, opt, env) -> str | None:
-    "Hand the expert-parallel layout to DeepSpeed -> its group name: DeepSpeed's expert and expert-data-parallel groups (`ep_size_<P>`) carry the all-to-alls, expert parameters are marked as MoE parameters of that group, the optimizer's expert group takes its name, and the layers count as DeepSpeed MoE layers (so ZeRO reduces and partitions expert gradients over the expert-data-parallel group)."
+    "Give our expert-parallel layout to DeepSpeed's MoE groups (`ep_size_<P>`), so ZeRO partitions expert state per group; returns the group name."
     from deepspeed.utils import groups
     if env.ep_size == 1: return None
     name = f"ep_size_{env.ep_size}"

@@ -143,7 +143,7 @@ def _option_logprobs_shared(model, input_ids, options, pad_id, batch_size, devic
 @torch.no_grad()
 def score_options(model, input_ids: list[list[int]], options: list[list[list[int]]], pad_id: int = 0,
                   batch_size: int = 32, normalize: str = "sum", device=None) -> list[list[float]]:
-    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token); an encoder-decoder encodes each prompt once. Examples are batched in order of prompt length (less padding), results come back in the given order."
+    "Log-likelihood of every option of every example (`normalize`: 'sum' or 'mean' per token), each prompt encoded once."
     if normalize not in ("sum", "mean"): raise ValueError(f"normalize must be 'sum' or 'mean' (got normalize={normalize!r})")
     order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
     if order != list(range(len(input_ids))):

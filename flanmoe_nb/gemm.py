@@ -103,7 +103,7 @@ def cpu_gemm_info() -> dict:
 
 # %% ../nbs/01b_gemm.ipynb #24ba91d3
 def set_cpu_gemm(mode: str) -> str:
-    "Choose the fp32 CPU GEMMs: one of `CPU_GEMMS`; returns the previous mode. A named mode pins the expert GEMMs to it; 'auto' (the widest ISA for attention and the loss) lets `expert_ffn` choose the expert GEMMs by measurement."
+    "Pin the fp32 CPU GEMMs to one of `CPU_GEMMS` ('auto': the expert GEMMs chosen by measurement); returns the previous mode."
     if mode not in CPU_GEMMS:
         raise ValueError(f"mode must be one of {CPU_GEMMS} (got mode={mode!r})")
     require_extension()

@@ -111,7 +111,7 @@ def attention_kernel_faster(d_head: int) -> bool:
 # %% ../nbs/01c_layer_ops.ipynb #d7a7e1b9
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               key_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
-    "`softmax(q k^T + bias + key_mask) v` per head (no scaling), q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]`, `bias` broadcasting to `[B, H, Lq, Lk]`, `key_mask` additive `[B, Lk]` (no gradient), `dropout` on the probabilities (the mask `dropout` would draw at this point); returns `[B, Lq, H, D]`."
+    "`softmax(q k^T + bias + key_mask) v` per head, unscaled: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
     if not 0.0 <= dropout < 1.0: raise ValueError(f"attention: dropout must be in [0, 1) (got dropout={dropout})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:

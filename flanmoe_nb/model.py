@@ -206,11 +206,7 @@ class RelativePositionBias(nn.Module):
 
 # %% ../nbs/04_model.ipynb #ffbd72ea
 class AttnBias:
-    """An attention bias in two parts: `pos`, shared by the batch (`[1, H, Lq, Lk]`: the position bias, with the
-    causal mask in a decoder), and `key`, the additive padding mask of each sequence (`[B, Lk]`). The compiled
-    attention takes them apart (no `[B, H, Lq, Lk]` bias or bias gradient); `full()` is their sum for the other
-    paths, computed once per stack (all its layers share it). (Each mask is half the most negative float, see
-    `_additive`, so a key masked twice stays finite.)"""
+    "An attention bias in two parts: `pos` `[1, H, Lq, Lk]` shared by the batch and `key` `[B, Lk]` padding masks; `full()` is their sum."
     __slots__ = ("pos", "key", "_full")
     def __init__(self, pos: torch.Tensor | None, key: torch.Tensor | None = None):
         self.pos, self.key, self._full = pos, key, None

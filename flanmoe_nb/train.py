@@ -433,7 +433,7 @@ def run_stage(model, train_data, cfg: TrainConfig | None = None, eval_fn: Callab
 def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, tgt_len: int = 32, steps: int = 5,
                 rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool | None = None,
                 dropout: float = 0.0) -> dict:
-    "Training tokens/s (fwd+bwd+AdamW step, the same optimizer for both) of our tiny MoE vs HF `SwitchTransformersForConditionalGeneration`; `fused_adamw=None`: the trainer's AdamW (fused where `adamw_fusable`), False: torch's per-tensor loop; `dropout`: the tiny preset's rate is 0.1 (its default in training), 0 keeps the steps deterministic."
+    "Training tokens/s (fwd+bwd+AdamW) of our tiny MoE against HF `SwitchTransformersForConditionalGeneration`."
     from flanmoe_nb.model import EncoderDecoder, ModelConfig
     from flanmoe_nb.hf import to_hf
     torch.manual_seed(seed)
