@@ -15,14 +15,12 @@ from typing import Callable, Iterable
 import torch
 
 from . import data
+from .tasks import normalize_answer, exact_match   # the one normalisation, re-exported
 
 # %% auto #0
 __all__ = ['task_scorer', 'score_prediction', 'as_example', 'few_shot_prompt', 'tokenize', 'detokenize', 'pad_batch',
            'sequence_logprobs', 'score_options', 'generate_answers', 'rank_answers', 'task_report', 'aggregate',
            'evaluate', 'write_eval', 'per_task_rows', 'validation_ce']
-
-# %% ../nbs/08_eval.ipynb #24c12ed5
-from .data import normalize_answer, exact_match   # the one normalisation (see `data`)
 
 # %% ../nbs/08_eval.ipynb #7db97890
 def _em_scorer(pred: str, example: dict) -> float: return exact_match(pred, example["target"])
