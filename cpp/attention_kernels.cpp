@@ -3,6 +3,9 @@
 #include "attention_kernels.h"
 #include "scratch.h"
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>   // simd.h's masked loads and FMA
+#endif
 
 // The vector helpers take and return vectors wider than the baseline ABI's; they are always inlined, so no
 // call ABI is involved.

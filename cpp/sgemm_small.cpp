@@ -26,19 +26,19 @@ float* scratch(size_t n) { return thread_scratch<float, GemmScratch>(n); }
 #if FLANMOE_X86
 #define ISA_NS avx512
 #define ISA_TARGET __attribute__((target("avx512f,fma")))
-#define ISA_AVX512 1
+#define ISA_W 16
 #include "sgemm_small_isa.inc"
 #undef ISA_NS
 #undef ISA_TARGET
-#undef ISA_AVX512
+#undef ISA_W
 
 #define ISA_NS avx2
 #define ISA_TARGET __attribute__((target("avx2,fma")))
-#define ISA_AVX512 0
+#define ISA_W 8
 #include "sgemm_small_isa.inc"
 #undef ISA_NS
 #undef ISA_TARGET
-#undef ISA_AVX512
+#undef ISA_W
 
 SmallGemmIsa detect() {
   __builtin_cpu_init();

@@ -58,12 +58,15 @@ def test_lab_opens_03_moe_and_runs_cells(tmp_path):
         x, y = js("(() => { const r = document.querySelectorAll('.jp-Notebook .jp-Cell')[1].getBoundingClientRect(); return [r.x + 60, r.y + 10]; })()")
         for t in ("mousePressed", "mouseReleased"): cdp("Input.dispatchMouseEvent", type=t, x=x, y=y, button="left", clickCount=1)
         time.sleep(0.5); cdp("Input.dispatchKeyEvent", type="rawKeyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
-        for _ in range(9): key("rawKeyDown"); key("keyUp"); time.sleep(1.0)   # Shift+Enter down to the MoEConfig example (cell 9)
-        cell9 = "document.querySelectorAll('.jp-Notebook .jp-Cell')[9]"
-        assert _wait(lambda: js(f"{cell9}.querySelector('.jp-InputPrompt').textContent.trim()") == "[6]:", 120), \
-            js("[...document.querySelectorAll('.jp-InputPrompt')].slice(0, 8).map(e => e.textContent)")
-        js(f"{cell9}.scrollIntoView()")
-        out = js(f"{cell9}.querySelector('.jp-OutputArea').innerText")
+        cells = json.loads((ROOT / "nbs/03_moe.ipynb").read_text())["cells"]
+        ex = next(i for i, c in enumerate(cells) if "".join(c["source"]).startswith("cfg = MoEConfig.preset("))   # the example
+        n_code = sum(c["cell_type"] == "code" for c in cells[1:ex + 1])                   # its execution count, run from cell 1
+        for _ in range(ex): key("rawKeyDown"); key("keyUp"); time.sleep(1.0)   # Shift+Enter down to the MoEConfig example
+        cell_ex = f"document.querySelectorAll('.jp-Notebook .jp-Cell')[{ex}]"
+        assert _wait(lambda: js(f"{cell_ex}.querySelector('.jp-InputPrompt').textContent.trim()") == f"[{n_code}]:", 120), \
+            js(f"[...document.querySelectorAll('.jp-InputPrompt')].slice(0, {ex + 1}).map(e => e.textContent)")
+        js(f"{cell_ex}.scrollIntoView()")
+        out = js(f"{cell_ex}.querySelector('.jp-OutputArea').innerText")
         assert "gated-gelu_tanh" in out and "must be <= num_experts" in out, out    # the fresh output of the run cell
         (tmp_path / "lab_03_moe.png").write_bytes(base64.b64decode(cdp("Page.captureScreenshot", format="png")["data"]))
     finally:
