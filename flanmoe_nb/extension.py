@@ -145,7 +145,7 @@ def _write_cache(machine: str, choices: dict):
     os.replace(tmp, path)                            # atomic: a concurrent reader sees the old or the new file
 
 # %% ../nbs/01a_extension.ipynb #a6425317
-def choose_path(kind: str, shape_class: str, candidates: dict, default: str, reps: int = 3) -> str:
+def choose_path(kind: str, shape_class: str, candidates: dict, default: str, reps: int = 3, margin: float = 0.05) -> str:
     "The fastest of `candidates` (name -> zero-argument callable) for `kind` at `shape_class` on this machine (see above)."
     if default not in candidates:
         raise ValueError(f"default={default!r} is not one of the candidates {sorted(candidates)}")
@@ -167,6 +167,7 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
         for name, fn in candidates.items(): t0 = time.perf_counter(); fn(); ts[name].append(time.perf_counter() - t0)
     ms = {name: round(min(v) * 1e3, 4) for name, v in ts.items()}
     best = min(ms, key=ms.get)
+    if ms[best] > (1 - margin) * ms[default]: best = default   # a tie keeps the default: one numerics where speed cannot tell
     cached[key] = dict(choice=best, ms=ms)
     _write_cache(machine, cached)
     _CHOICES[key] = dict(choice=best, ms=ms, source="measured"); return best

@@ -967,6 +967,20 @@ def test_choose_path_never_picks_a_slow_path_and_caches_per_machine(choice_cache
     assert K.kernel_choices()["demo/c"]["source"] == "measured"
 
 
+def test_choose_path_keeps_the_default_on_a_tie(choice_cache, monkeypatch):
+    "Paths round differently: one within `margin` of the default does not replace it (no choice flips with timing noise)."
+    import types
+    clock = [0.0]
+    monkeypatch.setattr(X, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    tick = lambda dt: (lambda: clock.__setitem__(0, clock[0] + dt))
+    for b_time, want in ((0.97, "a"), (1.03, "a"), (0.90, "b")):
+        X._CHOICES.clear(); choice_cache.unlink(missing_ok=True)
+        assert K.choose_path("demo", "t", {"a": tick(1.0), "b": tick(b_time)}, default="a") == want, b_time
+        assert K.kernel_choices()["demo/t"]["ms"] == {"a": 1000.0, "b": b_time * 1e3}
+    X._CHOICES.clear(); choice_cache.unlink(missing_ok=True)
+    assert K.choose_path("demo", "t", {"a": tick(1.0), "b": tick(0.97)}, default="a", margin=0.0) == "b"
+
+
 def test_choose_path_environment_and_deterministic_mode(choice_cache, monkeypatch):
     calls = []
     cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
