@@ -412,7 +412,7 @@ def run_attention_bench(shapes=ATTN_SHAPES, reps: int = 20, print_fn=None) -> li
     timer, rows = _timer("cpu"), []
     methods = {"flanmoe": K.attention, "composite": _attn_composite, "sdpa": _attn_sdpa}
     print_fn(f"attention fwd+bwd, fp32, {torch.get_num_threads()} threads; ms (x the compiled op's time)")
-    print_fn(f"{'(B, H, Lq, Lk, D)':>22} | {'flanmoe':>8} | {'composite':>15} | {'sdpa':>15}")
+    print_fn(f"{'(B, H, Lq, Lk, D)':>22} | {'flanmoe':>8} | {'composite':>15} | {'sdpa':>15} | model takes")
     for B, H, Lq, Lk, D in shapes:
         g = torch.Generator().manual_seed(Lq * Lk)
         qkv = torch.randn(B, Lq, 3, H, D, generator=g).requires_grad_()   # q|k|v rows of one projection
@@ -426,9 +426,10 @@ def run_attention_bench(shapes=ATTN_SHAPES, reps: int = 20, print_fn=None) -> li
         t = {m: timer(lambda fn=fn: step(fn), reps) for m, fn in methods.items()}
         row = dict(shape=(B, H, Lq, Lk, D), **{f"{m}_ms": s * 1e3 for m, s in t.items()},
                    **{f"{m}_vs_flanmoe": s / t["flanmoe"] for m, s in t.items()})
+        with torch.enable_grad(): row["chosen"] = "op" if K.attention_op_faster(qkv[:, :, 0], kv[:, :, 0]) else "sdpa"
         rows.append(row)
         cell = lambda m: f"{t[m] * 1e3:7.2f} ({row[m + '_vs_flanmoe']:4.2f}x)"
-        print_fn(f"{str((B, H, Lq, Lk, D)):>22} | {t['flanmoe'] * 1e3:8.2f} | {cell('composite'):>15} | {cell('sdpa'):>15}")
+        print_fn(f"{str((B, H, Lq, Lk, D)):>22} | {t['flanmoe'] * 1e3:8.2f} | {cell('composite'):>15} | {cell('sdpa'):>15} | {row['chosen']}")
     return rows
 
 

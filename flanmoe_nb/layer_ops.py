@@ -7,11 +7,12 @@ Docs: https://flanmoe.github.io/flanmoe_nb/layer_ops.html.md"""
 
 # %% ../nbs/01c_layer_ops.ipynb #d5905aef
 from __future__ import annotations
+import os
 
 import torch
 import torch.nn.functional as F
 
-from .extension import _op, _same_device
+from .extension import _op, _same_device, choose_path
 from .gemm import _CPU_GEMM
 
 # %% auto #0
@@ -104,7 +105,7 @@ def attention_kernel_pays(q: torch.Tensor) -> bool:
 
 # %% ../nbs/01c_layer_ops.ipynb #c52d6031
 def attention_kernel_faster(d_head: int) -> bool:
-    "True when the active copy of the compiled fp32 attention beats the composite at head size `d_head` (`flanmoe bench attn`, fwd+bwd): the AVX-512 copy at every size, AVX2 up to 32, the SSE2 baseline never."
+    "The default of the attention choice: whether the active ISA copy of the op usually beats SDPA at head size `d_head` (AVX-512 always, AVX2 up to 32, SSE2 never)."
     isa = _CPU_GEMM["active"]                    # a dict read: no graph break under compile
     return isa == "avx512" or (isa == "avx2" and d_head <= 32)
 
@@ -142,11 +143,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         mult = _dropout(torch.ones(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype), dropout)
     return torch.ops.flanmoe.attention(q, k, v, bias, key_mask, mult)[0]
 
+# %% ../nbs/01c_layer_ops.ipynb #a77e0c31
+_ATTN_CHOSEN: dict = {}   # (shape class, default, env switches) -> op chosen: one dict read per call after the first
+
+def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
+
+def _attention_candidates(B: int, H: int, Lq: int, Lk: int, D: int) -> dict:
+    "Forward and backward of the op and of SDPA as the model calls them: a position bias `[1, H, Lq, Lk]` with gradient, a `[B, Lk]` key mask."
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, L, H, D, generator=g).requires_grad_() for L in (Lq, Lk, Lk))
+    bias, go = torch.randn(1, H, Lq, Lk, generator=g).requires_grad_(), torch.randn(B, Lq, H, D, generator=g)
+    mask = torch.zeros(B, Lk); mask[1::2, Lk * 3 // 4:] = torch.finfo(torch.float32).min   # half the rows padded
+    def op():
+        with torch.enable_grad():
+            torch.autograd.grad(torch.ops.flanmoe.attention(q, k, v, bias, mask, None)[0], (q, k, v, bias), go)
+    def sdpa():
+        with torch.enable_grad():
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=bias + mask[:, None, None, :], scale=1.0)
+            torch.autograd.grad(y.transpose(1, 2), (q, k, v, bias), go)
+    return dict(op=op, sdpa=sdpa)
+
 # %% ../nbs/01c_layer_ops.ipynb #539bd0c2
-def attention_op_faster(q: torch.Tensor) -> bool:
-    "True where the model runs attention on the compiled op rather than SDPA: CPU float32 with gradients (training), on an ISA copy faster than the composite at this head size."
-    return (q.dtype == torch.float32 and torch.is_grad_enabled() and attention_kernel_pays(q)
-            and attention_kernel_faster(q.shape[-1]))
+def attention_op_faster(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
+    "True where the model runs attention on the compiled op rather than SDPA: CPU float32 with gradients (training), where the op measured faster for this shape class (see above)."
+    if not (q.dtype == torch.float32 and torch.is_grad_enabled() and attention_kernel_pays(q)): return False
+    rule = attention_kernel_faster(q.shape[-1])
+    if torch.compiler.is_compiling(): return rule
+    B, Lq, H, D = q.shape
+    Lk = Lq if k is None else k.shape[1]
+    cls = f"{_CPU_GEMM['active']}-d{D}-h{H}-q{_pow2(Lq)}-k{_pow2(Lk)}-b{_pow2(B)}"
+    key = (cls, rule, os.environ.get("FLANMOE_DETERMINISTIC"), os.environ.get("FLANMOE_PATH_ATTENTION"))
+    if key not in _ATTN_CHOSEN:
+        _ATTN_CHOSEN[key] = choose_path("attention", cls, _attention_candidates(_pow2(B), H, _pow2(Lq), _pow2(Lk), D),
+                                        default="op" if rule else "sdpa", reps=5) == "op"
+    return _ATTN_CHOSEN[key]
 
 # %% ../nbs/01c_layer_ops.ipynb #aa89016a
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -248,7 +248,7 @@ class Attention(nn.Module):
                 q = kernels.dense_mm(x, self.q.weight, trans_w=True).view(B, L, H, D)
                 k, v = kv if kv is not None else (kernels.dense_mm(source, m.weight, trans_w=True).view(B, -1, H, D)
                                                   for m in (self.k, self.v))
-            if kernels.attention_op_faster(q):   # CPU fp32 training: one compiled op per direction
+            if kernels.attention_op_faster(q, k):   # CPU fp32 training: one compiled op per direction, where it measured faster
                 y = kernels.attention(q, k, v, bias.pos, bias.key, drop)
             else: y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.full(), drop).transpose(1, 2)
         else:                # generation with a KV cache: heads as [B, H, L, D]

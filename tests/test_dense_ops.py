@@ -406,13 +406,51 @@ def test_model_loss_and_gradients_equal_with_and_without_fused_ops(monkeypatch):
     monkeypatch.setattr(L, "attention_kernel_faster", lambda d: True)   # the op on any ISA (the choice: below)
     assert K.attention_op_faster(torch.ones(1, 1, 1, 1))
     fused = loss_and_grads()
-    monkeypatch.setattr(K, "attention_op_faster", lambda q: False)
+    monkeypatch.setattr(K, "attention_op_faster", lambda q, k=None: False)
     real_op = L._op
     monkeypatch.setattr(L, "_op", lambda name: None if name in ("rms_norm", "cross_entropy") else real_op(name))
     plain = loss_and_grads()
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-6)
     assert fused[1].keys() == plain[1].keys()
     for n in fused[1]: torch.testing.assert_close(fused[1][n], plain[1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.fixture
+def attention_choice(tmp_path, monkeypatch):
+    "A fresh, measured attention choice: its own cache file, no forced or deterministic mode, nothing chosen yet."
+    monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
+    for v in ("FLANMOE_DETERMINISTIC", "FLANMOE_PATH_ATTENTION"): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(L, "_ATTN_CHOSEN", {})
+    return tmp_path / "choice.json"
+
+
+@pytest.mark.skipif(L._op("attention") is None, reason="needs the compiled extension")
+def test_attention_choice_is_measured_and_never_takes_a_slow_path(attention_choice, monkeypatch):
+    import time
+    slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
+    q, k = torch.ones(2, 64, 4, 16), torch.ones(2, 100, 4, 16)
+    for op_fn, sdpa_fn, want in ((slow, fast, False), (fast, slow, True)):
+        monkeypatch.setattr(L, "_ATTN_CHOSEN", {}); attention_choice.unlink(missing_ok=True)
+        monkeypatch.setattr(L, "_attention_candidates", lambda *a, o=op_fn, s=sdpa_fn: dict(op=o, sdpa=s))
+        assert K.attention_op_faster(q, k) is want
+        [(name, rec)] = [(n, r) for n, r in K.kernel_choices().items() if n.startswith("attention/") and "-d16-h4-q64-k128-b2" in n]
+        assert rec["source"] == "measured" and rec["choice"] == ("op" if want else "sdpa"), rec
+    assert K.attention_op_faster(q, k) is True and K.attention_op_faster(q[:, :40], k) is True   # same class: no new timing
+    monkeypatch.setenv("FLANMOE_PATH_ATTENTION", "sdpa")
+    assert K.attention_op_faster(q, k) is False                                # forced
+    monkeypatch.setenv("FLANMOE_PATH_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="FLANMOE_PATH_ATTENTION='flash'"): K.attention_op_faster(q, k)
+
+
+@pytest.mark.skipif(L._op("attention") is None, reason="needs the compiled extension")
+def test_attention_candidates_time_the_real_paths(attention_choice):
+    "The candidates run the op and SDPA forward and backward (the timing itself is not asserted: it is the machine's)."
+    cands = L._attention_candidates(2, 8, 32, 16, 16)
+    for fn in cands.values(): fn()
+    with torch.no_grad(): assert not K.attention_op_faster(torch.ones(1, 32, 8, 16))    # no gradients: not measured
+    got = K.attention_op_faster(torch.ones(1, 32, 8, 16), torch.ones(1, 16, 8, 16))
+    [rec] = [r for n, r in K.kernel_choices().items() if n.endswith("-d16-h8-q32-k16-b1") and n.startswith("attention/")]
+    assert got is (rec["choice"] == "op") and set(rec["ms"]) == {"op", "sdpa"}, rec
 
 
 def test_model_takes_the_attention_op_only_where_its_isa_copy_is_faster():
