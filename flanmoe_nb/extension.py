@@ -161,10 +161,12 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
     cached = _read_cache(machine)
     if key in cached and cached[key].get("choice") in candidates:
         _CHOICES[key] = dict(cached[key], source="cache"); return cached[key]["choice"]
-    for fn in candidates.values(): fn()              # warm-up: JIT, caches, first-touch pages
     ts = {name: [] for name in candidates}
-    for _ in range(reps):                            # interleaved, best of reps: a busy moment hits every candidate alike
-        for name, fn in candidates.items(): t0 = time.perf_counter(); fn(); ts[name].append(time.perf_counter() - t0)
+    # identity hooks: a caller's saved-tensor hooks (checkpointing, offload, memory probes) never see the candidates
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for fn in candidates.values(): fn()          # warm-up: JIT, caches, first-touch pages
+        for _ in range(reps):                        # interleaved, best of reps: a busy moment hits every candidate alike
+            for name, fn in candidates.items(): t0 = time.perf_counter(); fn(); ts[name].append(time.perf_counter() - t0)
     ms = {name: round(min(v) * 1e3, 4) for name, v in ts.items()}
     best = min(ms, key=ms.get)
     if ms[best] > (1 - margin) * ms[default]: best = default   # a tie keeps the default: one numerics where speed cannot tell

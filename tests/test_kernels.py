@@ -981,6 +981,19 @@ def test_choose_path_keeps_the_default_on_a_tie(choice_cache, monkeypatch):
     assert K.choose_path("demo", "t", {"a": tick(1.0), "b": tick(0.97)}, default="a", margin=0.0) == "b"
 
 
+def test_choose_path_candidates_are_hidden_from_the_callers_saved_tensor_hooks(choice_cache):
+    "A measurement inside a forward (the attention choice) must not reach activation checkpointing or memory probes."
+    packed = []
+    def cand():
+        x = torch.randn(4, 4, requires_grad=True)
+        (x * x).sum().backward()                        # saves x for backward
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        K.choose_path("demo", "hooks", {"a": cand, "b": cand}, default="a")
+        assert not packed
+        y = torch.randn(3, requires_grad=True) * torch.randn(3)   # the caller's own ops still reach its hooks
+    assert len(packed) >= 1
+
+
 def test_choose_path_environment_and_deterministic_mode(choice_cache, monkeypatch):
     calls = []
     cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
