@@ -14,8 +14,8 @@ import torch
 
 # %% auto #0
 __all__ = ['ExtensionError', 'extension_available', 'require_extension', 'op_available', 'extension_info', 'cpu_cache_info',
-           'empty_cpu_cache', 'set_cpu_cache_limit', 'machine_fingerprint', 'choice_cache_path', 'choose_path',
-           'kernel_choices', 'kernel_paths']
+           'empty_cpu_cache', 'set_cpu_cache_limit', 'machine_fingerprint', 'choice_cache_path', 'pow2_ceil',
+           'choose_path', 'kernel_choices', 'kernel_paths']
 
 # %% ../nbs/01a_extension.ipynb #ee42cf25
 class ExtensionError(RuntimeError):
@@ -143,6 +143,11 @@ def _write_cache(machine: str, choices: dict):
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(dict(machine=machine, fingerprint=machine_fingerprint(), choices=choices), indent=1))
     os.replace(tmp, path)                            # atomic: a concurrent reader sees the old or the new file
+
+# %% ../nbs/01a_extension.ipynb #b3f1c2d4
+def pow2_ceil(n: int) -> int:
+    "The smallest power of two >= `n` (1 for `n <= 1`): how sizes are rounded into `choose_path`'s shape classes."
+    return 1 << max(0, int(n) - 1).bit_length()
 
 # %% ../nbs/01a_extension.ipynb #a6425317
 def choose_path(kind: str, shape_class: str, candidates: dict, default: str, reps: int = 3, margin: float = 0.05) -> str:

@@ -12,7 +12,7 @@ import contextlib, functools, os, warnings
 import torch
 import torch.nn.functional as F
 
-from .extension import _C, _op, _same_device, require_extension, choose_path
+from .extension import _C, _op, _same_device, require_extension, choose_path, pow2_ceil
 
 # %% auto #0
 __all__ = ['CPU_GEMMS', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm',
@@ -140,13 +140,11 @@ def use_cpu_gemm(mode: str):
 # %% ../nbs/01b_gemm.ipynb #475d234e
 _BF16_CLASS: dict[str, str] = {}   # shape class -> the bf16 path chosen
 
-def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
-
 def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, int, int]:
     "(`d<pow2>-f<pow2>-rows<pow2>`, rows per expert, experts to measure) of an expert block."
     E, d, f = w_in.shape
     rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
-    return f"d{_pow2(d)}-f{_pow2(f)}-rows{_pow2(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
+    return f"d{pow2_ceil(d)}-f{pow2_ceil(f)}-rows{pow2_ceil(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
 
 def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torch.Tensor, dtype: torch.dtype,
                  modes: list, default: str, active, set_mode):

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .extension import _op, _same_device, choose_path
+from .extension import _op, _same_device, choose_path, pow2_ceil
 from .gemm import _CPU_GEMM
 
 # %% auto #0
@@ -146,8 +146,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 # %% ../nbs/01c_layer_ops.ipynb #a77e0c31
 _ATTN_CHOSEN: dict = {}   # (shape class, default, env switches) -> op chosen: one dict read per call after the first
 
-def _pow2(n: int) -> int: return 1 << max(0, int(n) - 1).bit_length()
-
 def _attention_candidates(B: int, H: int, Lq: int, Lk: int, D: int) -> dict:
     "Forward and backward of the op and of SDPA as the model calls them: a position bias `[1, H, Lq, Lk]` with gradient, a `[B, Lk]` key mask."
     g = torch.Generator().manual_seed(0)
@@ -171,11 +169,11 @@ def attention_op_faster(q: torch.Tensor, k: torch.Tensor | None = None) -> bool:
     rule = attention_kernel_faster(q.shape[-1])
     if torch.compiler.is_compiling(): return rule
     B, Lq, H, D = q.shape
-    Lk = Lq if k is None else k.shape[1]
-    cls = f"{_CPU_GEMM['active']}-d{D}-h{H}-q{_pow2(Lq)}-k{_pow2(Lk)}-b{_pow2(B)}"
+    b, lq, lk = (pow2_ceil(n) for n in (B, Lq, Lq if k is None else k.shape[1]))
+    cls = f"{_CPU_GEMM['active']}-d{D}-h{H}-q{lq}-k{lk}-b{b}"
     key = (cls, rule, os.environ.get("FLANMOE_DETERMINISTIC"), os.environ.get("FLANMOE_PATH_ATTENTION"))
     if key not in _ATTN_CHOSEN:
-        _ATTN_CHOSEN[key] = choose_path("attention", cls, _attention_candidates(_pow2(B), H, _pow2(Lq), _pow2(Lk), D),
+        _ATTN_CHOSEN[key] = choose_path("attention", cls, _attention_candidates(b, H, lq, lk, D),
                                         default="op" if rule else "sdpa", reps=5) == "op"
     return _ATTN_CHOSEN[key]
 
