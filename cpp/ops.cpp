@@ -75,10 +75,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "which small-row GEMMs grouped_mm uses now ('blas': none)");
   mod.def("set_small_gemm", &flanmoe::set_small_gemm,
           "choose the small-row GEMMs: 'blas' (off), 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
-  mod.def("expert_gemm_active", []() { return flanmoe::small_gemm_name(flanmoe::expert_gemm_active()); },
-          "which GEMMs grouped_mm's fp32 products use now ('blas': none)");
-  mod.def("set_expert_gemm", &flanmoe::set_expert_gemm,
-          "override grouped_mm's fp32 GEMMs: 'follow' (small_gemm_active), 'auto', 'avx2', 'avx512' or 'blas'");
+  mod.def("expert_gemm_active", [](const std::string& product) {
+    using flanmoe::GemmProduct;
+    if (product != "all") {
+      GemmProduct p;
+      if (!flanmoe::parse_gemm_product(product, &p))
+        throw std::invalid_argument("expert_gemm_active: product must be 'nn', 'nt', 'tn' or 'all' (got '" + product + "')");
+      return flanmoe::small_gemm_name(flanmoe::expert_gemm_active(p));
+    }
+    const auto nn = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::nn)),
+               nt = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::nt)),
+               tn = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::tn));
+    return nn == nt && nt == tn ? nn : "nn=" + nn + ",nt=" + nt + ",tn=" + tn;
+  }, pybind11::arg("product") = "all",
+          "which GEMMs grouped_mm's fp32 products use now ('blas': none): of one product ('nn' forward, 'nt' input "
+          "gradient, 'tn' weight gradient), or for 'all' one name if they agree, else 'nn=..,nt=..,tn=..'");
+  mod.def("set_expert_gemm", &flanmoe::set_expert_gemm, pybind11::arg("mode"), pybind11::arg("product") = "all",
+          "override grouped_mm's fp32 GEMMs: mode 'follow' (small_gemm_active), 'auto', 'avx2', 'avx512' or 'blas'; "
+          "product 'nn', 'nt', 'tn' or 'all'; False if this CPU lacks it or a name is unknown");
   mod.def("gemm_prefetch_active", &flanmoe::gemm_prefetch_active,
           "whether the fp32 NN kernel prefetches the next block of its weight while multiplying the current one");
   mod.def("set_gemm_prefetch", &flanmoe::set_gemm_prefetch, "switch the fp32 NN kernel's weight prefetch on or off");

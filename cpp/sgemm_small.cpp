@@ -80,22 +80,34 @@ SmallGemmIsa small_gemm_best() {
 SmallGemmIsa small_gemm_active() { return SmallGemmIsa(active().load(std::memory_order_relaxed)); }
 
 namespace {
-std::atomic<int>& expert_override() {   // -1: follow small_gemm_active()
-  static std::atomic<int> v(-1);
-  return v;
+std::atomic<int>& expert_override(GemmProduct p) {   // -1: follow small_gemm_active()
+  static std::atomic<int> v[3] = {-1, -1, -1};
+  return v[int(p)];
 }
 }  // namespace
 
-SmallGemmIsa expert_gemm_active() {
-  const int v = expert_override().load(std::memory_order_relaxed);
+bool parse_gemm_product(const std::string& name, GemmProduct* out) {
+  if (name == "nn") *out = GemmProduct::nn;
+  else if (name == "nt") *out = GemmProduct::nt;
+  else if (name == "tn") *out = GemmProduct::tn;
+  else return false;
+  return true;
+}
+
+SmallGemmIsa expert_gemm_active(GemmProduct p) {
+  const int v = expert_override(p).load(std::memory_order_relaxed);
   return v < 0 ? small_gemm_active() : SmallGemmIsa(v);
 }
 
-bool set_expert_gemm(const std::string& mode) {
-  if (mode == "follow") { expert_override().store(-1); return true; }
-  SmallGemmIsa v;
-  if (!parse(mode, &v)) return false;
-  expert_override().store(int(v));
+bool set_expert_gemm(const std::string& mode, const std::string& product) {
+  GemmProduct one = GemmProduct::nn;
+  const bool all = product == "all";
+  if (!all && !parse_gemm_product(product, &one)) return false;
+  SmallGemmIsa v = SmallGemmIsa::none;
+  if (mode != "follow" && !parse(mode, &v)) return false;
+  const int value = mode == "follow" ? -1 : int(v);
+  for (int p = 0; p < 3; ++p)
+    if (all || p == int(one)) expert_override(GemmProduct(p)).store(value);
   return true;
 }
 

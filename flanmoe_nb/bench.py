@@ -21,8 +21,8 @@ from .moe_ops import _relu_gmm_pays
 __all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
            'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm',
            'build_moe_layer', 'build_router', 'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory',
-           'machine_rates', 'roofline', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench',
-           'machine_info', 'machine_line', 'main']
+           'machine_rates', 'roofline', 'chosen_paths', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench',
+           'run_train_bench', 'machine_info', 'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -304,6 +304,14 @@ def roofline(row: dict, rates: dict, T: int, d: int, f: int, method: str = "flan
                 over_sum=t / (t_compute + t_memory))
 
 # %% ../nbs/10_bench.ipynb #cc5db87c
+def chosen_paths() -> list[str]:
+    "One line per kernel path `choose_path` picked in this process: `kind/shape class: choice (source; ms per candidate)`."
+    out = []
+    for key, rec in sorted(K.kernel_choices().items()):
+        ms = ", ".join(f"{m} {t:.2f}" for m, t in rec.get("ms", {}).items())
+        out.append(f"{key}: {rec['choice']} ({rec['source']}{'; ms ' + ms if ms else ''})")
+    return out
+
 def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2), dtypes=("fp32",),
                   methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=None) -> list[dict]:
     "Time every method at every (dtype, k, E); print a table with ratios vs dense; return the rows."
@@ -325,6 +333,9 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 cells = [f"{_fmt(t.get(m), '7.3f')} ({_fmt(row[m + '_ratio'], '5.2f')}x)" if m in t else f"{'n/a':>16}"
                          for m in methods]
                 print_fn(f"{dt:5} {k:>2} {E:>4} | " + " | ".join(f"{c:>16}" for c in cells))
+    if lines := chosen_paths():   # known only once measured: the machine line above shows the defaults
+        print_fn("\nPaths chosen on this machine (extension.choose_path, per shape class; expert GEMMs per product nn / nt / tn):")
+        for line in lines: print_fn("  " + line)
     if "flanmoe" in methods:   # against this machine's copy bandwidth and dense GEMM rate, measured now
         print_fn("\nflanmoe against the machine (floor = max(compute at the dense GEMM rate, expert-weight traffic at the copy bandwidth)):")
         for dt in dtypes:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .extension import _C, _op, _same_device, require_extension, choose_path, pow2_ceil
 
 # %% auto #0
-__all__ = ['CPU_GEMMS', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info', 'set_cpu_gemm',
-           'use_cpu_gemm', 'choose_expert_gemm', 'dense_mm', 'dense_relu_kernel_pays', 'dense_relu_mm']
+__all__ = ['CPU_GEMMS', 'GEMM_PRODUCTS', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info',
+           'set_cpu_gemm', 'use_cpu_gemm', 'choose_expert_gemm', 'dense_mm', 'dense_relu_kernel_pays', 'dense_relu_mm']
 
 # %% ../nbs/01b_gemm.ipynb #6234e7c2
 def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
@@ -146,31 +146,44 @@ def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, in
     rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
     return f"d{pow2_ceil(d)}-f{pow2_ceil(f)}-rows{pow2_ceil(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
 
+# The three products of an expert block, as `grouped_mm` runs them: the forward, the input gradient, the weight gradient
+GEMM_PRODUCTS = {"nn": "x @ w (forward)", "nt": "dy @ w^T (input gradient)", "tn": "x^T dy (weight gradient)"}
+
+def _product(p: str, x: torch.Tensor, w: torch.Tensor, dh: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    "One grouped product `p` of `GEMM_PRODUCTS` on operands x [N, d], w [G, d, f], dh [N, f]."
+    if p == "nt": return torch.ops.flanmoe.grouped_mm(dh, w, gs, True)
+    if p == "tn": return torch.ops.flanmoe.grouped_mm_wgrad(x, dh, gs)
+    return torch.ops.flanmoe.grouped_mm(x, w, gs, False)
+
 def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torch.Tensor, dtype: torch.dtype,
-                 modes: list, default: str, active, set_mode):
-    "Set the expert-GEMM path `kind` for this shape class: the cached answer, or `choose_path` over `modes` timed on one grouped product."
-    cls, rows, e = _shape_class(w_in, group_sizes)
-    mode = classes.get(cls)
-    if mode is None:
-        d, f = w_in.shape[1:]
-        @functools.cache                              # drawn only if measuring (not on a cache hit: ~60 ms at d=512, f=2048)
-        def operands():
-            g = torch.Generator().manual_seed(0)      # its own generator: measuring must not move the training RNG (dropout)
-            return (torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype),
-                    torch.full((e,), rows, dtype=torch.long))
-        def run(m): return lambda: (set_mode(m), torch.ops.flanmoe.grouped_mm(*operands(), False))
-        mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
-    if active() != mode: set_mode(mode)
+                 modes: list, default: str, active, set_mode, products: tuple = ("nn",)):
+    """Set the expert-GEMM path `kind` for this shape class, per product in `products` (its class gets a `-nn` / `-nt` /
+    `-tn` suffix when there are several): the cached answer, or `choose_path` over `modes` timed on that grouped product.
+    `active(p)` / `set_mode(mode, p)` read and set the path of product `p`."""
+    base, rows, e = _shape_class(w_in, group_sizes)
+    d, f = w_in.shape[1:]
+    @functools.cache                                  # drawn only if measuring (not on a cache hit: ~60 ms at d=512, f=2048)
+    def operands():
+        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
+        return (torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype),
+                torch.randn(rows * e, f, generator=g).to(dtype), torch.full((e,), rows, dtype=torch.long))
+    for p in products:
+        cls = base if len(products) == 1 else f"{base}-{p}"
+        mode = classes.get(cls)
+        if mode is None:
+            def run(m, p=p): return lambda: (set_mode(m, p), _product(p, *operands()))
+            mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
+        if active(p) != mode: set_mode(mode, p)
 
 def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
-    "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) for this shape class, unless the user pinned one."
+    "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) of each product for this shape class, unless the user pinned one."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "set_expert_gemm") or _CPU_GEMM["pinned"]
             or torch.compiler.is_compiling()):
         return
     isas = list(_C.small_gemm_supported())
     _choose_gemm("fp32_gemm", _FP32_CLASS, w_in, group_sizes, torch.float32, [*isas, "blas"],
                  default=isas[-1] if isas else "blas",     # deterministic default: the widest ISA
-                 active=_C.expert_gemm_active, set_mode=_C.set_expert_gemm)
+                 active=_C.expert_gemm_active, set_mode=_C.set_expert_gemm, products=tuple(GEMM_PRODUCTS))
 
 def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
     "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class."
@@ -178,7 +191,7 @@ def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Te
             or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
         return                                       # nothing to choose, or the user chose
     _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, group_sizes, torch.bfloat16, ["blas", "brgemm"], default="blas",
-                 active=_C.bf16_gemm_active, set_mode=_C.set_bf16_gemm)
+                 active=lambda p: _C.bf16_gemm_active(), set_mode=lambda m, p: _C.set_bf16_gemm(m))   # one path for all products
 
 def choose_expert_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
     "Set the expert-GEMM path for `x`'s dtype and this block's shape class (bf16 or fp32 CPU; nothing elsewhere)."

@@ -61,3 +61,22 @@ def test_roofline_floor_is_the_larger_of_compute_and_weight_traffic():
     assert B.roofline(dict(dtype="fp32", k=1, E=8), rates, T, d, f) is None
     m = B.machine_rates("fp32", T=64, d=32, f=32, copy_mib=4, reps=1)
     assert m["copy_gbs"] > 0 and m["gemm_gflops"] > 0
+
+
+def test_moe_bench_prints_the_paths_it_chose(monkeypatch, tmp_path):
+    "After the table, the bench lists every path `choose_path` picked (the machine line can only show the defaults), each expert-GEMM product on its own line."
+    from flanmoe_nb import extension as X, gemm as G, kernels as K
+    monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
+    monkeypatch.delenv("FLANMOE_DETERMINISTIC", raising=False); monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
+    X._CHOICES.clear(); G._FP32_CLASS.clear()
+    lines = []
+    try:
+        B.run_moe_bench(T=64, d=16, f=24, experts=(4,), top_ks=(1,), methods=("dense", "flanmoe"), reps=1, memory=False,
+                        print_fn=lines.append)
+    finally:
+        K.set_cpu_gemm("auto")
+    chosen = lines[lines.index(next(l for l in lines if l.startswith("\nPaths chosen"))) + 1:]
+    want = [f"{k}: {v['choice']} ({v['source']}" for k, v in sorted(K.kernel_choices().items())]
+    assert want and len(chosen) >= len(want) and all(l.strip().startswith(w) for l, w in zip(chosen, want))
+    if K.cpu_gemm_info()["supported"]:   # own kernels to choose from: the three products of the class d16-f32-rows16
+        assert {l.strip().split(":")[0] for l in chosen} >= {f"fp32_gemm/d16-f32-rows16-{p}" for p in G.GEMM_PRODUCTS}

@@ -1029,28 +1029,40 @@ def _fp32_expert_block():
     return torch.randn(96, 32), torch.arange(96), torch.tensor([24, 24, 24, 24]), torch.randn(4, 32, 64), torch.randn(4, 64, 32)
 
 
+def _fp32_choices() -> dict:
+    "product -> (key, record) of the fp32 expert-GEMM choices made in this process."
+    return {k.rsplit("-", 1)[1]: (k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")}
+
+
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
 def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choice_cache, monkeypatch):
-    "The fp32 expert GEMMs are measured per shape class (own ISAs and BLAS) and the fastest is set; a pinned mode is not overridden."
+    "The fp32 expert GEMMs are measured per shape class and product (own ISAs and BLAS), the fastest of each is set (a tie keeps the widest ISA); a pinned mode is not overridden."
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
     G._FP32_CLASS.clear(); X._CHOICES.clear()
     x, idx, gs, w_in, w_out = _fp32_expert_block()
+    supported = K.cpu_gemm_info()["supported"]
     try:
         ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
         torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
-        (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")]
-        assert rec["source"] == "measured" and set(rec["ms"]) == {*K.cpu_gemm_info()["supported"], "blas"}
-        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == X._C.expert_gemm_active() == K.kernel_paths()["fp32_expert_gemm"]
-        # the cached choice is read back without drawing the measuring operands (a cache hit costs no random draw)
-        G._FP32_CLASS.clear(); X._CHOICES.clear()
+        recs = _fp32_choices()
+        assert set(recs) == set(G.GEMM_PRODUCTS)
+        for p, (key, rec) in recs.items():
+            assert rec["source"] == "measured" and set(rec["ms"]) == {*supported, "blas"}
+            fastest, ms = min(rec["ms"], key=rec["ms"].get), rec["ms"]
+            assert rec["choice"] == (fastest if ms[fastest] <= 0.95 * ms[supported[-1]] else supported[-1])
+            assert X._C.expert_gemm_active(p) == rec["choice"]
+        assert K.kernel_paths()["fp32_expert_gemm"] == X._C.expert_gemm_active()
+        # the cached choices are read back without drawing the measuring operands (a cache hit costs no random draw)
+        G._FP32_CLASS.clear(); X._CHOICES.clear(); X._C.set_expert_gemm("follow")
         with monkeypatch.context() as m:
             m.setattr(torch, "randn", lambda *a, **k: pytest.fail("a cache hit drew measuring operands"))
             K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert K.kernel_choices()[key]["source"] == "cache" and X._C.expert_gemm_active() == rec["choice"]
-        # a forced slow path (the environment) is what runs; pinned by the user, nothing is measured
+        for p, (key, rec) in recs.items():
+            assert K.kernel_choices()[key]["source"] == "cache" and X._C.expert_gemm_active(p) == rec["choice"]
+        # a forced slow path (the environment) is what runs, for every product; pinned by the user, nothing is measured
         G._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert X._C.expert_gemm_active() == "blas" and K.kernel_choices()[key]["source"] == "environment"
+        assert X._C.expert_gemm_active() == "blas" and all(K.kernel_choices()[k]["source"] == "environment" for k, _ in recs.values())
         monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); X._CHOICES.clear()
         with K.use_cpu_gemm("avx2"):
             torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
@@ -1058,6 +1070,55 @@ def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choi
         assert not G._CPU_GEMM["pinned"]
     finally:
         K.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cache, monkeypatch):
+    "Made slow for one product only (own kernels for the input gradient, BLAS for the forward), a path is not chosen for that product."
+    import time
+    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
+    G._FP32_CLASS.clear(); X._CHOICES.clear()
+    slow = {"nn": "blas", "nt": K.cpu_gemm_info()["supported"][-1]}     # the forward's BLAS, the input gradient's widest ISA
+    real = G._product
+    def product(p, *operands):
+        if slow.get(p) == X._C.expert_gemm_active(p): time.sleep(0.02)
+        return real(p, *operands)
+    monkeypatch.setattr(G, "_product", product)
+    x, idx, gs, w_in, w_out = _fp32_expert_block()
+    try:
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        recs = _fp32_choices()
+        for p, bad in slow.items():
+            assert recs[p][1]["choice"] != bad and X._C.expert_gemm_active(p) != bad, (p, recs[p])
+    finally:
+        K.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
+def test_fp32_gemm_paths_apply_per_product():
+    "With one path per product (forward, input gradient, weight gradient), each product runs on its own path: bitwise the result of that path set for all."
+    isa = K.cpu_gemm_info()["supported"][-1]
+    torch.manual_seed(0)
+    def operands(N, D, F): return torch.randn(N, D), torch.randn(3, D, F), torch.randn(N, F), torch.tensor([N // 2, 0, N - N // 2])
+    candidates = [operands(*shape) for shape in [(10, 1000, 1000), (2000, 40, 72), (5, 700, 64), (2000, 700, 48)]]
+    try:
+        def run(p, mode, ops):
+            X._C.set_expert_gemm(mode); return G._product(p, *ops)
+        # per product, operands on which the two paths round differently (BLAS blocks the depth its own way), so the
+        # test can tell which path ran; where this machine's BLAS agrees bitwise everywhere, that product is left out
+        seen = {}
+        for p in G.GEMM_PRODUCTS:
+            for ops in candidates:
+                if not torch.equal(a := run(p, isa, ops), b := run(p, "blas", ops)): seen[p] = (ops, {isa: a, "blas": b}); break
+        if len(seen) < 2: pytest.skip(f"BLAS and {isa} agree bitwise on the products {set(G.GEMM_PRODUCTS) - set(seen)} here")
+        for mixed in ({"nn": "blas", "nt": isa, "tn": "blas"}, {"nn": isa, "nt": "blas", "tn": isa}):
+            for p, m in mixed.items(): assert X._C.set_expert_gemm(m, p)
+            assert X._C.expert_gemm_active() == ",".join(f"{p}={m}" for p, m in mixed.items())
+            for p, (ops, out) in seen.items(): assert torch.equal(G._product(p, *ops), out[mixed[p]]), (p, mixed)
+        assert not X._C.set_expert_gemm("blas", "nx") and not X._C.set_expert_gemm("nope", "nn")
+        with pytest.raises(ValueError, match="product must be"): X._C.expert_gemm_active("nx")
+    finally:
+        X._C.set_expert_gemm("follow")
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
