@@ -140,11 +140,12 @@ def use_cpu_gemm(mode: str):
 # %% ../nbs/01b_gemm.ipynb #475d234e
 _BF16_CLASS: dict[str, str] = {}   # shape class -> the bf16 path chosen
 
-def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, int, int]:
-    "(`d<pow2>-f<pow2>-rows<pow2>`, rows per expert, experts to measure) of an expert block."
+def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, int]:
+    """(`d<pow2>-f<pow2>-rows<pow2>-e<pow2>`, rows per expert) of an expert block. The number of experts is part of the
+    class: it sets the weights' footprint, and whether they stay in cache decides which path is faster."""
     E, d, f = w_in.shape
     rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
-    return f"d{pow2_ceil(d)}-f{pow2_ceil(f)}-rows{pow2_ceil(rows)}", rows, min(E, 16)   # (per-expert efficiency differs; cap the weights measured)
+    return f"d{pow2_ceil(d)}-f{pow2_ceil(f)}-rows{pow2_ceil(rows)}-e{pow2_ceil(E)}", rows
 
 # The three products of an expert block, as `grouped_mm` runs them: the forward, the input gradient, the weight gradient
 GEMM_PRODUCTS = {"nn": "x @ w (forward)", "nt": "dy @ w^T (input gradient)", "tn": "x^T dy (weight gradient)"}
@@ -160,18 +161,25 @@ def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torc
     """Set the expert-GEMM path `kind` for this shape class, per product in `products` (its class gets a `-nn` / `-nt` /
     `-tn` suffix when there are several): the cached answer, or `choose_path` over `modes` timed on that grouped product.
     `active(p)` / `set_mode(mode, p)` read and set the path of product `p`."""
-    base, rows, e = _shape_class(w_in, group_sizes)
-    d, f = w_in.shape[1:]
-    @functools.cache                                  # drawn only if measuring (not on a cache hit: ~60 ms at d=512, f=2048)
+    base, rows = _shape_class(w_in, group_sizes)
+    E, d, f = w_in.shape
+    @functools.cache                                  # drawn only if measuring (not on a cache hit)
     def operands():
-        g = torch.Generator().manual_seed(0)          # its own generator: measuring must not move the training RNG (dropout)
-        return (torch.randn(rows * e, d, generator=g).to(dtype), (torch.randn(e, d, f, generator=g) * d ** -0.5).to(dtype),
-                torch.randn(rows * e, f, generator=g).to(dtype), torch.full((e,), rows, dtype=torch.long))
+        # the block's own weights (all experts: a footprint like the real one; a cached subset once chose wrongly) and
+        # drawn rows, from their own generator: measuring must not move the training RNG (dropout)
+        g = torch.Generator().manual_seed(0)
+        w = w_in.detach() if w_in.dtype == dtype else w_in.detach().to(dtype)
+        return (torch.randn(rows * E, d, generator=g).to(dtype), w, torch.randn(rows * E, f, generator=g).to(dtype),
+                torch.full((E,), rows, dtype=torch.long))
     for p in products:
         cls = base if len(products) == 1 else f"{base}-{p}"
         mode = classes.get(cls)
         if mode is None:
-            def run(m, p=p): return lambda: (set_mode(m, p), _product(p, *operands()))
+            def run(m, p=p):
+                def go():
+                    set_mode(m, p)
+                    with torch.no_grad(): _product(p, *operands())     # (the real weights require grad)
+                return go
             mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
         if active(p) != mode: set_mode(mode, p)
 

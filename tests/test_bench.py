@@ -78,5 +78,5 @@ def test_moe_bench_prints_the_paths_it_chose(monkeypatch, tmp_path):
     chosen = lines[lines.index(next(l for l in lines if l.startswith("\nPaths chosen"))) + 1:]
     want = [f"{k}: {v['choice']} ({v['source']}" for k, v in sorted(K.kernel_choices().items())]
     assert want and len(chosen) >= len(want) and all(l.strip().startswith(w) for l, w in zip(chosen, want))
-    if K.cpu_gemm_info()["supported"]:   # own kernels to choose from: the three products of the class d16-f32-rows16
-        assert {l.strip().split(":")[0] for l in chosen} >= {f"fp32_gemm/d16-f32-rows16-{p}" for p in G.GEMM_PRODUCTS}
+    if K.cpu_gemm_info()["supported"]:   # own kernels to choose from: the three products of the class d16-f32-rows16-e4
+        assert {l.strip().split(":")[0] for l in chosen} >= {f"fp32_gemm/d16-f32-rows16-e4-{p}" for p in G.GEMM_PRODUCTS}
