@@ -81,7 +81,8 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
   auto items = make_items(rows, std::vector<double>(G, double(K) * M), at::get_num_threads());
-  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? expert_gemm_active(trans_b ? GemmProduct::nt : GemmProduct::nn)
+  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? expert_gemm_active(trans_b ? GemmProduct::nt : GemmProduct::nn,
+                                                                             b.size(1) > b.size(2))   // a tall weight [f, d]
                                                           : SmallGemmIsa::none;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     if (it.hi == it.lo) return;
@@ -132,7 +133,7 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
   std::vector<double> work(G);
   for (int64_t g = 0; g < G; ++g) { cols[g] = M; work[g] = double(K) * std::max<int64_t>(off[g + 1] - off[g], 1); }
   auto items = make_items(cols, work, at::get_num_threads());
-  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? expert_gemm_active(GemmProduct::tn) : SmallGemmIsa::none;
+  const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? expert_gemm_active(GemmProduct::tn, K > M) : SmallGemmIsa::none;
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     const int64_t n = off[it.g + 1] - off[it.g];
     if (isa != SmallGemmIsa::none && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]

@@ -77,22 +77,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "choose the small-row GEMMs: 'blas' (off), 'avx2', 'avx512' or 'auto'; False if this CPU lacks it");
   mod.def("expert_gemm_active", [](const std::string& product) {
     using flanmoe::GemmProduct;
+    auto name = [](int slot) { return flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct(slot / 2), slot % 2)); };
     if (product != "all") {
-      GemmProduct p;
-      if (!flanmoe::parse_gemm_product(product, &p))
-        throw std::invalid_argument("expert_gemm_active: product must be 'nn', 'nt', 'tn' or 'all' (got '" + product + "')");
-      return flanmoe::small_gemm_name(flanmoe::expert_gemm_active(p));
+      const int slot = flanmoe::gemm_product_slot(product);
+      if (slot < 0)
+        throw std::invalid_argument("expert_gemm_active: product must be one of nn_wide, nn_tall, nt_wide, nt_tall, tn_wide, "
+                                    "tn_tall or 'all' (got '" + product + "')");
+      return name(slot);
     }
-    const auto nn = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::nn)),
-               nt = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::nt)),
-               tn = flanmoe::small_gemm_name(flanmoe::expert_gemm_active(GemmProduct::tn));
-    return nn == nt && nt == tn ? nn : "nn=" + nn + ",nt=" + nt + ",tn=" + tn;
+    std::string all = name(0), each;
+    bool same = true;
+    for (int i = 0; i < 6; ++i) {
+      same = same && name(i) == all;
+      each += std::string(i ? "," : "") + flanmoe::kGemmProductNames[i] + "=" + name(i);
+    }
+    return same ? all : each;
   }, pybind11::arg("product") = "all",
-          "which GEMMs grouped_mm's fp32 products use now ('blas': none): of one product ('nn' forward, 'nt' input "
-          "gradient, 'tn' weight gradient), or for 'all' one name if they agree, else 'nn=..,nt=..,tn=..'");
+          "which GEMMs grouped_mm's fp32 products use now ('blas': none): of one product (nn forward, nt input gradient, "
+          "tn weight gradient; _wide for a [d, f] weight, _tall for [f, d]), or for 'all' one name if they agree, else "
+          "'nn_wide=..,nn_tall=..,...'");
   mod.def("set_expert_gemm", &flanmoe::set_expert_gemm, pybind11::arg("mode"), pybind11::arg("product") = "all",
           "override grouped_mm's fp32 GEMMs: mode 'follow' (small_gemm_active), 'auto', 'avx2', 'avx512' or 'blas'; "
-          "product 'nn', 'nt', 'tn' or 'all'; False if this CPU lacks it or a name is unknown");
+          "product nn_wide, nn_tall, nt_wide, nt_tall, tn_wide, tn_tall, nn / nt / tn (both) or 'all'; False if this CPU "
+          "lacks it or a name is unknown");
   mod.def("gemm_prefetch_active", &flanmoe::gemm_prefetch_active,
           "whether the fp32 NN kernel prefetches the next block of its weight while multiplying the current one");
   mod.def("set_gemm_prefetch", &flanmoe::set_gemm_prefetch, "switch the fp32 NN kernel's weight prefetch on or off");

@@ -80,34 +80,37 @@ SmallGemmIsa small_gemm_best() {
 SmallGemmIsa small_gemm_active() { return SmallGemmIsa(active().load(std::memory_order_relaxed)); }
 
 namespace {
-std::atomic<int>& expert_override(GemmProduct p) {   // -1: follow small_gemm_active()
-  static std::atomic<int> v[3] = {-1, -1, -1};
-  return v[int(p)];
+std::atomic<int>& expert_override(int slot) {   // -1: follow small_gemm_active()
+  static std::atomic<int> v[6] = {-1, -1, -1, -1, -1, -1};
+  return v[slot];
 }
 }  // namespace
 
-bool parse_gemm_product(const std::string& name, GemmProduct* out) {
-  if (name == "nn") *out = GemmProduct::nn;
-  else if (name == "nt") *out = GemmProduct::nt;
-  else if (name == "tn") *out = GemmProduct::tn;
-  else return false;
-  return true;
+const char* const kGemmProductNames[6] = {"nn_wide", "nn_tall", "nt_wide", "nt_tall", "tn_wide", "tn_tall"};
+
+int gemm_product_slot(const std::string& name) {
+  for (int i = 0; i < 6; ++i)
+    if (name == kGemmProductNames[i]) return i;
+  return -1;
 }
 
-SmallGemmIsa expert_gemm_active(GemmProduct p) {
-  const int v = expert_override(p).load(std::memory_order_relaxed);
+SmallGemmIsa expert_gemm_active(GemmProduct p, bool tall) {
+  const int v = expert_override(2 * int(p) + int(tall)).load(std::memory_order_relaxed);
   return v < 0 ? small_gemm_active() : SmallGemmIsa(v);
 }
 
 bool set_expert_gemm(const std::string& mode, const std::string& product) {
-  GemmProduct one = GemmProduct::nn;
-  const bool all = product == "all";
-  if (!all && !parse_gemm_product(product, &one)) return false;
+  int lo = 0, hi = 6;                                     // the slots [lo, hi) to set
+  if (product == "nn" || product == "nt" || product == "tn") {
+    lo = product == "nn" ? 0 : product == "nt" ? 2 : 4; hi = lo + 2;
+  } else if (product != "all") {
+    lo = gemm_product_slot(product);
+    if (lo < 0) return false;
+    hi = lo + 1;
+  }
   SmallGemmIsa v = SmallGemmIsa::none;
   if (mode != "follow" && !parse(mode, &v)) return false;
-  const int value = mode == "follow" ? -1 : int(v);
-  for (int p = 0; p < 3; ++p)
-    if (all || p == int(one)) expert_override(GemmProduct(p)).store(value);
+  for (int i = lo; i < hi; ++i) expert_override(i).store(mode == "follow" ? -1 : int(v));
   return true;
 }
 

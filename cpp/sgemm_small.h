@@ -28,14 +28,19 @@ std::string small_gemm_name(SmallGemmIsa isa);   // "avx512", "avx2" or "blas" (
 // What grouped_mm's fp32 products use: small_gemm_active() unless an expert-GEMM choice overrides it, per
 // product (kernels.expert_ffn measures the candidates per shape class and product and sets the fastest of each;
 // attention and the loss kernels keep small_gemm_active()). The products: nn (x @ w, the forward), nt (dy @ w^T,
-// the input gradients) and tn (x^T dy, the weight gradients); they read and write memory differently (nt reads
-// the weight in place, nn copies it in blocks, tn writes a whole weight), so one machine can favour BLAS for one
-// and the own kernels for another. set_expert_gemm(mode, product): mode "follow" (no override), "auto", "avx2",
-// "avx512" or "blas"; product "nn", "nt", "tn" or "all". False when the CPU lacks it or a name is unknown.
+// the input gradients) and tn (x^T dy, the weight gradients), each for a wide weight ([d, f], rows <= columns: an
+// FFN's first) and a tall one ([f, d]: its second). They read and write memory differently (nt reads the weight
+// in place, nn copies it in blocks, tn writes a whole weight; a tall weight gives short rows), so one machine can
+// favour BLAS for one and the own kernels for another.
+// set_expert_gemm(mode, product): mode "follow" (no override), "auto", "avx2", "avx512" or "blas"; product
+// "nn_wide", "nn_tall", "nt_wide", "nt_tall", "tn_wide", "tn_tall", "nn" / "nt" / "tn" (both orientations) or "all".
+// False when the CPU lacks it or a name is unknown.
 enum class GemmProduct { nn = 0, nt = 1, tn = 2 };
-SmallGemmIsa expert_gemm_active(GemmProduct p);
+SmallGemmIsa expert_gemm_active(GemmProduct p, bool tall);
 bool set_expert_gemm(const std::string& mode, const std::string& product = "all");
-bool parse_gemm_product(const std::string& name, GemmProduct* out);
+// The slot of one product and orientation ("nn_wide" -> 0, ..., "tn_tall" -> 5); -1 for an unknown name.
+int gemm_product_slot(const std::string& name);
+extern const char* const kGemmProductNames[6];
 // Whether the NN kernel prefetches the next block of its weight while it multiplies the current one
 // (start value FLANMOE_GEMM_PREFETCH=1; off by default: `flanmoe bench moe --methods flanmoe,flanmoe_prefetch` compares).
 bool gemm_prefetch_active();

@@ -147,20 +147,24 @@ def _shape_class(w_in: torch.Tensor, group_sizes: torch.Tensor) -> tuple[str, in
     rows = max(1, int(group_sizes.sum()) // E)    # rows per expert (a CPU tensor: no device sync)
     return f"d{pow2_ceil(d)}-f{pow2_ceil(f)}-rows{pow2_ceil(rows)}-e{pow2_ceil(E)}", rows
 
-# The three products of an expert block, as `grouped_mm` runs them: the forward, the input gradient, the weight gradient
-GEMM_PRODUCTS = {"nn": "x @ w (forward)", "nt": "dy @ w^T (input gradient)", "tn": "x^T dy (weight gradient)"}
+# The products of an expert block as `grouped_mm` runs them: forward, input gradient, weight gradient, each for the
+# FFN's wide first weight w_in [d, f] and its tall second weight w_out [f, d] (the C++ side tells them by the weight's shape)
+GEMM_PRODUCTS = {"nn_wide": "x @ w_in (forward)", "nn_tall": "h @ w_out (forward)",
+                 "nt_wide": "dh @ w_in^T (input gradient)", "nt_tall": "dy @ w_out^T (input gradient)",
+                 "tn_wide": "x^T dh (gradient of w_in)", "tn_tall": "h^T dy (gradient of w_out)"}
 
-def _product(p: str, x: torch.Tensor, w: torch.Tensor, dh: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-    "One grouped product `p` of `GEMM_PRODUCTS` on operands x [N, d], w [G, d, f], dh [N, f]."
-    if p == "nt": return torch.ops.flanmoe.grouped_mm(dh, w, gs, True)
-    if p == "tn": return torch.ops.flanmoe.grouped_mm_wgrad(x, dh, gs)
-    return torch.ops.flanmoe.grouped_mm(x, w, gs, False)
+def _product(p: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    "One grouped product `p` of `GEMM_PRODUCTS` on operands x [N, d], w_in [G, d, f], w_out [G, f, d], h [N, f] (h also as dh)."
+    mm, wgrad = torch.ops.flanmoe.grouped_mm, torch.ops.flanmoe.grouped_mm_wgrad
+    return {"nn_wide": lambda: mm(x, w_in, gs, False), "nn_tall": lambda: mm(h, w_out, gs, False),
+            "nt_wide": lambda: mm(h, w_in, gs, True), "nt_tall": lambda: mm(x, w_out, gs, True),
+            "tn_wide": lambda: wgrad(x, h, gs), "tn_tall": lambda: wgrad(h, x, gs)}[p]()
 
-def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torch.Tensor, dtype: torch.dtype,
-                 modes: list, default: str, active, set_mode, products: tuple = ("nn",)):
-    """Set the expert-GEMM path `kind` for this shape class, per product in `products` (its class gets a `-nn` / `-nt` /
-    `-tn` suffix when there are several): the cached answer, or `choose_path` over `modes` timed on that grouped product.
-    `active(p)` / `set_mode(mode, p)` read and set the path of product `p`."""
+def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, w_out: torch.Tensor | None, group_sizes: torch.Tensor,
+                 dtype: torch.dtype, modes: list, default: str, active, set_mode, products: tuple = ("nn_wide",)):
+    """Set the expert-GEMM path `kind` for this shape class, per product in `products` (its class gets the product as a
+    suffix, `-nn_wide` ..., when there are several): the cached answer, or `choose_path` over `modes` timed on that
+    grouped product. `active(p)` / `set_mode(mode, p)` read and set the path of product `p`; `w_out` None: w_in transposed."""
     base, rows = _shape_class(w_in, group_sizes)
     E, d, f = w_in.shape
     @functools.cache                                  # drawn only if measuring (not on a cache hit)
@@ -168,9 +172,10 @@ def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torc
         # the block's own weights (all experts: a footprint like the real one; a cached subset once chose wrongly) and
         # drawn rows, from their own generator: measuring must not move the training RNG (dropout)
         g = torch.Generator().manual_seed(0)
-        w = w_in.detach() if w_in.dtype == dtype else w_in.detach().to(dtype)
-        return (torch.randn(rows * E, d, generator=g).to(dtype), w, torch.randn(rows * E, f, generator=g).to(dtype),
-                torch.full((E,), rows, dtype=torch.long))
+        own = lambda w: w.detach().to(dtype).contiguous()
+        return (torch.randn(rows * E, d, generator=g).to(dtype), own(w_in),
+                own(w_out if w_out is not None else w_in.transpose(1, 2)),
+                torch.randn(rows * E, f, generator=g).to(dtype), torch.full((E,), rows, dtype=torch.long))
     for p in products:
         cls = base if len(products) == 1 else f"{base}-{p}"
         mode = classes.get(cls)
@@ -183,13 +188,13 @@ def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, group_sizes: torc
             mode = classes[cls] = choose_path(kind, cls, {m: run(m) for m in modes}, default=default)
         if active(p) != mode: set_mode(mode, p)
 
-def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
+def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor, w_out: torch.Tensor | None = None):
     "Set the fp32 expert-GEMM path (own AVX-512 / AVX2 kernels or BLAS per row block) of each product for this shape class, unless the user pinned one."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "set_expert_gemm") or _CPU_GEMM["pinned"]
             or torch.compiler.is_compiling()):
         return
     isas = list(_C.small_gemm_supported())
-    _choose_gemm("fp32_gemm", _FP32_CLASS, w_in, group_sizes, torch.float32, [*isas, "blas"],
+    _choose_gemm("fp32_gemm", _FP32_CLASS, w_in, w_out, group_sizes, torch.float32, [*isas, "blas"],
                  default=isas[-1] if isas else "blas",     # deterministic default: the widest ISA
                  active=_C.expert_gemm_active, set_mode=_C.set_expert_gemm, products=tuple(GEMM_PRODUCTS))
 
@@ -198,13 +203,13 @@ def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Te
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "bf16_brgemm_available") or torch.compiler.is_compiling()
             or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
         return                                       # nothing to choose, or the user chose
-    _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, group_sizes, torch.bfloat16, ["blas", "brgemm"], default="blas",
+    _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, None, group_sizes, torch.bfloat16, ["blas", "brgemm"], default="blas",
                  active=lambda p: _C.bf16_gemm_active(), set_mode=lambda m, p: _C.set_bf16_gemm(m))   # one path for all products
 
-def choose_expert_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
-    "Set the expert-GEMM path for `x`'s dtype and this block's shape class (bf16 or fp32 CPU; nothing elsewhere)."
+def choose_expert_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor, w_out: torch.Tensor | None = None):
+    "Set the expert-GEMM path for `x`'s dtype and this block's shape class (bf16 or fp32 CPU; nothing elsewhere); `w_out` lets fp32 time its products on the real second weight."
     if x.dtype == torch.bfloat16: _choose_bf16_gemm(x, w_in, group_sizes)
-    elif x.dtype == torch.float32: _choose_fp32_gemm(x, w_in, group_sizes)
+    elif x.dtype == torch.float32: _choose_fp32_gemm(x, w_in, group_sizes, w_out)
 
 # %% ../nbs/01b_gemm.ipynb #43a9da9e
 _ONE_GROUP: dict[int, torch.Tensor] = {}

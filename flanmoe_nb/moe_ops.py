@@ -208,7 +208,7 @@ def expert_ffn(x: torch.Tensor, token_idx: torch.Tensor, group_sizes: torch.Tens
         return expert_ffn_reference(x, token_idx, group_sizes, weights, w_in, w_out, activation, dropout_p, training)
     if (dt := _autocast_dtype(x)) is not None:   # autocast does not cast custom ops: do what it does for a matmul
         x, w_in, w_out = x.to(dt), w_in.to(dt), w_out.to(dt)
-    choose_expert_gemm(x, w_in, group_sizes)
+    choose_expert_gemm(x, w_in, group_sizes, w_out)
     h = grouped_mm(permute(x, token_idx), w_in, group_sizes)
     drop = bool(dropout_p and training)
     if activation == "relu" and not drop and _relu_gmm_pays(h, w_out):

@@ -1074,11 +1074,11 @@ def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choi
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
 def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cache, monkeypatch):
-    "Made slow for one product only (own kernels for the input gradient, BLAS for the forward), a path is not chosen for that product."
+    "Made slow for one product only (own kernels for w_in's input gradient, BLAS for w_out's forward), a path is not chosen for that product."
     import time
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
     G._FP32_CLASS.clear(); X._CHOICES.clear()
-    slow = {"nn": "blas", "nt": K.cpu_gemm_info()["supported"][-1]}     # the forward's BLAS, the input gradient's widest ISA
+    slow = {"nn_tall": "blas", "nt_wide": K.cpu_gemm_info()["supported"][-1]}     # one product's BLAS, another's widest ISA
     real = G._product
     def product(p, *operands):
         if slow.get(p) == X._C.expert_gemm_active(p): time.sleep(0.02)
@@ -1096,11 +1096,12 @@ def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cac
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
 def test_fp32_gemm_paths_apply_per_product():
-    "With one path per product (forward, input gradient, weight gradient), each product runs on its own path: bitwise the result of that path set for all."
+    "With one path per product (forward, input gradient, weight gradient; wide and tall weight), each product runs on its own path: bitwise the result of that path set for all."
     isa = K.cpu_gemm_info()["supported"][-1]
     torch.manual_seed(0)
-    def operands(N, D, F): return torch.randn(N, D), torch.randn(3, D, F), torch.randn(N, F), torch.tensor([N // 2, 0, N - N // 2])
-    candidates = [operands(*shape) for shape in [(10, 1000, 1000), (2000, 40, 72), (5, 700, 64), (2000, 700, 48)]]
+    def operands(N, D, F):
+        return torch.randn(N, D), torch.randn(3, D, F), torch.randn(3, F, D), torch.randn(N, F), torch.tensor([N // 2, 0, N - N // 2])
+    candidates = [operands(*shape) for shape in [(10, 1000, 1100), (2000, 40, 72), (5, 700, 64), (2000, 700, 48), (10, 1100, 1000)]]
     try:
         def run(p, mode, ops):
             X._C.set_expert_gemm(mode); return G._product(p, *ops)
@@ -1111,12 +1112,15 @@ def test_fp32_gemm_paths_apply_per_product():
             for ops in candidates:
                 if not torch.equal(a := run(p, isa, ops), b := run(p, "blas", ops)): seen[p] = (ops, {isa: a, "blas": b}); break
         if len(seen) < 2: pytest.skip(f"BLAS and {isa} agree bitwise on the products {set(G.GEMM_PRODUCTS) - set(seen)} here")
-        for mixed in ({"nn": "blas", "nt": isa, "tn": "blas"}, {"nn": isa, "nt": "blas", "tn": isa}):
+        names = list(G.GEMM_PRODUCTS)
+        for mixed in ({p: (isa, "blas")[i % 2] for i, p in enumerate(names)}, {p: ("blas", isa)[i % 2] for i, p in enumerate(names)},
+                      {p: (isa, "blas")[i // 2 % 2] for i, p in enumerate(names)}):
             for p, m in mixed.items(): assert X._C.set_expert_gemm(m, p)
             assert X._C.expert_gemm_active() == ",".join(f"{p}={m}" for p, m in mixed.items())
             for p, (ops, out) in seen.items(): assert torch.equal(G._product(p, *ops), out[mixed[p]]), (p, mixed)
-        assert not X._C.set_expert_gemm("blas", "nx") and not X._C.set_expert_gemm("nope", "nn")
-        with pytest.raises(ValueError, match="product must be"): X._C.expert_gemm_active("nx")
+        assert X._C.set_expert_gemm("blas", "nt") and X._C.expert_gemm_active("nt_wide") == X._C.expert_gemm_active("nt_tall") == "blas"
+        assert not X._C.set_expert_gemm("blas", "nx") and not X._C.set_expert_gemm("nope", "nn_wide")
+        with pytest.raises(ValueError, match="product must be"): X._C.expert_gemm_active("nn")
     finally:
         X._C.set_expert_gemm("follow")
 
