@@ -1073,6 +1073,25 @@ def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choi
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+def test_fp32_gemm_choices_come_back_after_a_pin_without_the_cache_file(choice_cache, monkeypatch):
+    "A pin in and out (`use_cpu_gemm`, as the bench's blas method does) runs the pinned path inside, then the choices this process made, not re-read from the file on every call."
+    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
+    G._FP32_CLASS.clear(); X._CHOICES.clear()
+    x, idx, gs, w_in, w_out = _fp32_expert_block()
+    try:
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        chosen = {p: rec["choice"] for p, (_, rec) in _fp32_choices().items()}
+        with K.use_cpu_gemm("blas"):
+            K.expert_ffn(x, idx, gs, None, w_in, w_out)
+            assert X._C.expert_gemm_active() == "blas"
+        monkeypatch.setattr(X, "_read_cache", lambda machine: pytest.fail("the cache file was read again after a pin"))
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+        assert {p: X._C.expert_gemm_active(p) for p in chosen} == chosen
+    finally:
+        K.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
 def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cache, monkeypatch):
     "Made slow for one product only (own kernels for w_in's input gradient, BLAS for w_out's forward), a path is not chosen for that product."
     import time
