@@ -333,6 +333,17 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 cells = [f"{_fmt(t.get(m), '7.3f')} ({_fmt(row[m + '_ratio'], '5.2f')}x)" if m in t else f"{'n/a':>16}"
                          for m in methods]
                 print_fn(f"{dt:5} {k:>2} {E:>4} | " + " | ".join(f"{c:>16}" for c in cells))
+    if "dense" in methods and len(experts) > 1:   # the dense FFN is the same at every E: its best time over the rows is a steadier yardstick
+        print_fn("\nRatios against the best dense time of the table for each dtype and k (the dense FFN does not depend on E; "
+                 "on a shared machine one slow dense sample skews its row's ratios):")
+        for dt in dtypes:
+            for k in top_ks:
+                group = [r for r in rows if r["dtype"] == dt and r["k"] == k]
+                if not (dense := [r["dense_s"] for r in group if r.get("dense_s")]): continue
+                for r in group:
+                    r.update({f"{m}_ratio_best": r[f"{m}_s"] / min(dense) for m in methods if r.get(f"{m}_s")})
+                    print_fn(f"{dt:5} {k:>2} {r['E']:>4} | " + " | ".join(
+                        f"{_fmt(r.get(m + '_ratio_best'), '15.2f')}x" if r.get(m + "_ratio_best") else f"{'n/a':>16}" for m in methods))
     if lines := chosen_paths():   # known only once measured: the machine line above shows the defaults
         print_fn("\nPaths chosen on this machine (extension.choose_path, per shape class; expert GEMMs per product nn / nt / tn):")
         for line in lines: print_fn("  " + line)

@@ -80,3 +80,14 @@ def test_moe_bench_prints_the_paths_it_chose(monkeypatch, tmp_path):
     assert want and len(chosen) >= len(want) and all(l.strip().startswith(w) for l, w in zip(chosen, want))
     if K.cpu_gemm_info()["supported"]:   # own kernels to choose from: the three products of the class d16-f32-rows16-e4
         assert {l.strip().split(":")[0] for l in chosen} >= {f"fp32_gemm/d16-f32-rows16-e4-{p}" for p in G.GEMM_PRODUCTS}
+
+
+def test_moe_bench_ratios_against_the_tables_best_dense():
+    "The dense FFN is the same at every E: each row also gets its times over the best dense time of its dtype and k."
+    lines = []
+    rows = B.run_moe_bench(T=64, d=16, f=24, experts=(4, 8), top_ks=(1,), methods=("dense", "flanmoe"), reps=1, memory=False,
+                           print_fn=lines.append)
+    best = min(r["dense_s"] for r in rows)
+    for r in rows:
+        assert r["flanmoe_ratio_best"] == r["flanmoe_s"] / best and r["dense_ratio_best"] == r["dense_s"] / best >= 1
+    assert any(l.startswith("\nRatios against the best dense time") for l in lines)
