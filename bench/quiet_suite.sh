@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU performance measurements of issue #18, for a quiet machine (nothing else running: a grid or a
-# build beside it distorts every number). About 3 minutes on 2 cores (2-core Xeon, 2026-12-07). Every command prints the machine
+# build beside it distorts every number). About 4 minutes on 2 cores (2-core Xeon, 2026-12-07). Every command prints the machine
 # first; keep the output with the machine line when quoting a figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
