@@ -18,11 +18,12 @@ from .extension import _C
 from .moe_ops import _relu_gmm_pays
 
 # %% auto #0
-__all__ = ['DTYPES', 'METHODS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe', 'build_flanmoe_blas',
-           'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum', 'build_torch_gmm',
-           'build_moe_layer', 'build_router', 'build_experts_gemm', 'check_agreement', 'time_methods', 'peak_memory',
-           'machine_rates', 'roofline', 'chosen_paths', 'run_moe_bench', 'run_gmm_bench', 'run_attention_bench',
-           'run_train_bench', 'machine_info', 'machine_line', 'main']
+__all__ = ['DTYPES', 'METHODS', 'EXPERT_GEMM_OPS', 'ATTN_SHAPES', 'Shape', 'make_inputs', 'runner', 'build_flanmoe',
+           'build_flanmoe_blas', 'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum',
+           'build_torch_gmm', 'build_moe_layer', 'build_router', 'build_experts_gemm', 'check_agreement',
+           'time_methods', 'peak_memory', 'machine_rates', 'roofline', 'chosen_paths', 'layer_gemm_share',
+           'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line',
+           'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -312,6 +313,24 @@ def chosen_paths() -> list[str]:
         out.append(f"{key}: {rec['choice']} ({rec['source']}{'; ms ' + ms if ms else ''})")
     return out
 
+# The ops that are an expert FFN's GEMMs (forward, and the backward products autograd calls)
+EXPERT_GEMM_OPS = ("flanmoe::grouped_mm", "flanmoe::relu_grouped_mm", "flanmoe::relu_grouped_mm_backward", "flanmoe::grouped_mm_wgrad")
+
+def layer_gemm_share(s: Shape, steps: int = 3) -> dict:
+    """One torch.profiler run of `steps` fwd+bwd steps of the `moe_layer` method: wall seconds per step, seconds per step
+    inside the expert-GEMM ops, and the share `outside` them (router, losses, top-k, plan, permute, unpermute, gating;
+    the profiler's own cost per op lands there too, so it errs high). Both from the same steps: no noise between two timings."""
+    import os
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")   # else the profiler prints a start and a stop line into notebook outputs
+    from torch.profiler import profile, ProfilerActivity
+    run = runner(METHODS["moe_layer"](s, make_inputs(s))); run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps): run()
+        wall = time.perf_counter() - t0
+    gemm = sum(e.cpu_time_total for e in prof.key_averages() if e.key in EXPERT_GEMM_OPS) / 1e6
+    return dict(wall_s=wall / steps, gemm_s=gemm / steps, outside=1 - gemm / wall)
+
 def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2), dtypes=("fp32",),
                   methods=tuple(METHODS), reps=3, memory=True, mem_experts=None, mem_methods=None, print_fn=None) -> list[dict]:
     "Time every method at every (dtype, k, E); print a table with ratios vs dense; return the rows."
@@ -367,6 +386,11 @@ def run_moe_bench(T=4096, d=512, f=2048, experts=(8, 32, 64, 128), top_ks=(1, 2)
                 r["router_share"] = r["router_s"] / r["moe_layer_s"]
                 split = f"  (router module {r['router_share']:.1%}, the rest {r['layer_overhead'] - r['router_share']:.1%})"
             print_fn(f"{r['dtype']:5} k={r['k']} E={r['E']:>4}: {r['layer_overhead']:6.1%}{split}")
+        print_fn("MoELayer outside its expert-GEMM ops in one torch.profiler run of 3 steps (one run, so no noise between two timings):")
+        for r in over:
+            sh = layer_gemm_share(Shape(T, d, f, r["E"], r["k"], r["dtype"]))
+            r["layer_outside_gemm"] = sh["outside"]
+            print_fn(f"{r['dtype']:5} k={r['k']} E={r['E']:>4}: {sh['outside']:6.1%}  ({sh['wall_s']:.3f} s a step, {sh['gemm_s']:.3f} s in the GEMM ops)")
     if memory:
         print_fn("\nPeak extra resident memory of fwd+bwd w.r.t. x (MiB; fresh process per method, VmHWM - VmRSS); T doubles per row:")
         mem_experts = mem_experts or (max(experts),)

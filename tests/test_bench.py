@@ -91,3 +91,9 @@ def test_moe_bench_ratios_against_the_tables_best_dense():
     for r in rows:
         assert r["flanmoe_ratio_best"] == r["flanmoe_s"] / best and r["dense_ratio_best"] == r["dense_s"] / best >= 1
     assert any(l.startswith("\nRatios against the best dense time") for l in lines)
+
+
+def test_layer_gemm_share_splits_one_profiled_run():
+    "The MoELayer's time is split, from one profiled run, into its expert-GEMM ops and the rest: both parts are there."
+    r = B.layer_gemm_share(B.Shape(T=96, d=32, f=48, E=4, k=2), steps=2)
+    assert 0 < r["gemm_s"] < r["wall_s"] and 0 < r["outside"] < 1 and abs(r["outside"] - (1 - r["gemm_s"] / r["wall_s"])) < 1e-12
