@@ -1034,69 +1034,66 @@ def _fp32_choices() -> dict:
     return {k.rsplit("-", 1)[1]: (k, v) for k, v in K.kernel_choices().items() if k.startswith("fp32_gemm/")}
 
 
-@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
-def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(choice_cache, monkeypatch):
-    "The fp32 expert GEMMs are measured per shape class and product (own ISAs and BLAS), the fastest of each is set (a tie keeps the widest ISA); a pinned mode is not overridden."
+@pytest.fixture
+def fp32_choice(choice_cache, monkeypatch):
+    "A process with no fp32 expert-GEMM choice made yet, none forced by the environment; the paths are reset after."
     monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
     G._FP32_CLASS.clear(); X._CHOICES.clear()
+    yield
+    K.set_cpu_gemm("auto")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+def test_fp32_expert_ffn_chooses_its_gemm_path_by_measurement_unless_pinned(fp32_choice, monkeypatch):
+    "The fp32 expert GEMMs are measured per shape class and product (own ISAs and BLAS), the fastest of each is set (a tie keeps the widest ISA); a pinned mode is not overridden."
     x, idx, gs, w_in, w_out = _fp32_expert_block()
     supported = K.cpu_gemm_info()["supported"]
-    try:
-        ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
+    ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out)
+    torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
+    recs = _fp32_choices()
+    assert set(recs) == set(G.GEMM_PRODUCTS)
+    for p, (key, rec) in recs.items():
+        assert rec["source"] == "measured" and set(rec["ms"]) == {*supported, "blas"}
+        fastest, ms = min(rec["ms"], key=rec["ms"].get), rec["ms"]
+        assert rec["choice"] == (fastest if ms[fastest] <= 0.95 * ms[supported[-1]] else supported[-1])
+        assert X._C.expert_gemm_active(p) == rec["choice"]
+    assert K.kernel_paths()["fp32_expert_gemm"] == X._C.expert_gemm_active()
+    # the cached choices are read back without drawing the measuring operands (a cache hit costs no random draw)
+    G._FP32_CLASS.clear(); X._CHOICES.clear(); X._C.set_expert_gemm("follow")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn", lambda *a, **k: pytest.fail("a cache hit drew measuring operands"))
+        K.expert_ffn(x, idx, gs, None, w_in, w_out)
+    for p, (key, rec) in recs.items():
+        assert K.kernel_choices()[key]["source"] == "cache" and X._C.expert_gemm_active(p) == rec["choice"]
+    # a forced slow path (the environment) is what runs, for every product; pinned by the user, nothing is measured
+    G._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
+    K.expert_ffn(x, idx, gs, None, w_in, w_out)
+    assert X._C.expert_gemm_active() == "blas" and all(K.kernel_choices()[k]["source"] == "environment" for k, _ in recs.values())
+    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); X._CHOICES.clear()
+    with K.use_cpu_gemm("avx2"):
         torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
-        recs = _fp32_choices()
-        assert set(recs) == set(G.GEMM_PRODUCTS)
-        for p, (key, rec) in recs.items():
-            assert rec["source"] == "measured" and set(rec["ms"]) == {*supported, "blas"}
-            fastest, ms = min(rec["ms"], key=rec["ms"].get), rec["ms"]
-            assert rec["choice"] == (fastest if ms[fastest] <= 0.95 * ms[supported[-1]] else supported[-1])
-            assert X._C.expert_gemm_active(p) == rec["choice"]
-        assert K.kernel_paths()["fp32_expert_gemm"] == X._C.expert_gemm_active()
-        # the cached choices are read back without drawing the measuring operands (a cache hit costs no random draw)
-        G._FP32_CLASS.clear(); X._CHOICES.clear(); X._C.set_expert_gemm("follow")
-        with monkeypatch.context() as m:
-            m.setattr(torch, "randn", lambda *a, **k: pytest.fail("a cache hit drew measuring operands"))
-            K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        for p, (key, rec) in recs.items():
-            assert K.kernel_choices()[key]["source"] == "cache" and X._C.expert_gemm_active(p) == rec["choice"]
-        # a forced slow path (the environment) is what runs, for every product; pinned by the user, nothing is measured
-        G._FP32_CLASS.clear(); monkeypatch.setenv("FLANMOE_PATH_FP32_GEMM", "blas")
-        K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert X._C.expert_gemm_active() == "blas" and all(K.kernel_choices()[k]["source"] == "environment" for k, _ in recs.values())
-        monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM"); X._CHOICES.clear()
-        with K.use_cpu_gemm("avx2"):
-            torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out), ref, atol=1e-4, rtol=1e-4)
-            assert X._C.expert_gemm_active() == "avx2" and not K.kernel_choices()
-        assert not G._CPU_GEMM["pinned"]
-    finally:
-        K.set_cpu_gemm("auto")
+        assert X._C.expert_gemm_active() == "avx2" and not K.kernel_choices()
+    assert not G._CPU_GEMM["pinned"]
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
-def test_fp32_gemm_choices_come_back_after_a_pin_without_the_cache_file(choice_cache, monkeypatch):
+def test_fp32_gemm_choices_come_back_after_a_pin_without_the_cache_file(fp32_choice, monkeypatch):
     "A pin in and out (`use_cpu_gemm`, as the bench's blas method does) runs the pinned path inside, then the choices this process made, not re-read from the file on every call."
-    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
-    G._FP32_CLASS.clear(); X._CHOICES.clear()
     x, idx, gs, w_in, w_out = _fp32_expert_block()
-    try:
+    K.expert_ffn(x, idx, gs, None, w_in, w_out)
+    chosen = {p: rec["choice"] for p, (_, rec) in _fp32_choices().items()}
+    with K.use_cpu_gemm("blas"):
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        chosen = {p: rec["choice"] for p, (_, rec) in _fp32_choices().items()}
-        with K.use_cpu_gemm("blas"):
-            K.expert_ffn(x, idx, gs, None, w_in, w_out)
-            assert X._C.expert_gemm_active() == "blas"
-        monkeypatch.setattr(X, "_read_cache", lambda machine: pytest.fail("the cache file was read again after a pin"))
-        K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        assert {p: X._C.expert_gemm_active(p) for p in chosen} == chosen
-    finally:
-        K.set_cpu_gemm("auto")
+        assert X._C.expert_gemm_active() == "blas"
+    monkeypatch.setattr(X, "_read_cache", lambda machine: pytest.fail("the cache file was read again after a pin"))
+    K.expert_ffn(x, idx, gs, None, w_in, w_out)
+    assert {p: X._C.expert_gemm_active(p) for p in chosen} == chosen
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
-def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cache, monkeypatch):
+def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(fp32_choice, monkeypatch):
     "Made slow for one product only (own kernels for w_in's input gradient, BLAS for w_out's forward), a path is not chosen for that product."
     import time
-    monkeypatch.delenv("FLANMOE_PATH_FP32_GEMM", raising=False)
-    G._FP32_CLASS.clear(); X._CHOICES.clear()
     slow = {"nn_tall": "blas", "nt_wide": K.cpu_gemm_info()["supported"][-1]}     # one product's BLAS, another's widest ISA
     real = G._product
     def product(p, *operands):
@@ -1104,13 +1101,10 @@ def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(choice_cac
         return real(p, *operands)
     monkeypatch.setattr(G, "_product", product)
     x, idx, gs, w_in, w_out = _fp32_expert_block()
-    try:
-        K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        recs = _fp32_choices()
-        for p, bad in slow.items():
-            assert recs[p][1]["choice"] != bad and X._C.expert_gemm_active(p) != bad, (p, recs[p])
-    finally:
-        K.set_cpu_gemm("auto")
+    K.expert_ffn(x, idx, gs, None, w_in, w_out)
+    recs = _fp32_choices()
+    for p, bad in slow.items():
+        assert recs[p][1]["choice"] != bad and X._C.expert_gemm_active(p) != bad, (p, recs[p])
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
