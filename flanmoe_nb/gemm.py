@@ -155,12 +155,14 @@ GEMM_PRODUCTS = {"nn_wide": "x @ w_in (forward)", "nn_tall": "h @ w_out (forward
                  "nt_wide": "dh @ w_in^T (input gradient)", "nt_tall": "dy @ w_out^T (input gradient)",
                  "tn_wide": "x^T dh (gradient of w_in)", "tn_tall": "h^T dy (gradient of w_out)"}
 
-def _product(p: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-    "One grouped product `p` of `GEMM_PRODUCTS` on operands x [N, d], w_in [G, d, f], w_out [G, f, d], h [N, f] (h also as dh)."
+def _product(p: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, h: torch.Tensor, g: torch.Tensor,
+             y: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """One grouped product `p` of `GEMM_PRODUCTS`: x [N, d] and h [N, f_in] (also as dh) meet w_in [G, d, f_in];
+    g [N, f_out] and y [N, d_out] (also as dy) meet w_out [G, f_out, d_out] (f_in = 2 f_out for gated activations)."""
     mm, wgrad = torch.ops.flanmoe.grouped_mm, torch.ops.flanmoe.grouped_mm_wgrad
-    return {"nn_wide": lambda: mm(x, w_in, gs, False), "nn_tall": lambda: mm(h, w_out, gs, False),
-            "nt_wide": lambda: mm(h, w_in, gs, True), "nt_tall": lambda: mm(x, w_out, gs, True),
-            "tn_wide": lambda: wgrad(x, h, gs), "tn_tall": lambda: wgrad(h, x, gs)}[p]()
+    return {"nn_wide": lambda: mm(x, w_in, gs, False), "nn_tall": lambda: mm(g, w_out, gs, False),
+            "nt_wide": lambda: mm(h, w_in, gs, True), "nt_tall": lambda: mm(y, w_out, gs, True),
+            "tn_wide": lambda: wgrad(x, h, gs), "tn_tall": lambda: wgrad(g, y, gs)}[p]()
 
 def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, w_out: torch.Tensor | None, group_sizes: torch.Tensor,
                  dtype: torch.dtype, modes: list, default: str, active, set_mode, products: tuple = ("nn_wide",)):
@@ -173,11 +175,12 @@ def _choose_gemm(kind: str, classes: dict, w_in: torch.Tensor, w_out: torch.Tens
     def operands():
         # the block's own weights (all experts: a footprint like the real one; a cached subset once chose wrongly) and
         # drawn rows, from their own generator: measuring must not move the training RNG (dropout)
-        g = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
         own = lambda w: w.detach().to(dtype).contiguous()
-        return (torch.randn(rows * E, d, generator=g).to(dtype), own(w_in),
-                own(w_out if w_out is not None else w_in.transpose(1, 2)),
-                torch.randn(rows * E, f, generator=g).to(dtype), torch.full((E,), rows, dtype=torch.long))
+        wo = own(w_out if w_out is not None else w_in.transpose(1, 2))
+        rows_of = lambda cols: torch.randn(rows * E, cols, generator=gen).to(dtype)
+        return (rows_of(d), own(w_in), wo, rows_of(f), rows_of(wo.shape[1]), rows_of(wo.shape[2]),
+                torch.full((E,), rows, dtype=torch.long))
     for p in products:
         cls = base if len(products) == 1 else f"{base}-{p}"
         mode = classes.get(cls)

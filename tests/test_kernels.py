@@ -1107,13 +1107,27 @@ def test_fp32_gemm_choice_is_per_product_and_never_a_forced_slow_path(fp32_choic
         assert recs[p][1]["choice"] != bad and X._C.expert_gemm_active(p) != bad, (p, recs[p])
 
 
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_fp32_gemm_choice_measures_plain_and_gated_experts(fp32_choice, activation):
+    "Measured (not the deterministic default), the choice runs every product on the block's own weights: gated experts have w_in [E, d, 2f] and w_out [E, f, d]."
+    torch.manual_seed(0)
+    gated = activation == "swiglu"
+    x, idx, gs = torch.randn(96, 32), torch.arange(96), torch.tensor([24, 24, 24, 24])
+    w_in, w_out = torch.randn(4, 32, 128 if gated else 64) * 0.2, torch.randn(4, 64, 32) * 0.2
+    ref = K.expert_ffn_reference(x, idx, gs, None, w_in, w_out, activation)
+    torch.testing.assert_close(K.expert_ffn(x, idx, gs, None, w_in, w_out, activation), ref, atol=1e-4, rtol=1e-4)
+    assert {rec["source"] for _, rec in _fp32_choices().values()} == {"measured"} and set(_fp32_choices()) == set(G.GEMM_PRODUCTS)
+
+
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
 def test_fp32_gemm_paths_apply_per_product():
     "With one path per product (forward, input gradient, weight gradient; wide and tall weight), each product runs on its own path: bitwise the result of that path set for all."
     isa = K.cpu_gemm_info()["supported"][-1]
     torch.manual_seed(0)
     def operands(N, D, F):
-        return torch.randn(N, D), torch.randn(3, D, F), torch.randn(3, F, D), torch.randn(N, F), torch.tensor([N // 2, 0, N - N // 2])
+        return (torch.randn(N, D), torch.randn(3, D, F), torch.randn(3, F, D), torch.randn(N, F), torch.randn(N, F), torch.randn(N, D),
+                torch.tensor([N // 2, 0, N - N // 2]))
     candidates = [operands(*shape) for shape in [(10, 1000, 1100), (2000, 40, 72), (5, 700, 64), (2000, 700, 48), (10, 1100, 1000)]]
     try:
         def run(p, mode, ops):
