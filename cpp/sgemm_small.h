@@ -4,7 +4,9 @@
 // Why not BLAS: per expert a [32, 512] x [512, 2048] product spends about as long packing the 4 MiB weight
 // as multiplying it, and MKL runs its AVX2 code on AMD CPUs. These kernels read the weight in
 // sequential passes (NN and TN copy it row by row into padded blocks, NT reads it in place along its rows)
-// with register tiles, in an AVX-512F and an AVX2+FMA copy picked at run time. `grouped_mm` uses them for
+// with register tiles, in an AVX-512F and an AVX2+FMA copy picked at run time. NN with few rows (<= 64) and a
+// weight of 1 MiB or more reads the weight in place instead, as row streams at the multiply's pace with a prefetch
+// a few strips ahead (nn_streamed: the weight's traffic overlaps the multiply; bitwise the same results). `grouped_mm` uses them for
 // every fp32 row block while an ISA is active (small_gemm_active() != none) and BLAS for everything else.
 // The kernel file includes no torch header: ISA code never leaks into shared inline functions.
 // Whether they beat BLAS depends on the machine: expert_ffn measures both per shape class (gemm.py), and
@@ -41,7 +43,8 @@ bool set_expert_gemm(const std::string& mode, const std::string& product = "all"
 // The slot of one product and orientation ("nn_wide" -> 0, ..., "tn_tall" -> 5); -1 for an unknown name.
 int gemm_product_slot(const std::string& name);
 extern const char* const kGemmProductNames[6];
-// Whether the NN kernel prefetches the next block of its weight while it multiplies the current one
+// Whether the NN kernel prefetches the next block of its weight while it multiplies the current one (this also
+// keeps the block-copy kernel where nn_streamed would run)
 // (start value FLANMOE_GEMM_PREFETCH=1; off by default: `flanmoe bench moe --methods flanmoe,flanmoe_prefetch` compares).
 bool gemm_prefetch_active();
 void set_gemm_prefetch(bool on);

@@ -1154,6 +1154,32 @@ def test_fp32_gemm_paths_apply_per_product():
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_streamed_nn_kernel_is_the_blocked_one_bitwise(isa):
+    "Few rows against a weight of >= 1 MiB take the NN kernel that reads the weight in place: right, and bitwise the block-copy kernel (the weight prefetch switch selects that one), relu or not."
+    if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
+    torch.manual_seed(0)
+    before = X._C.gemm_prefetch_active()
+    try:
+        X._C.set_expert_gemm(isa)
+        for M, D, N in [(32, 512, 2048), (64, 700, 1500), (5, 2048, 512), (1, 300, 900), (50, 257, 1031)]:
+            assert M <= 64 and D * N >= 1 << 18
+            a, w = torch.randn(M, D), torch.randn(2, D, N) * D ** -0.5
+            gs = torch.tensor([M - M // 3, M // 3])
+            runs = []
+            for blocked in (False, True):
+                X._C.set_gemm_prefetch(blocked)
+                runs.append((torch.ops.flanmoe.grouped_mm(a, w, gs, False), torch.ops.flanmoe.relu_grouped_mm(a, w, gs)))
+            ref = torch.cat([a[:M - M // 3] @ w[0], a[M - M // 3:] @ w[1]])
+            ref_relu = torch.cat([a[:M - M // 3].relu() @ w[0], a[M - M // 3:].relu() @ w[1]])
+            torch.testing.assert_close(runs[0][0], ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(runs[0][1], ref_relu, atol=1e-4, rtol=1e-4)
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (M, D, N)
+    finally:
+        X._C.set_gemm_prefetch(before); X._C.set_expert_gemm("follow")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_weight_prefetch_changes_no_result(isa):
     "The NN kernel's prefetch of the next weight block (next depth block, next column block, none at the end) is bit-neutral."
     if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
