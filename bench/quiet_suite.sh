@@ -9,7 +9,7 @@ rm -f "${FLANMOE_KERNEL_CACHE:-$HOME/.cache/flanmoe_nb/kernel_choice.json}"   # 
 # 1. the MoE FFN (fp32 and bf16) against dense, the layer's overhead, the roofline (copy bandwidth, GEMM rate)
 $FL bench moe --dtype fp32,bf16 --experts 8,32,128 --top-k 1 \
   --methods dense,flanmoe,flanmoe_blas,dense_gmm,moe_layer,router,experts_gemm --no-memory --reps 7
-# 2. the NN kernel's weight prefetch, own AVX-512 kernels forced so that both rows run them
+# 2. the NN kernels: streamed (flanmoe) against block copy + prefetch (flanmoe_prefetch), own AVX-512 kernels forced
 FLANMOE_PATH_FP32_GEMM=avx512 $FL bench moe --dtype fp32 --experts 32,128 --top-k 1 \
   --methods dense,flanmoe,flanmoe_prefetch --no-memory --reps 7
 # 3. bf16 grouped products alone: oneDNN per row block vs the brgemm ukernel

@@ -92,7 +92,7 @@ def _gemm_prefetch(on: bool):
     finally: _C.set_gemm_prefetch(before)
 
 def build_flanmoe_prefetch(s, inp):
-    "`flanmoe` with the fp32 NN kernel prefetching the next block of each expert weight while it multiplies the current one (CPU, own kernels only)."
+    "`flanmoe` with the fp32 NN kernel's block copy and its prefetch of the next block of each weight while it multiplies the current one, in place of the streamed NN kernel for few rows (CPU, own kernels only)."
     if inp["x"].device.type != "cpu" or not K.cpu_gemm_info()["supported"] or not hasattr(_C, "set_gemm_prefetch"): return None
     return (*build_flanmoe(s, inp), lambda: _gemm_prefetch(True))
 
