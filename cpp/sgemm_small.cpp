@@ -101,12 +101,11 @@ SmallGemmIsa expert_gemm_active(GemmProduct p, bool tall) {
 
 bool set_expert_gemm(const std::string& mode, const std::string& product) {
   int lo = 0, hi = 6;                                     // the slots [lo, hi) to set
-  if (product == "nn" || product == "nt" || product == "tn") {
-    lo = product == "nn" ? 0 : product == "nt" ? 2 : 4; hi = lo + 2;
-  } else if (product != "all") {
-    lo = gemm_product_slot(product);
+  if (product != "all") {
+    const bool pair = product == "nn" || product == "nt" || product == "tn";   // both orientations
+    lo = gemm_product_slot(pair ? product + "_wide" : product);
     if (lo < 0) return false;
-    hi = lo + 1;
+    hi = lo + (pair ? 2 : 1);
   }
   SmallGemmIsa v = SmallGemmIsa::none;
   if (mode != "follow" && !parse(mode, &v)) return false;

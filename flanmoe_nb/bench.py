@@ -7,7 +7,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/bench.html.md"""
 
 # %% ../nbs/10_bench.ipynb #a7fa077c
 from __future__ import annotations
-import argparse, contextlib, json, subprocess, sys, time
+import argparse, contextlib, json, os, subprocess, sys, time
 from dataclasses import dataclass
 
 import torch
@@ -320,7 +320,6 @@ def layer_gemm_share(s: Shape, steps: int = 3) -> dict:
     """One torch.profiler run of `steps` fwd+bwd steps of the `moe_layer` method: wall seconds per step, seconds per step
     inside the expert-GEMM ops, and the share `outside` them (router, losses, top-k, plan, permute, unpermute, gating;
     the profiler's own cost per op lands there too, so it errs high). Both from the same steps: no noise between two timings."""
-    import os
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")   # else the profiler prints a start and a stop line into notebook outputs
     from torch.profiler import profile, ProfilerActivity
     run = runner(METHODS["moe_layer"](s, make_inputs(s))); run()
