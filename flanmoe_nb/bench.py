@@ -22,8 +22,8 @@ __all__ = ['DTYPES', 'METHODS', 'EXPERT_GEMM_OPS', 'ATTN_SHAPES', 'Shape', 'make
            'build_flanmoe_blas', 'build_flanmoe_prefetch', 'build_dense_gmm', 'build_dense', 'build_hf', 'build_einsum',
            'build_torch_gmm', 'build_moe_layer', 'build_router', 'build_experts_gemm', 'check_agreement',
            'time_methods', 'peak_memory', 'machine_rates', 'roofline', 'chosen_paths', 'layer_gemm_share',
-           'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'machine_info', 'machine_line',
-           'main']
+           'run_moe_bench', 'run_gmm_bench', 'run_attention_bench', 'run_train_bench', 'host_allocator', 'machine_info',
+           'machine_line', 'main']
 
 # %% ../nbs/10_bench.ipynb #5827f02d
 @dataclass
@@ -494,14 +494,26 @@ def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_
         rows.append(r)
     return rows
 
+# %% ../nbs/10_bench.ipynb #2b74c886
+def host_allocator() -> str:
+    "The C allocator of this process: a preloaded `jemalloc`, `tcmalloc` or `mimalloc` (found among the mapped libraries), else the C library's malloc (`glibc 2.36`), or `unknown`."
+    try:
+        with open("/proc/self/maps") as fh: maps = fh.read()
+        for name in ("jemalloc", "tcmalloc", "mimalloc"):
+            if f"/lib{name}" in maps: return name
+    except OSError: pass
+    import platform
+    lib, version = platform.libc_ver()
+    return f"{lib} {version}".strip() if lib else "unknown"
+
 # %% ../nbs/10_bench.ipynb #efcbd050
 def machine_info() -> dict:
-    "What a benchmark's numbers depend on: CPU model, its vector/matrix ISA, BLAS, threads and the kernel paths in use."
+    "What a benchmark's numbers depend on: CPU model, its vector/matrix ISA, BLAS, threads, host allocator and the kernel paths in use."
     fp = K.machine_fingerprint()
     blas = "MKL" if torch.backends.mkl.is_available() else "BLAS (not MKL)"
     return dict(cpu=fp["cpu"], isa=[x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in fp["flags"]],
                 blas=blas + (", oneDNN" if torch.backends.mkldnn.is_available() else ""),
-                threads=fp["threads"], torch=fp["torch"], **K.kernel_paths())
+                threads=fp["threads"], torch=fp["torch"], malloc=host_allocator(), **K.kernel_paths())
 
 # %% ../nbs/10_bench.ipynb #1427ed99
 def machine_line() -> str:
@@ -509,7 +521,7 @@ def machine_line() -> str:
     m = machine_info()
     paths = (f"; expert GEMMs: fp32 {m['fp32_expert_gemm']}, bf16 {m['bf16_expert_gemm']}"
              f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if m["bf16_expert_gemm"] else ""
-    return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; torch {m['torch']}{paths}"
+    return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; malloc {m['malloc']}; torch {m['torch']}{paths}"
 
 # %% ../nbs/10_bench.ipynb #19e541b9
 def main(argv: list[str] | None = None) -> int:

@@ -97,3 +97,18 @@ def test_layer_gemm_share_splits_one_profiled_run():
     "The MoELayer's time is split, from one profiled run, into its expert-GEMM ops and the rest: both parts are there."
     r = B.layer_gemm_share(B.Shape(T=96, d=32, f=48, E=4, k=2), steps=2)
     assert 0 < r["gemm_s"] < r["wall_s"] and 0 < r["outside"] < 1 and abs(r["outside"] - (1 - r["gemm_s"] / r["wall_s"])) < 1e-12
+
+
+def test_machine_line_names_the_host_allocator(tmp_path):
+    "A preloaded allocator is named on the machine line (the dense baseline's speed depends on it); otherwise the C library's own."
+    import os, shutil, subprocess, sys
+    code = "from flanmoe_nb import bench as B; print(B.host_allocator()); print(B.machine_line())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert plain[0] not in ("jemalloc", "tcmalloc", "mimalloc") and f"; malloc {plain[0]};" in plain[1]
+    if shutil.which("gcc") is None: pytest.skip("no gcc to build a stand-in allocator library")
+    (tmp_path / "empty.c").write_text("int flanmoe_stand_in;\n")
+    lib = tmp_path / "libjemalloc.so.2"      # a library of that name, mapped into the process: what is detected
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "empty.c")], check=True)
+    pre = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LD_PRELOAD": str(lib)}).stdout.splitlines()
+    assert pre[0] == "jemalloc" and "; malloc jemalloc;" in pre[1]
