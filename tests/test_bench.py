@@ -112,3 +112,24 @@ def test_machine_line_names_the_host_allocator(tmp_path):
     pre = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "LD_PRELOAD": str(lib)}).stdout.splitlines()
     assert pre[0] == "jemalloc" and "; malloc jemalloc;" in pre[1]
+
+
+def test_runner_reuses_its_upstream_gradients_unchanged():
+    "The step's upstream gradients are made once; no method's backward may write into them (or the next step would differ)."
+    import torch
+    s = B.Shape(T=48, d=16, f=24, E=4, k=2)
+    inp = B.make_inputs(s)
+    for name in ("flanmoe", "dense", "dense_gmm", "moe_layer", "experts_gemm", "hf_switch" if s.k == 1 else "gshard_einsum"):
+        fn, params = B.METHODS[name](s, inp)[:2]
+        seen = []
+        def spy(ys, ps, grads, _grad=torch.autograd.grad):
+            seen.append(grads)
+            return _grad(ys, ps, grads)
+        run = B.runner((fn, params))
+        orig, torch.autograd.grad = torch.autograd.grad, spy
+        try:
+            for _ in range(3): run()
+        finally:
+            torch.autograd.grad = orig
+        assert all(g is h for g, h in zip(seen[0], seen[2])), name                 # the same tensors every step
+        assert all(bool((g == 1).all()) for g in seen[2]), name                      # still ones after three backwards
