@@ -236,6 +236,54 @@ struct AttentionFn : torch::autograd::Function<AttentionFn> {
   }
 };
 
+// ---- router_join: (logits = x w^T (+ b), x as a view) -> dx = d(view) + dlogits w (in place where d(view) is
+// the experts' fresh gradient), dw = dlogits^T x, db = sum dlogits: router_linear_backward reads x once for both;
+// under create_graph the composite mm / sum, differentiable again
+bool stealable(const at::Tensor& t, const at::Tensor& like) {   // (the test of autograd's own in-place sum)
+  return t.use_count() == 1 && t.has_storage() && t.storage().use_count() == 1 && !t.is_view() &&
+         !t.requires_grad() && t.is_contiguous() && t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
+         t.device() == like.device();
+}
+
+struct RouterJoinFn : torch::autograd::Function<RouterJoinFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();   // (an absent bias is no input: no needs_input_grad(2))
+    ctx->set_materialize_grads(false);
+    static auto op = op_of<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>("flanmoe::router_linear");
+    return {op.call(x, w, b), x};                                     // (autograd returns the input as a view)
+  }
+  // (grads by reference: CppNode passes its own list, so the moved-out view gradient can be the only reference)
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool(), nb = has_bias && ctx->needs_input_grad(2);
+    variable_list out{at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor dxv = std::move(grads[1]);
+    if (!grads[0].defined()) {                                        // the logits took no part in the loss
+      if (nx) out[0] = dxv;
+      return out;
+    }
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor g = contig(grads[0]);
+    if (at::GradMode::is_enabled()) {             // create_graph: the composite, whose ops are differentiable again
+      if (nx) out[0] = dxv.defined() ? dxv + g.mm(s[1]) : g.mm(s[1]);
+      if (nw) out[1] = g.t().mm(s[0]);
+      if (nb) out[2] = g.sum(0);
+      return out;
+    }
+    static auto op = op_of<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, bool, bool, bool)>(
+        "flanmoe::router_linear_backward");
+    const bool acc = nx && dxv.defined() && stealable(dxv, s[0]);
+    auto [dx, dw, db] = op.call(g, s[0], s[1], acc ? OptT(dxv) : std::nullopt, nx, nw, nb);
+    if (nx) out[0] = acc ? dxv : dxv.defined() ? dx.add_(dxv) : dx;
+    if (nw) out[1] = dw;
+    if (nb) out[2] = db;
+    return out;
+  }
+};
+
 // ---- rms_norm: (y, rstd); rstd is kept for the backward only
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -313,6 +361,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_ad(const at::Tensor& x, const a
   auto r = CrossEntropyFn::apply(x, t, ignore);
   return {r[0], r[1]};
 }
+at::Tensor router_linear_ad(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  return RouterJoinFn::apply(x, w, b)[0];
+}
 std::tuple<at::Tensor, at::Tensor> rms_norm_ad(const at::Tensor& x, const at::Tensor& w, double eps) {
   auto r = RmsNormFn::apply(x, w, eps);
   return {r[0], r[1]};
@@ -331,6 +382,12 @@ TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
   m.impl("rms_norm", &rms_norm_ad);
   m.impl("cross_entropy", &cross_entropy_ad);
   m.impl("dropout", &dropout_ad);
+  m.impl("router_linear", &router_linear_ad);
+}
+
+std::tuple<at::Tensor, at::Tensor> router_join(const at::Tensor& x, const at::Tensor& weight, const OptT& bias) {
+  auto r = RouterJoinFn::apply(x, weight, bias);
+  return {r[0], r[1]};
 }
 
 }  // namespace flanmoe

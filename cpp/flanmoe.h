@@ -261,4 +261,11 @@ inline void check_gather_dot_args(const at::Tensor& x, const at::Tensor& token_i
                 "] (rows of token_idx, columns of x) but has shape ", shape_str(y));
 }
 
+// The router's projection and the tokens it passes on, joined for the backward (autograd.cpp):
+// (router_linear(x, weight, bias), x as a view). The experts read the view; the router's backward then receives the
+// gradient of both outputs and adds its own share of x's gradient into the experts' in place, instead of autograd
+// summing two [T, d] gradients in a pass of their own.
+std::tuple<at::Tensor, at::Tensor> router_join(const at::Tensor& x, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias);
+
 }  // namespace flanmoe

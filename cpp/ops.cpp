@@ -32,6 +32,12 @@ TORCH_LIBRARY(flanmoe, m) {
   m.def("unpermute(Tensor y, Tensor token_idx, Tensor? weights, int num_tokens) -> Tensor");
   // out[s] = dot(x[token_idx[s]], y[s])                                    [S]
   m.def("gather_dot(Tensor x, Tensor token_idx, Tensor y) -> Tensor");
+  // An MoE router's projection x @ weight^T (+ bias): x [T, d] (contiguous last dim), weight [E, d] -> [T, E]. CPU only.
+  m.def("router_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Its gradients (dx [T, d], dweight [E, d], dbias [E]) from one pass over x; one not asked for comes back as [0].
+  // With dx_acc (x's shape, contiguous) dx is added to it in place and comes back as [0].
+  m.def("router_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor(a!)? dx_acc, bool need_dx, "
+        "bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)");
   // softmax(q k^T + bias) v per (batch, head); q [B, Lq, H, D], k/v [B, Lk, H, D] (contiguous last dim),
   // bias broadcasting to [B, H, Lq, Lk]: (out [B, Lq, H, D], probs [B, H, Lq, Lk]). CPU only.
   // key_mask: an additive [B, Lk] (padding) mask added to every head's scores.
@@ -108,5 +114,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");
   mod.def("set_bf16_gemm", &flanmoe::set_bf16_gemm,
           "choose the bf16 grouped products: 'brgemm', 'blas' or 'auto'; False if brgemm is unavailable here");
+  mod.def("router_join", &flanmoe::router_join, pybind11::arg("x"), pybind11::arg("weight"),
+          pybind11::arg("bias") = pybind11::none(),
+          "(router_linear(x, weight, bias), x as a view): the view's gradient (the experts' share of x's) and the "
+          "logits' are summed in the router's backward pass, in place (CPU float32/float64)");
   mod.def("openmp_threads", []() { return at::get_num_threads(); }, "intra-op threads");
 }

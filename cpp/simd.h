@@ -35,3 +35,32 @@ ISA_INLINE vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 #else
 ISA_INLINE vf vset1(float x) { return vf{x, x, x, x}; }
 #endif
+
+// Horizontal sum / max: a tree of half-width shuffles (log2 W steps) instead of W - 1 lane extracts.
+#if ISA_W == 16
+#define ISA_FOLD(v, OP)                                                                                    \
+  v = OP(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));           \
+  v = OP(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));           \
+  v = OP(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));           \
+  v = OP(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#elif ISA_W == 8
+#define ISA_FOLD(v, OP)                                                                                    \
+  v = OP(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));                                        \
+  v = OP(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));                                        \
+  v = OP(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+#else
+#define ISA_FOLD(v, OP)                                                                                    \
+  v = OP(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));                                                    \
+  v = OP(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+#endif
+ISA_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+ISA_INLINE vf vadd(vf a, vf b) { return a + b; }
+ISA_INLINE float hsum(vf v) {
+  ISA_FOLD(v, vadd)
+  return v[0];
+}
+ISA_INLINE float hmax(vf v) {
+  ISA_FOLD(v, vmax)
+  return v[0];
+}
+#undef ISA_FOLD

@@ -80,7 +80,7 @@ def route_plan_reference(expert_idx: torch.Tensor, num_experts: int, capacity: i
 
 # %% ../nbs/01d_moe_ops.ipynb #a3592a34
 def _register_routing_parts():
-    "Fake kernels of route_plan / permute / unpermute / gather_dot (those the build has; autograd is C++)."
+    "Fake kernels of route_plan / router_linear / permute / unpermute / gather_dot (those the build has; autograd is C++)."
     if _op("route_plan") is not None:
         @torch.library.register_fake("flanmoe::route_plan")
         def _(expert_idx, num_experts, capacity=None, priority=None, valid=None):
@@ -88,6 +88,16 @@ def _register_routing_parts():
             e = expert_idx.new_empty(num_experts)
             return (e, e.clone(), expert_idx.new_empty(T * k), expert_idx.new_empty(T * k),
                     expert_idx.new_empty(T, k, dtype=torch.bool), expert_idx.new_empty(T, k))
+    if _op("router_linear") is not None:      # (routing.router_project; autograd: the router join, cpp/autograd.cpp)
+        @torch.library.register_fake("flanmoe::router_linear")
+        def _(x, weight, bias=None): return x.new_empty(x.shape[0], weight.shape[0])
+
+        @torch.library.register_fake("flanmoe::router_linear_backward")
+        def _(grad, x, weight, dx_acc, need_dx, need_dweight, need_dbias):
+            none = lambda: x.new_empty(0)         # (a gradient not asked for, or added into dx_acc; never aliased)
+            return (x.new_empty(x.shape) if need_dx and dx_acc is None else none(),
+                    weight.new_empty(weight.shape) if need_dweight else none(),
+                    x.new_empty(weight.shape[0]) if need_dbias else none())
     if _op("permute") is None: return
 
     @torch.library.register_fake("flanmoe::permute")

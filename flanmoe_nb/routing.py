@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .extension import _C
 from .checks import ConfigError, Int, Float, Bool, Choice, check_config
 
 # %% auto #0
-__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'ROUTER_FIELDS', 'router_logits', 'compute_capacity',
-           'RouterConfig', 'check_routing', 'validate_router_config', 'RoutingPlan', 'top_k_gates', 'token_choice_plan',
-           'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
+__all__ = ['ROUTERS', 'SECOND_POLICIES', 'CAPACITY_SCOPES', 'ROUTER_DTYPES', 'ROUTER_FIELDS', 'router_logits', 'router_project',
+           'compute_capacity', 'RouterConfig', 'check_routing', 'validate_router_config', 'RoutingPlan', 'top_k_gates',
+           'token_choice_plan', 'expert_choice_plan', 'balance_loss', 'z_loss', 'Router']
 
 # %% ../nbs/02_routing.ipynb #caf13fbe
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -33,6 +34,23 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if training and jitter_eps > 0:
         x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
     return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+# %% ../nbs/02_routing.ipynb #r0a1b2c4
+def _router_join_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                      jitter: bool) -> bool:
+    "True when `router_project` can run the compiled join: eager CPU `[T, d]` input with a contiguous last dim, `x`, `weight` (and `bias`) in the router's dtype (float32/float64), no jitter, extension built with it."
+    return (_C is not None and hasattr(_C, "router_join") and not jitter and x.device.type == "cpu"
+            and x.dim() == 2 and (x.shape[1] <= 1 or x.stride(1) == 1) and dtype in (torch.float32, torch.float64)
+            and x.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+            and not torch.compiler.is_compiling())
+
+def router_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float32, jitter_eps: float = 0.0, training: bool = False,
+                   use_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(router_logits(x, ...), tokens)`: the logits and `x` for the experts; on the compiled join (`use_kernels`) a view of `x` whose gradient the router's backward sums with its own, in place."
+    if use_kernels and _router_join_pays(x, weight, bias, dtype, training and jitter_eps > 0):
+        return _C.router_join(x, weight, bias)
+    return router_logits(x, weight, bias, dtype, jitter_eps, training), x
 
 # %% ../nbs/02_routing.ipynb #2a9c272e
 def compute_capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor: float | None = 1.25,
@@ -144,6 +162,7 @@ class RoutingPlan:
     z_loss: torch.Tensor            # fp32 scalar  mean logsumexp(logits)^2
     dropped_fraction: torch.Tensor  # fp32 scalar
     capacity: int | None = None     # per expert and capacity group
+    tokens: torch.Tensor | None = None  # [T,d] the input as the router passes it on (router_project); experts read it
 
     @property
     def expert_counts(self) -> torch.Tensor: return self.group_sizes
@@ -275,7 +294,7 @@ class Router(nn.Module):
         c, T = self.cfg, x.shape[0]
         Lg = group_size or T or 1
         if T % Lg: raise ValueError(f"group_size must divide the number of tokens (got group_size={Lg}, T={T})")
-        logits = router_logits(x, self.weight, self.bias, c.dtype, c.jitter_eps, self.training)
+        logits, tokens = router_project(x, self.weight, self.bias, c.dtype, c.jitter_eps, self.training, c.use_kernels)
         probs = _softmax_experts(logits.float())
         cap = c.capacity(Lg, self.training)
         if c.router == "expert_choice":
@@ -293,4 +312,4 @@ class Router(nn.Module):
         return RoutingPlan(token_idx, w.to(logits.dtype), sizes, expert_idx, gates, keep, requested, probs, logits,
                            balance_loss(probs, expert_idx[:, 0], valid, group_size),     # expert_idx[:, 0] = argmax
                            z_loss(logits, valid, probs, expert_idx[:, :1]),
-                           dropped, cap)
+                           dropped, cap, tokens)
