@@ -166,6 +166,7 @@ struct PermuteFn : torch::autograd::Function<PermuteFn> {
 };
 
 // ---- unpermute: out[t] = sum_{s: idx[s]=t} w[s] y[s];  dy = permute(g, idx, w), dw = gather_dot(g, idx, y)
+// (on CPU both at once, unpermute_backward: one read of g's gathered rows instead of two)
 struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& idx, const OptT& w,
                             int64_t num_tokens) {
@@ -178,9 +179,16 @@ struct UnpermuteFn : torch::autograd::Function<UnpermuteFn> {
     const auto s = ctx->get_saved_variables();
     const at::Tensor g = contig(grads[0]);
     const OptT w = s[2].defined() ? OptT(s[2]) : std::nullopt;
+    const bool ny = ctx->needs_input_grad(0), nw = w && ctx->needs_input_grad(2);
+    if (ny && nw && g.is_cpu() && !at::GradMode::is_enabled()) {   // both from one read of each row of g
+      static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptT&,
+                                                                const at::Tensor&, bool, bool)>("flanmoe::unpermute_backward");
+      auto [dy, dw] = op.call(g, s[1], w, s[0], true, true);
+      return {dy, at::Tensor(), dw, at::Tensor()};
+    }
     at::Tensor dy, dw;
-    if (ctx->needs_input_grad(0)) dy = permute_op(g, s[1], w);
-    if (w && ctx->needs_input_grad(2)) dw = gather_dot_op(g, s[1], s[0]);
+    if (ny) dy = permute_op(g, s[1], w);
+    if (nw) dw = gather_dot_op(g, s[1], s[0]);
     return {dy, at::Tensor(), dw, at::Tensor()};
   }
 };

@@ -32,6 +32,10 @@ TORCH_LIBRARY(flanmoe, m) {
   m.def("unpermute(Tensor y, Tensor token_idx, Tensor? weights, int num_tokens) -> Tensor");
   // out[s] = dot(x[token_idx[s]], y[s])                                    [S]
   m.def("gather_dot(Tensor x, Tensor token_idx, Tensor y) -> Tensor");
+  // unpermute's two gradients from one read of each gathered row of grad [num_tokens, d] (CPU): (dy [S, d] =
+  // weights[s] * grad[token_idx[s]], dweights [S] = <grad[token_idx[s]], y[s]>); one not asked for comes back as [0].
+  m.def("unpermute_backward(Tensor grad, Tensor token_idx, Tensor? weights, Tensor y, bool need_dy, "
+        "bool need_dweights) -> (Tensor, Tensor)");
   // An MoE router's projection x @ weight^T (+ bias): x [T, d] (contiguous last dim), weight [E, d] -> [T, E]. CPU only.
   m.def("router_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Its gradients (dx [T, d], dweight [E, d], dbias [E]) from one pass over x; one not asked for comes back as [0].

@@ -3,6 +3,8 @@
 //   unpermute:  out[t] = sum_{s: token_idx[s] = t} weights[s] * y[s]          scatter-add, made race-free
 //               and deterministic by a counting sort of rows by token (CSR), then parallel over tokens
 //   gather_dot: out[s] = <x[token_idx[s]], y[s]>                              the gradient of the weights
+//   unpermute_backward: both gradients of unpermute from one read of each gathered gradient row:
+//               dy[s] = weights[s] * grad[token_idx[s]],  dweights[s] = <grad[token_idx[s]], y[s]>
 // Accumulation is in float for bf16/fp16 and in the input type otherwise.
 #include "flanmoe.h"
 #include "cpu_cache.h"
@@ -12,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace flanmoe {
@@ -26,6 +29,22 @@ void check_index_values(const at::Tensor& idx, int64_t rows, const char* op, con
 }
 
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
+
+// <a, c> over d elements in 16 interleaved partial sums (one vector's worth per lane group: the compiler vectorises
+// it, where a single running sum is a chain of dependent adds), then summed in a fixed order: the same bits on
+// every machine.
+template <typename scalar_t, typename opmath_t>
+opmath_t dot_row(const scalar_t* a, const scalar_t* c, int64_t d) {
+  constexpr int L = 16;
+  opmath_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= d; i += L)
+    for (int j = 0; j < L; ++j) part[j] += static_cast<opmath_t>(a[i + j]) * static_cast<opmath_t>(c[i + j]);
+  for (int j = 0; i < d; ++i, ++j) part[j] += static_cast<opmath_t>(a[i]) * static_cast<opmath_t>(c[i]);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return part[0];
+}
 
 }  // namespace
 
@@ -118,21 +137,65 @@ at::Tensor gather_dot_cpu(const at::Tensor& x, const at::Tensor& token_idx, cons
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, S, row_grain(d), [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e; ++s) {
-        const scalar_t* a = xp + idx[s] * d;
-        const scalar_t* c = yp + s * d;
-        opmath_t acc = 0;
-        for (int64_t i = 0; i < d; ++i) acc += static_cast<opmath_t>(a[i]) * static_cast<opmath_t>(c[i]);
-        op_[s] = static_cast<scalar_t>(acc);
+        op_[s] = static_cast<scalar_t>(dot_row<scalar_t, opmath_t>(xp + idx[s] * d, yp + s * d, d));
       }
     });
   });
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad, const at::Tensor& token_idx,
+                                                          const std::optional<at::Tensor>& weights, const at::Tensor& y,
+                                                          bool need_dy, bool need_dweights) {
+  const char* op = "flanmoe::unpermute_backward";
+  check_rank(grad, 2, op, "grad");
+  check_rank(y, 2, op, "y");
+  check_float_dtype(grad, op, "grad");
+  FLANMOE_CHECK(y.scalar_type() == grad.scalar_type(), op, ": y must have the dtype of grad (grad is ",
+                grad.scalar_type(), ", y is ", y.scalar_type(), ")");
+  check_same_device(y, grad, op, "y", "grad");
+  check_contiguous(grad, op, "grad");
+  check_contiguous(y, op, "y");
+  check_index(token_idx, grad, op, "token_idx");
+  const int64_t S = token_idx.size(0), T = grad.size(0), d = grad.size(1);
+  FLANMOE_CHECK(y.size(0) == S && y.size(1) == d, op, ": y must have shape [", S, ", ", d,
+                "] (rows of token_idx, columns of grad) but has shape ", shape_str(y));
+  check_index_values(token_idx, T, op, "token_idx", "rows of grad");
+  if (weights.has_value()) check_weights(weights, S, y, op, "y");
+  FLANMOE_CHECK(!need_dweights || weights.has_value(), op, ": need_dweights needs weights (got weights=None)");
+  at::Tensor dy = need_dy ? make_output(op, "dy [entries of token_idx, columns of grad]", {S, d}, y.scalar_type(),
+                                        [&] { return empty_large({S, d}, y.options()); })
+                          : at::empty({0}, y.options());
+  at::Tensor dw = need_dweights ? at::empty({S}, y.options()) : at::empty({0}, y.options());
+  if (S == 0 || (!need_dy && !need_dweights)) return {dy, dw};
+  const int64_t* idx = token_idx.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "flanmoe_unpermute_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* wp = weights.has_value() ? weights->data_ptr<scalar_t>() : nullptr;
+    scalar_t* dyp = need_dy ? dy.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dwp = need_dweights ? dw.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, S, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        const scalar_t* row = gp + idx[s] * d;
+        if (dwp) dwp[s] = static_cast<scalar_t>(dot_row<scalar_t, opmath_t>(row, yp + s * d, d));
+        if (!dyp) continue;
+        scalar_t* dst = dyp + s * d;
+        if (!wp) { std::memcpy(dst, row, sizeof(scalar_t) * d); continue; }
+        const opmath_t w = static_cast<opmath_t>(wp[s]);
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(static_cast<opmath_t>(row[i]) * w);
+      }
+    });
+  });
+  return {dy, dw};
+}
+
 TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("gather_dot", &gather_dot_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
 }
 
 }  // namespace flanmoe

@@ -109,9 +109,17 @@ def _register_routing_parts():
     @torch.library.register_fake("flanmoe::gather_dot")
     def _(x, token_idx, y): return x.new_empty(token_idx.shape[0])
 
+    if _op("unpermute_backward") is not None:
+        @torch.library.register_fake("flanmoe::unpermute_backward")
+        def _(grad, token_idx, weights, y, need_dy, need_dweights):
+            S = token_idx.shape[0]
+            return (y.new_empty(S, y.shape[1]) if need_dy else y.new_empty(0),
+                    y.new_empty(S) if need_dweights else y.new_empty(0))
+
     # autograd (C++, cpp/autograd.cpp), each backward expressed with the same three ops:
     #   permute    out[s] = x[idx[s]] * w[s]       dx = unpermute(g, idx, w)      dw = gather_dot(x, idx, g)
     #   unpermute  out[t] = sum_s w[s] y[s]        dy = permute(g, idx, w)        dw = gather_dot(g, idx, y)
+    #                                              (on CPU both at once: unpermute_backward, one read of g's rows)
     #   gather_dot out[s] = <x[idx[s]], y[s]>      dx = unpermute(y, idx, g)      dy = permute(x, idx, g)
 
 _register_routing_parts()

@@ -87,6 +87,40 @@ def test_permute_unpermute_equal_reference(T, S, d, seed, dtype, weighted):
     torch.testing.assert_close(ops.gather_dot(x, idx, y), ref, **_tol(dtype))
 
 
+@HYP
+@given(T=st.integers(0, 40), S=st.integers(0, 120), d=st.integers(1, 70), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_unpermute_backward_is_permute_and_gather_dot_in_one_pass(T, S, d, seed, dtype):
+    "Both gradients of unpermute at once equal the two ops; unpermute's autograd uses it and agrees with the reference."
+    g = torch.Generator().manual_seed(seed)
+    if T == 0: S = 0
+    idx = torch.randint(0, max(T, 1), (S,), generator=g)
+    grad = torch.randn(T, d, generator=g).to(dtype)
+    y = torch.randn(S, d, generator=g).to(dtype)
+    w = torch.rand(S, generator=g).to(dtype)
+    dy, dw = ops.unpermute_backward(grad, idx, w, y, True, True)
+    torch.testing.assert_close(dy, ops.permute(grad, idx, w), **_tol(dtype))
+    torch.testing.assert_close(dw, ops.gather_dot(grad, idx, y), **_tol(dtype))
+    dy_only, none = ops.unpermute_backward(grad, idx, None, y, True, False)
+    assert torch.equal(dy_only, grad[idx]) and none.numel() == 0
+    yl, wl = y.clone().requires_grad_(), w.clone().requires_grad_()
+    got = torch.autograd.grad(K.unpermute(yl, idx, wl, T), (yl, wl), grad)
+    want = torch.autograd.grad(K.unpermute_reference(yl, idx, wl, T), (yl, wl), grad)
+    for a, b in zip(got, want): torch.testing.assert_close(a, b, **_tol(dtype))
+
+
+def test_unpermute_backward_bad_input_names_the_argument():
+    grad, y, idx = torch.randn(4, 3), torch.randn(2, 3), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="y must have shape \\[2, 3\\]"):
+        ops.unpermute_backward(grad, idx, None, y[:, :2].contiguous(), True, False)
+    with pytest.raises(ValueError, match="token_idx must be in \\[0, rows of grad=4\\)"):
+        ops.unpermute_backward(grad, torch.tensor([0, 4]), None, y, True, False)
+    with pytest.raises(ValueError, match="need_dweights needs weights"):
+        ops.unpermute_backward(grad, idx, None, y, True, True)
+    with pytest.raises(ValueError, match="y must have the dtype of grad"):
+        ops.unpermute_backward(grad, idx, None, y.double(), True, False)
+
+
 def test_permute_backward_matches_reference():
     torch.manual_seed(0)
     x, w = torch.randn(10, 6, requires_grad=True), torch.rand(25, requires_grad=True)
@@ -471,10 +505,12 @@ def _opcheck_cases():
         # CPU-only (test_cuda_opcheck takes the first 8)
         ("relu_grouped_mm", (torch.randn(S, 5, requires_grad=True), torch.randn(3, 5, 4, requires_grad=True), p.group_sizes)),
         ("relu_grouped_mm_backward", (torch.randn(S, 4), torch.randn(S, 5), b, p.group_sizes, True, True)),
+        ("unpermute_backward", (torch.randn(T, 5), p.token_idx, w.detach(), y.detach(), True, True)),
+        ("unpermute_backward", (torch.randn(T, 5), p.token_idx, None, y.detach(), True, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(ops, name).default, args)
