@@ -219,11 +219,41 @@ def choose_expert_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.T
 # %% ../nbs/01b_gemm.ipynb #43a9da9e
 _ONE_GROUP: dict[int, torch.Tensor] = {}
 
-def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor) -> bool:
-    "True when `dense_mm` should use the compiled kernels (CPU fp32 with the AVX-512 ones active, no CPU autocast)."
-    return (_C is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
+_DENSE_CHOSEN: dict = {}   # (shape class, env switches) -> the kernels (True) or torch.matmul: one dict read per call
+
+def _dense_candidates(M: int, K: int, N: int, trans_w: bool, relu: bool, grad: bool) -> dict:
+    "The compiled product and `torch.matmul` as `dense_mm` (`dense_relu_mm` with `relu`) run them, forward and with `grad` backward, on random operands of the class's shape."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).requires_grad_(grad)
+    w = torch.randn(*((N, K) if trans_w else (K, N)), generator=g).requires_grad_(grad)
+    gs, dy = torch.tensor([M]), torch.randn(M, N, generator=g)
+    def timed(product):
+        def run():
+            with torch.enable_grad() if grad else torch.no_grad():
+                y = product()
+                if grad: torch.autograd.grad(y, (x, w), dy)
+        return run
+    if relu: op, blas = (lambda: torch.ops.flanmoe.relu_grouped_mm(x, w[None], gs)), (lambda: F.relu(x) @ w)
+    else: op, blas = (lambda: torch.ops.flanmoe.grouped_mm(x, w[None], gs, trans_w)), (lambda: x @ (w.t() if trans_w else w))
+    return dict(op=timed(op), blas=timed(blas))
+
+def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False, relu: bool = False) -> bool:
+    "True when `dense_mm` (`dense_relu_mm` with `relu`) should use the compiled kernels: CPU fp32 with the AVX-512 ones active, no CPU autocast, and faster than `torch.matmul` for this shape class as measured on this machine (the kernels under `torch.compile` and `FLANMOE_DETERMINISTIC=1`)."
+    if not (_C is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
             and _CPU_GEMM["active"] == "avx512"    # a dict read, not a call into _C: no graph break under compile
-            and not torch.is_autocast_enabled("cpu"))   # autocast casts matmul to bf16; it would not cast our op
+            and not torch.is_autocast_enabled("cpu")):   # autocast casts matmul to bf16; it would not cast our op
+        return False
+    if torch.compiler.is_compiling(): return True
+    K = x.shape[-1]
+    M, N = x.numel() // max(K, 1), w.shape[0] if trans_w else w.shape[1]
+    grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    cls = f"avx512-m{pow2_ceil(M)}-k{K}-n{N}-{'nt' if trans_w else 'nn'}{'-relu' if relu else ''}-{'train' if grad else 'infer'}"
+    key = (cls, os.environ.get("FLANMOE_DETERMINISTIC"), os.environ.get("FLANMOE_PATH_DENSE_GEMM"))
+    hit = _DENSE_CHOSEN.get(key)
+    if hit is None:                                # (timed on at most 16,384 rows: more behave alike)
+        cands = _dense_candidates(min(pow2_ceil(M), 16384), K, N, trans_w, relu, grad)
+        hit = _DENSE_CHOSEN[key] = choose_path("dense_gemm", cls, cands, default="op") == "op"
+    return hit
 
 def _one_group(M: int) -> torch.Tensor:
     "`tensor([M])`, cached per row count (one tiny tensor each, bounded)."
@@ -242,16 +272,16 @@ def _as_one_group(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # %% ../nbs/01b_gemm.ipynb #81c60951
 def dense_mm(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
-    "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they are faster."
-    if not _dense_kernels_pay(x, w): return x @ (w.t() if trans_w else w)
+    "`x @ w` (`x @ w.T` with `trans_w`, i.e. `F.linear(x, w)`) for `x [..., K]`; on the compiled kernels where they measured faster."
+    if not _dense_kernels_pay(x, w, trans_w): return x @ (w.t() if trans_w else w)
     x2, gs = _as_one_group(x)
     out = torch.ops.flanmoe.grouped_mm(x2, w.contiguous()[None], gs, trans_w)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 # %% ../nbs/01b_gemm.ipynb #6ca16af1
 def dense_relu_kernel_pays(h: torch.Tensor, w: torch.Tensor) -> bool:
-    "True when `dense_relu_mm` runs as one compiled op (where `dense_mm` runs on the compiled kernels and the build has `relu_grouped_mm`)."
-    return _dense_kernels_pay(h, w) and _op("relu_grouped_mm") is not None
+    "True when `dense_relu_mm` runs as one compiled op (the build has `relu_grouped_mm`, and `_dense_kernels_pay` takes the kernels for the fused product's shape class)."
+    return _op("relu_grouped_mm") is not None and _dense_kernels_pay(h, w, relu=True)
 
 # %% ../nbs/01b_gemm.ipynb #638a3edf
 def dense_relu_mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

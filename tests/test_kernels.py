@@ -874,6 +874,57 @@ def test_dense_mm_keeps_autocast_and_compiles():
     torch.testing.assert_close(fn(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def dense_choice(tmp_path, monkeypatch):
+    "A fresh, measured dense_mm choice: its own cache file, no forced or deterministic mode, nothing chosen yet."
+    monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
+    for v in ("FLANMOE_DETERMINISTIC", "FLANMOE_PATH_DENSE_GEMM"): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(G, "_DENSE_CHOSEN", {})
+    return tmp_path / "choice.json"
+
+
+@pytest.mark.skipif(not K.extension_available() or G._CPU_GEMM["active"] != "avx512",
+                    reason="dense_mm has a choice only where the AVX-512 kernels run")
+def test_dense_mm_path_is_measured_and_never_slow(dense_choice, monkeypatch):
+    import time
+    slow, fast = (lambda: time.sleep(0.003)), (lambda: None)
+    x, w = torch.ones(300, 24, requires_grad=True), torch.ones(40, 24, requires_grad=True)
+    for op_fn, blas_fn, want in ((slow, fast, False), (fast, slow, True)):
+        monkeypatch.setattr(G, "_DENSE_CHOSEN", {}); dense_choice.unlink(missing_ok=True)
+        monkeypatch.setattr(G, "_dense_candidates", lambda *a, o=op_fn, b=blas_fn: dict(op=o, blas=b))
+        assert G._dense_kernels_pay(x, w, True) is want
+        [(name, rec)] = [(n, r) for n, r in K.kernel_choices().items() if n == "dense_gemm/avx512-m512-k24-n40-nt-train"]
+        assert rec["source"] == "measured" and rec["choice"] == ("op" if want else "blas"), rec
+    monkeypatch.setattr(G, "_dense_candidates", lambda *a: pytest.fail("timed again"))
+    assert G._dense_kernels_pay(x[:270], w, True) is True                    # same class (rows 257-512): no new timing
+    monkeypatch.setattr(G, "_dense_candidates", lambda *a: dict(op=slow, blas=slow))
+    monkeypatch.setenv("FLANMOE_PATH_DENSE_GEMM", "blas")
+    assert G._dense_kernels_pay(x, w, True) is False                          # forced
+    y = K.dense_mm(x, w, True)
+    assert y.grad_fn is not None and "GroupedMm" not in type(y.grad_fn).__name__   # torch.matmul's graph
+    monkeypatch.setenv("FLANMOE_PATH_DENSE_GEMM", "mkl")
+    with pytest.raises(ValueError, match="FLANMOE_PATH_DENSE_GEMM='mkl'"): G._dense_kernels_pay(x, w, True)
+    monkeypatch.delenv("FLANMOE_PATH_DENSE_GEMM")
+    with torch.autocast("cpu", dtype=torch.bfloat16):                          # not a candidate: never timed
+        assert G._dense_kernels_pay(x, w, True) is False
+    assert G._dense_kernels_pay(x.double(), w.double(), True) is False
+
+
+@pytest.mark.skipif(not K.extension_available() or G._CPU_GEMM["active"] != "avx512",
+                    reason="dense_mm has a choice only where the AVX-512 kernels run")
+def test_dense_mm_candidates_time_the_real_paths(dense_choice):
+    "The candidates run the op and torch.matmul, with and without relu and gradients (the timing is the machine's)."
+    for trans_w, relu, grad in ((True, False, True), (False, False, False), (False, True, True)):
+        for fn in G._dense_candidates(33, 16, 24, trans_w, relu, grad).values(): fn()
+    x, w = torch.randn(70, 16), torch.randn(16, 24)
+    with torch.no_grad(): G._dense_kernels_pay(x, w)
+    assert "dense_gemm/avx512-m128-k16-n24-nn-infer" in K.kernel_choices()
+    h = torch.randn(70, 16, requires_grad=True)
+    y = K.dense_relu_mm(h, w.requires_grad_())
+    torch.testing.assert_close(y, h.relu() @ w)
+    assert "dense_gemm/avx512-m128-k16-n24-nn-relu-train" in K.kernel_choices()
+
+
 # ---------------------------------------------------------------- bf16 grouped GEMMs on oneDNN's brgemm ukernel
 _BRGEMM = K.extension_available() and X._C.bf16_brgemm_available()
 
