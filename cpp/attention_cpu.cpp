@@ -138,7 +138,7 @@ void fwd_loops(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at
 
 template <typename T>
 void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const T* probs, const T* mult, T* dq, T* dk, T* dv, T* dscores) {
+               const T* probs, const T* mult, T* dq, T* dk, T* dv, int64_t ld_out, T* dscores) {
   const auto Q = view4<T>(q), K = view4<T>(k), V = view4<T>(v);
   const int64_t HD = d.H * d.D;
   at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t begin, int64_t end) {
@@ -163,7 +163,7 @@ void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tens
         for (int64_t x = 0; x < d.D; ++x) {
           T acc = 0;
           for (int64_t j = 0; j < d.Lk; ++j) acc += ds[i * d.Lk + j] * K.row(b, j, h)[x];
-          dq[(b * d.Lq + i) * HD + h * d.D + x] = acc;
+          dq[(b * d.Lq + i) * ld_out + h * d.D + x] = acc;
         }
       for (int64_t j = 0; j < d.Lk; ++j)
         for (int64_t x = 0; x < d.D; ++x) {
@@ -172,8 +172,8 @@ void bwd_loops(const Dims& d, const T* dout, const at::Tensor& q, const at::Tens
             ak += ds[i * d.Lk + j] * Q.row(b, i, h)[x];
             av += P[i * d.Lk + j] * (mult ? mult[(bh * d.Lq + i) * d.Lk + j] : T(1)) * dout[(b * d.Lq + i) * HD + h * d.D + x];
           }
-          dk[(b * d.Lk + j) * HD + h * d.D + x] = ak;
-          dv[(b * d.Lk + j) * HD + h * d.D + x] = av;
+          dk[(b * d.Lk + j) * ld_out + h * d.D + x] = ak;
+          dv[(b * d.Lk + j) * ld_out + h * d.D + x] = av;
         }
     }
   });
@@ -222,12 +222,54 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   return {out, probs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
-    bool bias_grad, bool bias_batched, const std::optional<at::Tensor>& dropout_mult) {
-  const char* op = "flanmoe::attention_backward";
-  const Dims d = check_attention_args(q, k, v, std::nullopt, op);
-  check_dropout_mult(dropout_mult, d, q, op);
+namespace {
+
+// The gradients into dq, dk, dv ([B, L, H, D] views whose rows are ld_out apart: H*D, or 3*H*D in a packed dqkv)
+// and the bias gradient (allocated here); the arguments checked by the caller.
+at::Tensor backward_into(const Dims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& probs, bool bias_grad, bool bias_batched,
+                         const std::optional<at::Tensor>& dropout_mult, at::Tensor& dq, at::Tensor& dk,
+                         at::Tensor& dv, int64_t ld_out, const char* op) {
+  const auto go = contiguous_arg(dout, op, "dout"), p = contiguous_arg(probs, op, "probs");
+  const std::vector<int64_t> pshape{d.B, d.H, d.Lq, d.Lk};
+  // the bias gradient per batch row ([B, H, Lq, Lk]) or summed over the batch ([1, H, Lq, Lk]: a bias shared by it)
+  const bool batched = bias_batched || d.B <= 1;
+  const std::vector<int64_t> dbshape = batched ? pshape : std::vector<int64_t>{1, d.H, d.Lq, d.Lk};
+  auto dbias = bias_grad ? make_output(op, "dbias (the shape of probs)", dbshape, q.scalar_type(),
+                                       [&] { return at::empty(dbshape, q.options()); })
+                         : at::empty({0}, q.options());
+  if (d.B * d.H == 0) return dbias;
+  if (d.Lq == 0 || d.Lk == 0 || d.D == 0) {   // an empty contraction: every gradient is 0
+    dq.zero_(); dk.zero_(); dv.zero_(); dbias.zero_();
+    return dbias;
+  }
+  if (q.scalar_type() == at::kDouble) {
+    auto full = bias_grad && !batched ? make_output(op, "dbias per batch row (the shape of probs)", pshape,
+                                                    q.scalar_type(), [&] { return at::empty(pshape, q.options()); })
+                                      : dbias;
+    bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(),
+                      dropout_mult ? dropout_mult->data_ptr<double>() : nullptr, dq.data_ptr<double>(),
+                      dk.data_ptr<double>(), dv.data_ptr<double>(), ld_out, bias_grad ? full.data_ptr<double>() : nullptr);
+    if (bias_grad && !batched) dbias.copy_(full.sum(0, true));
+    return dbias;
+  }
+  AttnArgs a = f32_args(d, q, k, v);
+  a.probs = const_cast<float*>(p.data_ptr<float>());
+  a.dout = go.data_ptr<float>();
+  a.dq = dq.data_ptr<float>(); a.dk = dk.data_ptr<float>(); a.dv = dv.data_ptr<float>();
+  a.dq_l = a.dk_l = a.dv_l = ld_out;
+  a.dscores = bias_grad ? dbias.data_ptr<float>() : nullptr;
+  a.dscores_batched = batched;
+  if (dropout_mult.has_value()) a.dropout_mult = dropout_mult->data_ptr<float>();
+  const SmallGemmIsa isa = small_gemm_active();
+  const int64_t n = bias_grad && !batched ? d.H : d.B * d.H;   // summed over the batch: tasks are heads h
+  at::parallel_for(0, n, bias_grad && !batched ? 1 : head_grain(d),
+                   [&](int64_t b, int64_t e) { attention_bwd_f32(isa, a, b, e); });
+  return dbias;
+}
+
+void check_backward_args(const Dims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& probs,
+                         const char* op) {
   FLANMOE_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), op,
                 ": dout must have the shape and dtype of q (q is ", shape_str(q), " ", q.scalar_type(), ", dout is ",
                 shape_str(dout), " ", dout.scalar_type(), ")");
@@ -238,51 +280,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                 probs.scalar_type(), ")");
   check_same_device(dout, q, op, "dout", "q");
   check_same_device(probs, q, op, "probs", "q");
-  const auto go = contiguous_arg(dout, op, "dout"), p = contiguous_arg(probs, op, "probs");
+}
+
+// qkv [B, L, 3, H, D] (contiguous along D): its q, k, v views.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv, const char* op) {
+  check_rank(qkv, 5, op, "qkv");
+  FLANMOE_CHECK(qkv.size(2) == 3, op, ": qkv must be [B, L, 3, H, D] (q, k, v along dim 2; got shape ",
+                shape_str(qkv), ")");
+  return {qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& probs,
+    bool bias_grad, bool bias_batched, const std::optional<at::Tensor>& dropout_mult) {
+  const char* op = "flanmoe::attention_backward";
+  const Dims d = check_attention_args(q, k, v, std::nullopt, op);
+  check_dropout_mult(dropout_mult, d, q, op);
+  check_backward_args(d, dout, q, probs, op);
   auto grad_like = [&](const at::Tensor& t, const char* what) {
     return make_output(op, what, t.sizes(), t.scalar_type(),
                        [&] { return at::empty_like(t, at::MemoryFormat::Contiguous); });
   };
   auto dq = grad_like(q, "dq (the shape of q)"), dk = grad_like(k, "dk (the shape of k)"),
        dv = grad_like(v, "dv (the shape of v)");
-  // the bias gradient per batch row ([B, H, Lq, Lk]) or summed over the batch ([1, H, Lq, Lk]: a bias shared by it)
-  const bool batched = bias_batched || d.B <= 1;
-  const std::vector<int64_t> dbshape = batched ? pshape : std::vector<int64_t>{1, d.H, d.Lq, d.Lk};
-  auto dbias = bias_grad ? make_output(op, "dbias (the shape of probs)", dbshape, q.scalar_type(),
-                                       [&] { return at::empty(dbshape, q.options()); })
-                         : at::empty({0}, q.options());
-  if (d.B * d.H == 0) return {dq, dk, dv, dbias};
-  if (d.Lq == 0 || d.Lk == 0 || d.D == 0) {   // an empty contraction: every gradient is 0
-    dq.zero_(); dk.zero_(); dv.zero_(); dbias.zero_();
-    return {dq, dk, dv, dbias};
-  }
-  if (q.scalar_type() == at::kDouble) {
-    auto full = bias_grad && !batched ? make_output(op, "dbias per batch row (the shape of probs)", pshape,
-                                                    q.scalar_type(), [&] { return at::empty(pshape, q.options()); })
-                                      : dbias;
-    bwd_loops<double>(d, go.data_ptr<double>(), q, k, v, p.data_ptr<double>(),
-                      dropout_mult ? dropout_mult->data_ptr<double>() : nullptr, dq.data_ptr<double>(),
-                      dk.data_ptr<double>(), dv.data_ptr<double>(), bias_grad ? full.data_ptr<double>() : nullptr);
-    if (bias_grad && !batched) dbias.copy_(full.sum(0, true));
-    return {dq, dk, dv, dbias};
-  }
-  AttnArgs a = f32_args(d, q, k, v);
-  a.probs = const_cast<float*>(p.data_ptr<float>());
-  a.dout = go.data_ptr<float>();
-  a.dq = dq.data_ptr<float>(); a.dk = dk.data_ptr<float>(); a.dv = dv.data_ptr<float>();
-  a.dscores = bias_grad ? dbias.data_ptr<float>() : nullptr;
-  a.dscores_batched = batched;
-  if (dropout_mult.has_value()) a.dropout_mult = dropout_mult->data_ptr<float>();
-  const SmallGemmIsa isa = small_gemm_active();
-  const int64_t n = bias_grad && !batched ? d.H : d.B * d.H;   // summed over the batch: tasks are heads h
-  at::parallel_for(0, n, bias_grad && !batched ? 1 : head_grain(d),
-                   [&](int64_t b, int64_t e) { attention_bwd_f32(isa, a, b, e); });
+  auto dbias = backward_into(d, dout, q, k, v, probs, bias_grad, bias_batched, dropout_mult, dq, dk, dv, d.H * d.D, op);
   return {dq, dk, dv, dbias};
+}
+
+// Self attention on a packed projection qkv [B, L, 3, H, D]: the op above on its q, k, v views, and a backward
+// that writes dq, dk, dv into one packed dqkv (no stack of three gradients, as unbind's backward would do).
+std::tuple<at::Tensor, at::Tensor> attention_qkv_cpu(const at::Tensor& qkv, const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& key_mask,
+                                                     const std::optional<at::Tensor>& dropout_mult) {
+  auto [q, k, v] = unpack_qkv(qkv, "flanmoe::attention_qkv");
+  return attention_cpu(q, k, v, bias, key_mask, dropout_mult);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_qkv_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv,
+                                                              const at::Tensor& probs, bool bias_grad,
+                                                              bool bias_batched,
+                                                              const std::optional<at::Tensor>& dropout_mult) {
+  const char* op = "flanmoe::attention_qkv_backward";
+  auto [q, k, v] = unpack_qkv(qkv, op);
+  const Dims d = check_attention_args(q, k, v, std::nullopt, op);
+  check_dropout_mult(dropout_mult, d, q, op);
+  check_backward_args(d, dout, q, probs, op);
+  auto dqkv = make_output(op, "dqkv (the shape of qkv)", qkv.sizes(), qkv.scalar_type(),
+                          [&] { return at::empty(qkv.sizes(), qkv.options()); });
+  at::Tensor dq = dqkv.select(2, 0), dk = dqkv.select(2, 1), dv = dqkv.select(2, 2);
+  auto dbias = backward_into(d, dout, q, k, v, probs, bias_grad, bias_batched, dropout_mult, dq, dk, dv,
+                             3 * d.H * d.D, op);
+  return {dqkv, dbias};
 }
 
 TORCH_LIBRARY_IMPL(flanmoe, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention_qkv", &attention_qkv_cpu);
+  m.impl("attention_qkv_backward", &attention_qkv_backward_cpu);
 }
 
 }  // namespace flanmoe

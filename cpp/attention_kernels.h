@@ -22,7 +22,8 @@ struct AttnArgs {
   const float* dropout_mult;         // nullable; [B, H, Lq, Lk] contiguous: keep / (1 - p), multiplies the probabilities
   float* out;                        // forward: [B, Lq, H, D]
   const float* dout;                 // backward: [B, Lq, H, D] contiguous
-  float *dq, *dk, *dv;               // backward: [B, Lq|Lk, H, D] contiguous
+  float *dq, *dk, *dv;               // backward: [B, Lq|Lk, H, D], (b, l, h, d) at p[(b*L + l)*d?_l + h*D + d]:
+  int64_t dq_l, dk_l, dv_l;          // rows d?_l apart (H*D contiguous; 3*H*D in a packed [B, L, 3, H, D] dqkv)
   float* dscores;                    // backward, nullable: the gradient of the bias, [B, H, Lq, Lk], or with
   bool dscores_batched;              // dscores_batched false summed over the batch: [1, H, Lq, Lk]
 };

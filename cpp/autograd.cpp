@@ -292,6 +292,41 @@ struct RouterJoinFn : torch::autograd::Function<RouterJoinFn> {
   }
 };
 
+// ---- attention_qkv: attention on the q, k, v views of one packed qkv [B, L, 3, H, D]; the backward returns the
+// packed dqkv (written in place by the kernel: no stack of dq, dk, dv); otherwise as attention above
+struct AttentionQkvFn : torch::autograd::Function<AttentionQkvFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const OptT& bias, const OptT& key_mask,
+                               const OptT& dropout_mult) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptT&, const OptT&,
+                                                              const OptT&)>("flanmoe::attention_qkv");
+    auto [out, probs] = op.call(qkv, bias, key_mask, dropout_mult);
+    const bool has_bias = bias.has_value() && bias->defined();
+    const bool has_mult = dropout_mult.has_value() && dropout_mult->defined();
+    ctx->save_for_backward({qkv, probs, has_mult ? *dropout_mult : at::Tensor()});
+    ctx->saved_data["has_bias"] = has_bias;
+    if (has_bias) {
+      ctx->saved_data["bias_shape"] = bias->sizes().vec();
+      ctx->saved_data["bias_batched"] = bias->size(0) != 1;
+    }
+    ctx->mark_non_differentiable({probs});
+    ctx->set_materialize_grads(false);
+    return {out, probs};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const bool bias_grad = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
+    const bool batched = bias_grad && ctx->saved_data["bias_batched"].toBool();
+    const OptT mult = s[2].defined() ? OptT(s[2]) : std::nullopt;
+    static auto op = op_of<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              bool, bool, const OptT&)>("flanmoe::attention_qkv_backward");
+    auto [dqkv, db] = op.call(contig(grads[0]), s[0], s[1], bias_grad, batched, mult);
+    if (bias_grad) db = db.sum_to_size(ctx->saved_data["bias_shape"].toIntVector());
+    return {ctx->needs_input_grad(0) ? dqkv : at::Tensor(), bias_grad ? db : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // ---- rms_norm: (y, rstd); rstd is kept for the backward only
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -372,6 +407,11 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_ad(const at::Tensor& x, const a
 at::Tensor router_linear_ad(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
   return RouterJoinFn::apply(x, w, b)[0];
 }
+std::tuple<at::Tensor, at::Tensor> attention_qkv_ad(const at::Tensor& qkv, const OptT& bias, const OptT& key_mask,
+                                                    const OptT& dropout_mult) {
+  auto r = AttentionQkvFn::apply(qkv, bias, key_mask, dropout_mult);
+  return {r[0], r[1]};
+}
 std::tuple<at::Tensor, at::Tensor> rms_norm_ad(const at::Tensor& x, const at::Tensor& w, double eps) {
   auto r = RmsNormFn::apply(x, w, eps);
   return {r[0], r[1]};
@@ -387,6 +427,7 @@ TORCH_LIBRARY_IMPL(flanmoe, Autograd, m) {
   m.impl("unpermute", &unpermute_ad);
   m.impl("gather_dot", &gather_dot_ad);
   m.impl("attention", &attention_ad);
+  m.impl("attention_qkv", &attention_qkv_ad);
   m.impl("rms_norm", &rms_norm_ad);
   m.impl("cross_entropy", &cross_entropy_ad);
   m.impl("dropout", &dropout_ad);

@@ -52,6 +52,12 @@ TORCH_LIBRARY(flanmoe, m) {
   // [1, H, Lq, Lk], or [0] without bias_grad).
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor probs, bool bias_grad, "
         "bool bias_batched=True, Tensor? dropout_mult=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Self attention on a packed projection qkv [B, L, 3, H, D] (q, k, v along dim 2): as attention on its views, with a
+  // backward that returns the packed dqkv [B, L, 3, H, D] (no stack of three gradients). CPU only.
+  m.def("attention_qkv(Tensor qkv, Tensor? bias=None, Tensor? key_mask=None, Tensor? dropout_mult=None) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_qkv_backward(Tensor dout, Tensor qkv, Tensor probs, bool bias_grad, bool bias_batched=True, "
+        "Tensor? dropout_mult=None) -> (Tensor, Tensor)");
   // x * keep / (1 - p), keep drawn from a counter-based hash of (seed, index): the same seed, the same mask. CPU only.
   m.def("dropout(Tensor x, float p, int seed) -> Tensor");
   // T5 layer norm over the last dim: (x * rstd * weight, rstd [x.shape[:-1]]), rstd = 1/sqrt(mean(x^2) + eps). CPU only.

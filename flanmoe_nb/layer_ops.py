@@ -17,8 +17,8 @@ from .gemm import _CPU_GEMM
 
 # %% auto #0
 __all__ = ['dropout_reference', 'dropout', 'attention_reference', 'attention_kernel_pays', 'attention_kernel_faster', 'attention',
-           'attention_op_faster', 'rms_norm_reference', 'norm_kernel_pays', 'rms_norm', 'cross_entropy_reference',
-           'cross_entropy']
+           'attention_qkv', 'attention_op_faster', 'rms_norm_reference', 'norm_kernel_pays', 'rms_norm',
+           'cross_entropy_reference', 'cross_entropy']
 
 # %% ../nbs/01c_layer_ops.ipynb #7edc8ba4
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0xD6E8FEB86659FD93)
@@ -91,9 +91,20 @@ def _register_attention_parts():
         db = q.new_empty((B if bias_batched else 1, H, Lq, Lk) if bias_grad else (0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
+    if _op("attention_qkv") is not None:
+        @torch.library.register_fake("flanmoe::attention_qkv")
+        def _(qkv, bias=None, key_mask=None, dropout_mult=None):
+            B, L, _, H, D = qkv.shape
+            return qkv.new_empty(B, L, H, D), qkv.new_empty(B, H, L, L)
+
+        @torch.library.register_fake("flanmoe::attention_qkv_backward")
+        def _(dout, qkv, probs, bias_grad, bias_batched=True, dropout_mult=None):
+            B, H, Lq, Lk = probs.shape
+            return qkv.new_empty(qkv.shape), qkv.new_empty((B if bias_batched else 1, H, Lq, Lk) if bias_grad else (0,))
+
     # autograd (C++): dq, dk, dv, dbias from attention_backward, the bias gradient summed to the bias's shape (over
     # the batch inside the kernel for a bias shared by it); the probabilities are an output for the backward only
-    # (not differentiable); the key mask gets no gradient
+    # (not differentiable); the key mask gets no gradient. attention_qkv: the same with one packed dqkv
 
 _register_attention_parts()
 
@@ -110,38 +121,62 @@ def attention_kernel_faster(d_head: int) -> bool:
     return isa == "avx512" or (isa == "avx2" and d_head <= 32)
 
 # %% ../nbs/01c_layer_ops.ipynb #d7a7e1b9
+def _attention_masks(op: str, B: int, Lk: int, dtype: torch.dtype, bias, key_mask, dropout: float):
+    "`bias` as 4-D and `key_mask` in `dtype`, checked against batch `B` and key length `Lk` (messages name `op`)."
+    if not 0.0 <= dropout < 1.0: raise ValueError(f"{op}: dropout must be in [0, 1) (got dropout={dropout})")
+    if bias is not None:
+        if bias.dim() > 4: raise ValueError(f"{op}: bias must broadcast to [B, H, Lq, Lk] (got shape {tuple(bias.shape)})")
+        bias = bias.to(dtype)
+        if bias.dim() < 4: bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    if key_mask is not None:
+        if key_mask.dim() != 2 or key_mask.shape[1] != Lk or key_mask.shape[0] not in (1, B):
+            raise ValueError(f"{op}: key_mask must be an additive [B, Lk] = [{B}, {Lk}] mask "
+                             f"(got shape {tuple(key_mask.shape)})")
+        if key_mask.requires_grad:
+            raise ValueError(f"{op}: key_mask must not require a gradient (it is a padding mask; add a learned "
+                             "term to bias instead)")
+        key_mask = key_mask.to(dtype)
+    return bias, key_mask
+
+def _kernel_extras(B: int, H: int, Lq: int, Lk: int, dtype: torch.dtype, bias, key_mask, dropout: float):
+    "`(bias, key_mask, dropout_mult)` as the compiled op takes them: contiguous rows, the bias expanded to `Lk` columns, keep / (1 - p) over `[B, H, Lq, Lk]`."
+    if bias is not None and bias.shape[-1] != Lk: bias = bias.expand(*bias.shape[:3], Lk)
+    if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
+    if key_mask is not None and key_mask.shape[1] > 1 and key_mask.stride(1) != 1: key_mask = key_mask.contiguous()
+    mult = None
+    if dropout:   # keep / (1 - p) over [B, H, Lq, Lk]: `dropout` of ones, the mask `dropout(probabilities)` would use
+        mult = _dropout(torch.ones(B, H, Lq, Lk, dtype=dtype), dropout)
+    return bias, key_mask, mult
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               key_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     "`softmax(q k^T + bias + key_mask) v` per head, unscaled: q `[B, Lq, H, D]`, k/v `[B, Lk, H, D]` -> `[B, Lq, H, D]`."
-    if not 0.0 <= dropout < 1.0: raise ValueError(f"attention: dropout must be in [0, 1) (got dropout={dropout})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, D] (got {getattr(t, 'shape', type(t))})")
-    if bias is not None:
-        if bias.dim() > 4: raise ValueError(f"attention: bias must broadcast to [B, H, Lq, Lk] (got shape {tuple(bias.shape)})")
-        bias = bias.to(q.dtype)
-        if bias.dim() < 4: bias = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    if key_mask is not None:
-        if key_mask.dim() != 2 or key_mask.shape[1] != k.shape[1] or key_mask.shape[0] not in (1, q.shape[0]):
-            raise ValueError(f"attention: key_mask must be an additive [B, Lk] = [{q.shape[0]}, {k.shape[1]}] mask "
-                             f"(got shape {tuple(key_mask.shape)})")
-        if key_mask.requires_grad:
-            raise ValueError("attention: key_mask must not require a gradient (it is a padding mask; add a learned "
-                             "term to bias instead)")
-        key_mask = key_mask.to(q.dtype)
+    bias, key_mask = _attention_masks("attention", q.shape[0], k.shape[1], q.dtype, bias, key_mask, dropout)
     _same_device("attention", "q", q, k=k, v=v, bias=bias, key_mask=key_mask)
     if not attention_kernel_pays(q):
         mask = bias if key_mask is None else key_mask[:, None, None, :] if bias is None else bias + key_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                               dropout_p=dropout, scale=1.0).transpose(1, 2)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if bias is not None and bias.shape[-1] != k.shape[1]: bias = bias.expand(*bias.shape[:3], k.shape[1])
-    if bias is not None and bias.shape[-1] > 1 and bias.stride(-1) != 1: bias = bias.contiguous()
-    if key_mask is not None and key_mask.shape[1] > 1 and key_mask.stride(1) != 1: key_mask = key_mask.contiguous()
-    mult = None
-    if dropout:   # keep / (1 - p) over [B, H, Lq, Lk]: `dropout` of ones, the mask `dropout(probabilities)` would use
-        mult = _dropout(torch.ones(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=q.dtype), dropout)
+    bias, key_mask, mult = _kernel_extras(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.dtype, bias, key_mask, dropout)
     return torch.ops.flanmoe.attention(q, k, v, bias, key_mask, mult)[0]
+
+def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                  dropout: float = 0.0) -> torch.Tensor:
+    "Self attention on a packed projection `qkv [B, L, 3, H, D]` (q, k, v along dim 2): `attention(*qkv.unbind(2), ...)`, on the compiled op as one `attention_qkv` whose backward writes the packed gradient (unbind's backward would stack dq, dk, dv: a copy)."
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_qkv: qkv must be a 5-D tensor [B, L, 3, H, D] (got {getattr(qkv, 'shape', type(qkv))})")
+    if _op("attention_qkv") is None or not attention_kernel_pays(qkv):
+        return attention(*qkv.unbind(2), bias, key_mask, dropout)
+    B, L, _, H, D = qkv.shape
+    bias, key_mask = _attention_masks("attention_qkv", B, L, qkv.dtype, bias, key_mask, dropout)
+    _same_device("attention_qkv", "qkv", qkv, bias=bias, key_mask=key_mask)
+    if D > 1 and qkv.stride(-1) != 1: qkv = qkv.contiguous()
+    bias, key_mask, mult = _kernel_extras(B, H, L, L, qkv.dtype, bias, key_mask, dropout)
+    return torch.ops.flanmoe.attention_qkv(qkv, bias, key_mask, mult)[0]
 
 # %% ../nbs/01c_layer_ops.ipynb #a77e0c31
 _ATTN_CHOSEN: dict = {}   # (shape class, default, env switches) -> op chosen: one dict read per call after the first

@@ -241,15 +241,18 @@ class Attention(nn.Module):
         if not isinstance(bias, AttnBias): bias = AttnBias(bias)
         H, D, drop = self.num_heads, self.d_kv, self.dropout if self.training else 0.0
         if cache is None:   # heads as [B, L, H, D] views of the projections
+            qkv = None
             if source is None:   # self attention: one GEMM for q|k|v
                 qkv = kernels.dense_mm(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), trans_w=True)
-                q, k, v = qkv.view(B, L, 3, H, D).unbind(2)
+                qkv = qkv.view(B, L, 3, H, D)
+                q, k, v = qkv.unbind(2)
             else:
                 q = kernels.dense_mm(x, self.q.weight, trans_w=True).view(B, L, H, D)
                 k, v = kv if kv is not None else (kernels.dense_mm(source, m.weight, trans_w=True).view(B, -1, H, D)
                                                   for m in (self.k, self.v))
             if kernels.attention_op_faster(q, k):   # CPU fp32 training: one compiled op per direction, where it measured faster
-                y = kernels.attention(q, k, v, bias.pos, bias.key, drop)
+                y = (kernels.attention(q, k, v, bias.pos, bias.key, drop) if qkv is None     # (packed: no stack of
+                     else kernels.attention_qkv(qkv, bias.pos, bias.key, drop))             #  dq, dk, dv backward)
             else: y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias.full(), drop).transpose(1, 2)
         else:                # generation with a KV cache: heads as [B, H, L, D]
             q = self._heads(kernels.dense_mm(x, self.q.weight, trans_w=True))

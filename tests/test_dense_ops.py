@@ -66,6 +66,52 @@ def test_attention_equals_reference(B, H, Lq, Lk, D, bias, key_mask, packed, mod
         torch.testing.assert_close(a, b.float(), atol=5e-5, rtol=1e-4)
 
 
+@HYP
+@given(B=st.integers(0, 3), H=st.integers(1, 4), L=st.integers(0, 40), D=st.integers(1, 24),
+       bias=st.sampled_from(["none", "shared", "full"]), key_mask=st.booleans(), dropout=st.sampled_from([0.0, 0.3]),
+       mode=st.sampled_from(MODES), seed=st.integers(0, 2**16))
+def test_attention_qkv_equals_attention_on_the_unbound_views(B, H, L, D, bias, key_mask, dropout, mode, seed):
+    "Packed self attention: the same output and gradients (dqkv as one tensor, the bias's) as attention on qkv.unbind(2)."
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, 3, H, D, generator=g)
+    bb = _bias(bias, B, H, L, L, torch.float32, seed)
+    km = torch.where(torch.rand(B, L, generator=g) < 0.3, MIN32 / 2, 0.0) if key_mask else None
+    go = torch.randn(B, L, H, D, generator=g)
+    out = []
+    for packed in (True, False):
+        x = qkv.clone().requires_grad_()
+        b = None if bb is None else bb.clone().requires_grad_()
+        torch.manual_seed(seed)                                    # the same dropout draw for both
+        with K.use_cpu_gemm(mode):
+            y = K.attention_qkv(x, b, km, dropout) if packed else K.attention(*x.unbind(2), b, km, dropout)
+            out.append((y.detach(), *torch.autograd.grad(y, [x] + ([b] if b is not None else []), go)))
+    for a, r in zip(*out):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_qkv_gradcheck_opcheck_and_bad_input():
+    qkv = torch.randn(2, 5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, b: ops.attention_qkv(t, b)[0], (qkv, bias))
+    torch.library.opcheck(ops.attention_qkv.default, (torch.randn(2, 5, 3, 2, 4, requires_grad=True),
+                                                      torch.randn(1, 2, 5, 5, requires_grad=True), torch.randn(2, 5)))
+    x = torch.randn(2, 5, 3, 2, 4)
+    _, p = ops.attention_qkv(x, None)
+    torch.library.opcheck(ops.attention_qkv_backward.default, (torch.randn(2, 5, 2, 4), x, p, False))
+    dqkv, _ = ops.attention_qkv_backward(torch.randn(2, 5, 2, 4), x, p, False)
+    assert dqkv.shape == x.shape and dqkv.is_contiguous()
+    with pytest.raises(ValueError, match="qkv must be a 5-D tensor \\[B, L, 3, H, D\\]"):
+        K.attention_qkv(torch.randn(2, 5, 2, 4))
+    with pytest.raises(ValueError, match="qkv must be \\[B, L, 3, H, D\\]"):
+        ops.attention_qkv(torch.randn(2, 5, 2, 2, 4))
+    with pytest.raises(ValueError, match="attention_qkv: key_mask must be an additive \\[B, Lk\\] = \\[2, 5\\]"):
+        K.attention_qkv(x, None, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="dout must have the shape and dtype of q"):
+        ops.attention_qkv_backward(torch.randn(2, 4, 2, 4), x, p, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                 # not the op: attention's fallback (SDPA)
+        assert K.attention_qkv(x.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_float64_gradcheck(mode):
     torch.manual_seed(0)
