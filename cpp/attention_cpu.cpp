@@ -17,10 +17,13 @@ namespace flanmoe {
 namespace {
 
 struct Dims { int64_t B, H, Lq, Lk, D; };
+// What the messages about the bias, key mask, dropout multiplier, dout and probs call the tensors that give their
+// shapes: q and k, or qkv for the packed ops (whose q, k, v are views of it).
+struct Names { const char *q = "q", *k = "k"; };
 
 Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& bias, const char* op,
-                          const std::optional<at::Tensor>& key_mask = std::nullopt) {
+                          const std::optional<at::Tensor>& key_mask = std::nullopt, Names n = {}) {
   check_rank(q, 4, op, "q");
   check_rank(k, 4, op, "k");
   check_rank(v, 4, op, "v");
@@ -49,25 +52,26 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_rank(b, 4, op, "bias");
-    FLANMOE_CHECK(b.scalar_type() == q.scalar_type(), op, ": bias must have the dtype of q (q is ", q.scalar_type(),
-                  ", bias is ", b.scalar_type(), ")");
-    check_same_device(b, q, op, "bias", "q");
+    FLANMOE_CHECK(b.scalar_type() == q.scalar_type(), op, ": bias must have the dtype of ", n.q, " (", n.q, " is ",
+                  q.scalar_type(), ", bias is ", b.scalar_type(), ")");
+    check_same_device(b, q, op, "bias", n.q);
     const int64_t want[] = {d.B, d.H, d.Lq, d.Lk};
     for (int i = 0; i < 3; ++i)
       FLANMOE_CHECK(b.size(i) == want[i] || b.size(i) == 1, op, ": bias must broadcast to [B, H, Lq, Lk] = [",
-                    d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk, "] (B, Lq, H of q; Lk of k; got ", shape_str(b), ")");
+                    d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk, "] (B, Lq, H of ", n.q, "; Lk of ", n.k, "; got ", shape_str(b), ")");
     FLANMOE_CHECK(b.size(3) == d.Lk && (d.Lk <= 1 || b.stride(3) == 1), op,
-                  ": bias must have Lk = ", d.Lk, " columns (Lk of k) with stride 1 (got shape ", shape_str(b),
+                  ": bias must have Lk = ", d.Lk, " columns (Lk of ", n.k, ") with stride 1 (got shape ", shape_str(b),
                   " with strides ", b.strides(), ")");
   }
   if (key_mask.has_value()) {
     const at::Tensor& m = *key_mask;
     check_rank(m, 2, op, "key_mask");
-    FLANMOE_CHECK(m.scalar_type() == q.scalar_type(), op, ": key_mask must have the dtype of q (q is ", q.scalar_type(),
-                  ", key_mask is ", m.scalar_type(), ")");
-    check_same_device(m, q, op, "key_mask", "q");
+    FLANMOE_CHECK(m.scalar_type() == q.scalar_type(), op, ": key_mask must have the dtype of ", n.q, " (", n.q, " is ",
+                  q.scalar_type(), ", key_mask is ", m.scalar_type(), ")");
+    check_same_device(m, q, op, "key_mask", n.q);
     FLANMOE_CHECK((m.size(0) == d.B || m.size(0) == 1) && m.size(1) == d.Lk && (d.Lk <= 1 || m.stride(1) == 1), op,
-                  ": key_mask must be [B, Lk] = [", d.B, ", ", d.Lk, "] (B of q, Lk of k; additive, contiguous rows; got shape ",
+                  ": key_mask must be [B, Lk] = [", d.B, ", ", d.Lk, "] (B of ", n.q, ", Lk of ", n.k,
+                  "; additive, contiguous rows; got shape ",
                   shape_str(m), " with strides ", m.strides(), ")");
   }
   return d;
@@ -76,14 +80,15 @@ Dims check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
 int64_t bstride(const at::Tensor& b, int i) { return b.size(i) == 1 ? 0 : b.stride(i); }
 
 // The dropout multiplier of the probabilities: keep / (1 - p), [B, H, Lq, Lk] contiguous, the dtype of q.
-void check_dropout_mult(const std::optional<at::Tensor>& m, const Dims& d, const at::Tensor& q, const char* op) {
+void check_dropout_mult(const std::optional<at::Tensor>& m, const Dims& d, const at::Tensor& q, const char* op,
+                        Names n = {}) {
   if (!m.has_value()) return;
   const std::vector<int64_t> want{d.B, d.H, d.Lq, d.Lk};
   FLANMOE_CHECK(m->sizes() == at::IntArrayRef(want) && m->scalar_type() == q.scalar_type() && m->is_contiguous(), op,
                 ": dropout_mult must be a contiguous [B, H, Lq, Lk] = ", at::IntArrayRef(want),
-                " tensor of q's dtype (B, Lq, H of q; Lk of k; got ",
+                " tensor of ", n.q, "'s dtype (B, Lq, H of ", n.q, "; Lk of ", n.k, "; got ",
                 shape_str(*m), " ", m->scalar_type(), ")");
-  check_same_device(*m, q, op, "dropout_mult", "q");
+  check_same_device(*m, q, op, "dropout_mult", n.q);
 }
 
 int64_t head_grain(const Dims& d) {     // heads per task: ~64k multiply-adds at least
@@ -190,13 +195,14 @@ AttnArgs f32_args(const Dims& d, const at::Tensor& q, const at::Tensor& k, const
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& bias,
-                                                 const std::optional<at::Tensor>& key_mask,
-                                                 const std::optional<at::Tensor>& dropout_mult) {
-  const char* op = "flanmoe::attention";
-  const Dims d = check_attention_args(q, k, v, bias, op, key_mask);
-  check_dropout_mult(dropout_mult, d, q, op);
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& key_mask,
+                                                const std::optional<at::Tensor>& dropout_mult, Names n = {}) {
+  const Dims d = check_attention_args(q, k, v, bias, op, key_mask, n);
+  check_dropout_mult(dropout_mult, d, q, op, n);
   auto out = make_output(op, "the output [B, Lq, H, D] (the shape of q)", {d.B, d.Lq, d.H, d.D}, q.scalar_type(),
                          [&] { return at::empty({d.B, d.Lq, d.H, d.D}, q.options()); });
   auto probs = make_output(op, "probs [B, H, Lq, Lk] (B, Lq, H of q; Lk of k)", {d.B, d.H, d.Lq, d.Lk}, q.scalar_type(),
@@ -220,6 +226,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const SmallGemmIsa isa = small_gemm_active();
   at::parallel_for(0, d.B * d.H, head_grain(d), [&](int64_t b, int64_t e) { attention_fwd_f32(isa, a, b, e); });
   return {out, probs};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& key_mask,
+                                                 const std::optional<at::Tensor>& dropout_mult) {
+  return forward_impl("flanmoe::attention", q, k, v, bias, key_mask, dropout_mult);
 }
 
 namespace {
@@ -269,24 +284,30 @@ at::Tensor backward_into(const Dims& d, const at::Tensor& dout, const at::Tensor
 }
 
 void check_backward_args(const Dims& d, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& probs,
-                         const char* op) {
+                         const char* op, Names n = {}) {
   FLANMOE_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(), op,
-                ": dout must have the shape and dtype of q (q is ", shape_str(q), " ", q.scalar_type(), ", dout is ",
-                shape_str(dout), " ", dout.scalar_type(), ")");
+                ": dout must be [B, Lq, H, D] = ", shape_str(q), " ", q.scalar_type(), " (B, Lq, H, D and dtype of ", n.q,
+                "; got ", shape_str(dout), " ", dout.scalar_type(), ")");
   const std::vector<int64_t> pshape{d.B, d.H, d.Lq, d.Lk};
   FLANMOE_CHECK(probs.sizes() == at::IntArrayRef(pshape) && probs.scalar_type() == q.scalar_type(), op,
                 ": probs must be the [B, H, Lq, Lk] = ", at::IntArrayRef(pshape),
-                " probabilities from attention (B, Lq, H of q; Lk of k; got ", shape_str(probs), " ",
+                " probabilities from attention (B, Lq, H of ", n.q, "; Lk of ", n.k, "; got ", shape_str(probs), " ",
                 probs.scalar_type(), ")");
-  check_same_device(dout, q, op, "dout", "q");
-  check_same_device(probs, q, op, "probs", "q");
+  check_same_device(dout, q, op, "dout", n.q);
+  check_same_device(probs, q, op, "probs", n.q);
 }
 
-// qkv [B, L, 3, H, D] (contiguous along D): its q, k, v views.
+// qkv [B, L, 3, H, D], float32/float64 on the CPU, contiguous along D: its q, k, v views (checked here, so that the
+// checks of q, k, v that follow cannot fail and a refusal names qkv).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv, const char* op) {
   check_rank(qkv, 5, op, "qkv");
   FLANMOE_CHECK(qkv.size(2) == 3, op, ": qkv must be [B, L, 3, H, D] (q, k, v along dim 2; got shape ",
                 shape_str(qkv), ")");
+  FLANMOE_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble, op,
+                ": qkv must be float32 or float64 (got ", qkv.scalar_type(), ")");
+  check_device_of(qkv, op, "qkv", false);
+  FLANMOE_CHECK(qkv.size(4) <= 1 || qkv.stride(4) == 1, op, ": qkv must have a contiguous last dimension (got shape ",
+                shape_str(qkv), " with strides ", qkv.strides(), ")");
   return {qkv.select(2, 0), qkv.select(2, 1), qkv.select(2, 2)};
 }
 
@@ -314,8 +335,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
 std::tuple<at::Tensor, at::Tensor> attention_qkv_cpu(const at::Tensor& qkv, const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& key_mask,
                                                      const std::optional<at::Tensor>& dropout_mult) {
-  auto [q, k, v] = unpack_qkv(qkv, "flanmoe::attention_qkv");
-  return attention_cpu(q, k, v, bias, key_mask, dropout_mult);
+  const char* op = "flanmoe::attention_qkv";
+  auto [q, k, v] = unpack_qkv(qkv, op);
+  return forward_impl(op, q, k, v, bias, key_mask, dropout_mult, Names{"qkv", "qkv"});
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_qkv_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv,
@@ -324,9 +346,10 @@ std::tuple<at::Tensor, at::Tensor> attention_qkv_backward_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& dropout_mult) {
   const char* op = "flanmoe::attention_qkv_backward";
   auto [q, k, v] = unpack_qkv(qkv, op);
-  const Dims d = check_attention_args(q, k, v, std::nullopt, op);
-  check_dropout_mult(dropout_mult, d, q, op);
-  check_backward_args(d, dout, q, probs, op);
+  const Names n{"qkv", "qkv"};
+  const Dims d = check_attention_args(q, k, v, std::nullopt, op, std::nullopt, n);
+  check_dropout_mult(dropout_mult, d, q, op, n);
+  check_backward_args(d, dout, q, probs, op, n);
   auto dqkv = make_output(op, "dqkv (the shape of qkv)", qkv.sizes(), qkv.scalar_type(),
                           [&] { return at::empty(qkv.sizes(), qkv.options()); });
   at::Tensor dq = dqkv.select(2, 0), dk = dqkv.select(2, 1), dv = dqkv.select(2, 2);

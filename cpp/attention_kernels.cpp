@@ -17,43 +17,10 @@ namespace {
 struct AttentionScratch;                   // per-thread buffer: packed columns and score rows of one head
 float* scratch(size_t n) { return thread_scratch<float, AttentionScratch>(n); }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define ISA_NS avx512
-#define ISA_TARGET __attribute__((target("avx512f,fma")))
-#define ISA_W 16
-#include "attention_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
-
-#define ISA_NS avx2
-#define ISA_TARGET __attribute__((target("avx2,fma")))
-#define ISA_W 8
-#include "attention_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
-#define FLANMOE_ATTN_X86 1
-#endif
-
-#define ISA_NS base
-#define ISA_TARGET
-#define ISA_W 4
-#include "attention_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
+#define FLANMOE_ISA_FILE "attention_isa.inc"
+#include "isa_copies.inc"
 
 }  // namespace
-
-// fn(args...) of the copy for `isa` (avx512, avx2, or the baseline for none and non-x86 builds).
-#ifdef FLANMOE_ATTN_X86
-#define FLANMOE_ISA_CALL(fn, ...)                                                          \
-  (isa == SmallGemmIsa::avx512 ? avx512::fn(__VA_ARGS__)                                 \
-   : isa == SmallGemmIsa::avx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
-#else
-#define FLANMOE_ISA_CALL(fn, ...) ((void)isa, base::fn(__VA_ARGS__))
-#endif
 
 void attention_fwd_f32(SmallGemmIsa isa, const AttnArgs& a, int64_t begin, int64_t end) {
   FLANMOE_ISA_CALL(fwd, a, begin, end);

@@ -86,8 +86,8 @@ at::Tensor router_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   check_router_args(x, weight, op);
   const int64_t T = x.size(0), d = x.size(1), E = weight.size(0);
   if (bias.has_value()) {
-    FLANMOE_CHECK(bias->dim() == 1 && bias->size(0) == E, op, ": bias must be [num_experts] = [", E, "] (got shape ",
-                  shape_str(*bias), ")");
+    FLANMOE_CHECK(bias->dim() == 1 && bias->size(0) == E, op, ": bias must be [num_experts] = [", E,
+                  "] (the rows of weight; got shape ", shape_str(*bias), ")");
     FLANMOE_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (x is ",
                   x.scalar_type(), ", bias is ", bias->scalar_type(), ")");
     check_same_device(*bias, x, op, "bias", "x");
@@ -116,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_linear_backward_cpu(
   check_router_args(x, weight, op);
   const int64_t T = x.size(0), d = x.size(1), E = weight.size(0);
   check_rank(grad, 2, op, "grad");
-  FLANMOE_CHECK(grad.size(0) == T && grad.size(1) == E, op, ": grad must be [rows of x, num_experts] = [", T, ", ", E,
-                "] (got shape ", shape_str(grad), ")");
+  FLANMOE_CHECK(grad.size(0) == T && grad.size(1) == E, op, ": grad must be [rows of x, rows of weight] = [", T, ", ",
+                E, "] (got shape ", shape_str(grad), ")");
   FLANMOE_CHECK(grad.scalar_type() == x.scalar_type(), op, ": grad must have the dtype of x (x is ", x.scalar_type(),
                 ", grad is ", grad.scalar_type(), ")");
   check_same_device(grad, x, op, "grad", "x");

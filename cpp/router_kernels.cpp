@@ -17,42 +17,10 @@ namespace {
 struct RouterScratch;                      // per-thread buffer: the weight packed as [d, E rounded up]
 float* scratch(size_t n) { return thread_scratch<float, RouterScratch>(n); }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define FLANMOE_ROUTER_X86 1
-#define ISA_NS avx512
-#define ISA_TARGET __attribute__((target("avx512f,fma")))
-#define ISA_W 16
-#include "router_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
-
-#define ISA_NS avx2
-#define ISA_TARGET __attribute__((target("avx2,fma")))
-#define ISA_W 8
-#include "router_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
-#endif
-
-#define ISA_NS base
-#define ISA_TARGET
-#define ISA_W 4
-#include "router_isa.inc"
-#undef ISA_NS
-#undef ISA_TARGET
-#undef ISA_W
+#define FLANMOE_ISA_FILE "router_isa.inc"
+#include "isa_copies.inc"
 
 }  // namespace
-
-#ifdef FLANMOE_ROUTER_X86
-#define FLANMOE_ISA_CALL(fn, ...)                                                          \
-  (isa == SmallGemmIsa::avx512 ? avx512::fn(__VA_ARGS__)                                 \
-   : isa == SmallGemmIsa::avx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
-#else
-#define FLANMOE_ISA_CALL(fn, ...) ((void)isa, base::fn(__VA_ARGS__))
-#endif
 
 void router_fwd_f32(SmallGemmIsa isa, const float* x, int64_t ldx, const float* w, const float* bias, float* out,
                     int64_t t0, int64_t t1, int64_t d, int64_t E) {

@@ -106,7 +106,7 @@ def test_attention_qkv_gradcheck_opcheck_and_bad_input():
         ops.attention_qkv(torch.randn(2, 5, 2, 2, 4))
     with pytest.raises(ValueError, match="attention_qkv: key_mask must be an additive \\[B, Lk\\] = \\[2, 5\\]"):
         K.attention_qkv(x, None, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="dout must have the shape and dtype of q"):
+    with pytest.raises(ValueError, match="dout must be \\[B, Lq, H, D\\] = \\[2, 5, 2, 4\\]"):
         ops.attention_qkv_backward(torch.randn(2, 4, 2, 4), x, p, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):                 # not the op: attention's fallback (SDPA)
         assert K.attention_qkv(x.bfloat16()).dtype == torch.bfloat16
@@ -249,7 +249,7 @@ def test_attention_bad_input_names_the_argument():
         (lambda: ops.attention(q, k, v, torch.zeros(2, 2, 4, 1)), "bias must have Lk = 5"),
         (lambda: ops.attention(q, k, v, torch.zeros(2, 2, 4, 5, dtype=torch.float64)), "bias must have the dtype of q"),
         (lambda: ops.attention_backward(torch.zeros(2, 4, 2, 8), q, k, v, torch.zeros(2, 2, 4, 4), True), "probs must be"),
-        (lambda: ops.attention_backward(torch.zeros(2, 4, 2, 7), q, k, v, torch.zeros(2, 2, 4, 5), True), "dout must have"),
+        (lambda: ops.attention_backward(torch.zeros(2, 4, 2, 7), q, k, v, torch.zeros(2, 2, 4, 5), True), "dout must be [B, Lq, H, D]"),
         (lambda: K.attention(q, k, v, torch.zeros(1, 1, 2, 4, 5)), "bias must broadcast"),
         (lambda: K.attention(q, k[..., None], v), "k must be a 4-D tensor"),
     ]

@@ -211,6 +211,41 @@ def _attention_backward(d, g):
     return [torch.randn(B, Lq, H, D, generator=g), q, k, v, probs, d["flag"], d["flag2"], mult]
 
 
+def _attention_qkv(d, g):
+    B, L, _, H, D = _attn_dims(d)
+    bias = torch.randn(1, H, L, L, generator=g) if d["flag"] else None
+    key_mask = torch.zeros(B, L) if d["flag2"] else None
+    mult = torch.full((B, H, L, L), 2.0) if d["flag"] and d["flag2"] else None
+    return [torch.randn(B, L, 3, H, D, generator=g), bias, key_mask, mult]
+
+
+def _attention_qkv_backward(d, g):
+    B, L, _, H, D = _attn_dims(d)
+    probs = torch.softmax(torch.randn(B, H, L, L, generator=g), -1)
+    mult = torch.full((B, H, L, L), 2.0) if d["flag"] and d["flag2"] else None
+    return [torch.randn(B, L, H, D, generator=g), torch.randn(B, L, 3, H, D, generator=g), probs, d["flag"],
+            d["flag2"], mult]
+
+
+def _router_linear(d, g):
+    T, dd, E = d["n"], d["k"], d["g"] + 1
+    return [torch.randn(T, dd, generator=g), torch.randn(E, dd, generator=g),
+            torch.randn(E, generator=g) if d["flag"] else None]
+
+
+def _router_linear_backward(d, g):
+    T, dd, E = d["n"], d["k"], d["g"] + 1
+    return [torch.randn(T, E, generator=g), torch.randn(T, dd, generator=g), torch.randn(E, dd, generator=g),
+            torch.randn(T, dd, generator=g) if d["flag"] else None, d["flag2"], True, d["flag"]]
+
+
+def _unpermute_backward(d, g):
+    T, S, dd = d["n"] + 1, d["m"], d["k"]
+    w = torch.rand(S, generator=g) if d["flag"] else None
+    return [torch.randn(T, dd, generator=g), torch.randint(0, T, (S,), generator=g), w,
+            torch.randn(S, dd, generator=g), True, w is not None and d["flag2"]]
+
+
 def _dropout(d, g):
     return [torch.randn(d["n"], d["k"], generator=g), 0.25, d["seed"]]
 
@@ -247,10 +282,12 @@ BUILDERS = {
     "route_plan": _route_plan, "permute": _permute, "unpermute": _unpermute, "gather_dot": _gather_dot,
     "attention": _attention, "attention_backward": _attention_backward, "dropout": _dropout, "rms_norm": _rms_norm,
     "rms_norm_backward": _rms_norm_backward, "cross_entropy": _cross_entropy,
-    "cross_entropy_backward": _cross_entropy_backward,
+    "cross_entropy_backward": _cross_entropy_backward, "attention_qkv": _attention_qkv,
+    "attention_qkv_backward": _attention_qkv_backward, "router_linear": _router_linear,
+    "router_linear_backward": _router_linear_backward, "unpermute_backward": _unpermute_backward,
 }
 DIFFERENTIABLE = {"grouped_mm", "grouped_mm_wgrad", "relu_grouped_mm", "permute", "unpermute", "gather_dot",
-                  "attention", "rms_norm", "cross_entropy", "dropout"}
+                  "attention", "rms_norm", "cross_entropy", "dropout", "attention_qkv", "router_linear"}
 
 
 def base_args(name, dims):
@@ -362,6 +399,7 @@ def must_refuse(name, arg, args) -> str | None:
         if any(v < 0 for v in sizes): return "a negative group size"
         if sum(sizes) > rows: return f"group sizes sum to {sum(sizes)} > {rows} rows"   # (exact: Python ints)
     idx_range = {"permute": lambda: val["x"].shape[0], "gather_dot": lambda: val["x"].shape[0],
+                 "unpermute_backward": lambda: val["grad"].shape[0],
                  "unpermute": lambda: val["num_tokens"], "route_plan": lambda: val["num_experts"]}
     if arg in ("token_idx", "expert_idx") and name in idx_range and t.dtype == torch.long and 0 < t.numel() <= 1000:
         hi = idx_range[name]()

@@ -150,7 +150,7 @@ def test_bad_input_names_the_argument(args, msg):
 
 def test_backward_bad_input_names_the_argument():
     x, w = torch.randn(4, 8), torch.randn(3, 8)
-    with pytest.raises(ValueError, match="grad must be \\[rows of x, num_experts\\] = \\[4, 3\\]"):
+    with pytest.raises(ValueError, match="grad must be \\[rows of x, rows of weight\\] = \\[4, 3\\]"):
         ops.router_linear_backward(torch.randn(4, 2), x, w, None, True, True, False)
     with pytest.raises(ValueError, match="dx_acc must be a contiguous tensor of the shape of x"):
         ops.router_linear_backward(torch.randn(4, 3), x, w, torch.randn(4, 7), True, True, False)
