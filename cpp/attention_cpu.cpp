@@ -203,9 +203,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor
                                                 const std::optional<at::Tensor>& dropout_mult, Names n = {}) {
   const Dims d = check_attention_args(q, k, v, bias, op, key_mask, n);
   check_dropout_mult(dropout_mult, d, q, op, n);
-  auto out = make_output(op, "the output [B, Lq, H, D] (the shape of q)", {d.B, d.Lq, d.H, d.D}, q.scalar_type(),
+  auto out = make_output(op, std::string("the output [B, Lq, H, D] (B, Lq, H, D of ") + n.q + ")", {d.B, d.Lq, d.H, d.D},
+                         q.scalar_type(),
                          [&] { return at::empty({d.B, d.Lq, d.H, d.D}, q.options()); });
-  auto probs = make_output(op, "probs [B, H, Lq, Lk] (B, Lq, H of q; Lk of k)", {d.B, d.H, d.Lq, d.Lk}, q.scalar_type(),
+  auto probs = make_output(op, std::string("probs [B, H, Lq, Lk] (B, Lq, H of ") + n.q + "; Lk of " + n.k + ")",
+                           {d.B, d.H, d.Lq, d.Lk}, q.scalar_type(),
                            [&] { return at::empty({d.B, d.H, d.Lq, d.Lk}, q.options()); });
   if (out.numel() == 0) return {out, probs};
   if (d.Lk == 0) { out.zero_(); return {out, probs}; }

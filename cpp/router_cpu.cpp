@@ -92,7 +92,7 @@ at::Tensor router_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                   x.scalar_type(), ", bias is ", bias->scalar_type(), ")");
     check_same_device(*bias, x, op, "bias", "x");
   }
-  auto out = make_output(op, "the output [rows of x, num_experts]", {T, E}, x.scalar_type(),
+  auto out = make_output(op, "the output [rows of x, rows of weight]", {T, E}, x.scalar_type(),
                          [&] { return at::empty({T, E}, x.options()); });
   if (T == 0 || E == 0) return out;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
