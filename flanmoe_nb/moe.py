@@ -188,7 +188,8 @@ class MoELayer(nn.Module):
         valid = None if mask is None else mask.reshape(-1)
         group = x.shape[1] if self.cfg.capacity_scope == "sequence" and x.dim() == 3 else None
         plan = self.router(xt, valid, group)
-        return self._run_experts(plan.tokens, plan).view(x.shape), MoEAux.from_plan(plan)
+        tokens = xt if plan.tokens is None else plan.tokens     # (the router's view of xt: see router_project)
+        return self._run_experts(tokens, plan).view(x.shape), MoEAux.from_plan(plan)
 
     @classmethod
     def from_dense(cls, dense: DenseFFN, cfg: MoEConfig) -> MoELayer:
