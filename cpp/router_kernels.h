@@ -1,10 +1,11 @@
 // fp32 router projection `logits = x W^T` for the few outputs of an MoE router (E experts, E << d) and its
-// backward in one pass: dx = g W and dW = g^T x read x and g once per token block (BLAS runs them as three
-// skinny GEMMs). All three are register-tiled outer products: the forward against W^T packed per call as
-// [d, E rounded up to a vector], dx = g W in tiles of tokens x columns over the experts (added in place to a
-// gradient dx already holds: the experts' share), dW = g^T x in tiles of experts x columns whose accumulators
-// stay in registers over a whole block of tokens. No torch header here (the kernels are compiled once per ISA
-// with target attributes); router_cpu.cpp is the op.
+// backward in one call: per block of tokens, dx = g W and that block's share of dW = g^T x (BLAS runs them as
+// three skinny GEMMs, and autograd the sum of x's two gradients as a pass of its own). All three are
+// register-tiled outer products: the forward against W^T packed per call as [d, E rounded up to a vector],
+// dx = g W in tiles of tokens x columns over the experts (added in place to a gradient dx already holds: the
+// experts' share), dW = g^T x in tiles of experts x columns whose accumulators stay in registers over a whole
+// block of tokens. No torch header here (the kernels are compiled once per ISA with target attributes);
+// router_cpu.cpp is the op.
 #pragma once
 #include <cstdint>
 #include "sgemm_small.h"

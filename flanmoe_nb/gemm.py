@@ -222,19 +222,23 @@ _ONE_GROUP: dict[int, torch.Tensor] = {}
 _DENSE_CHOSEN: dict = {}   # (shape class, env switches) -> the kernels (True) or torch.matmul: one dict read per call
 
 def _dense_candidates(M: int, K: int, N: int, trans_w: bool, relu: bool, grad: bool) -> dict:
-    "The compiled product and `torch.matmul` as `dense_mm` (`dense_relu_mm` with `relu`) run them, forward and with `grad` backward, on random operands of the class's shape."
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(M, K, generator=g).requires_grad_(grad)
-    w = torch.randn(*((N, K) if trans_w else (K, N)), generator=g).requires_grad_(grad)
-    gs, dy = torch.tensor([M]), torch.randn(M, N, generator=g)
+    "The compiled product and `torch.matmul` as `dense_mm` (`dense_relu_mm` with `relu`) run them, forward and with `grad` backward, on random operands of the class's shape (made at the first run: a forced or deterministic choice runs none)."
+    @functools.cache
+    def operands():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(M, K, generator=g).requires_grad_(grad)
+        w = torch.randn(*((N, K) if trans_w else (K, N)), generator=g).requires_grad_(grad)
+        return x, w, torch.tensor([M]), torch.randn(M, N, generator=g)
     def timed(product):
         def run():
+            x, w, gs, dy = operands()
             with torch.enable_grad() if grad else torch.no_grad():
-                y = product()
+                y = product(x, w, gs)
                 if grad: torch.autograd.grad(y, (x, w), dy)
         return run
-    if relu: op, blas = (lambda: torch.ops.flanmoe.relu_grouped_mm(x, w[None], gs)), (lambda: F.relu(x) @ w)
-    else: op, blas = (lambda: torch.ops.flanmoe.grouped_mm(x, w[None], gs, trans_w)), (lambda: x @ (w.t() if trans_w else w))
+    if relu: op, blas = (lambda x, w, gs: torch.ops.flanmoe.relu_grouped_mm(x, w[None], gs)), (lambda x, w, gs: F.relu(x) @ w)
+    else: op, blas = ((lambda x, w, gs: torch.ops.flanmoe.grouped_mm(x, w[None], gs, trans_w)),
+                      (lambda x, w, gs: x @ (w.t() if trans_w else w)))
     return dict(op=timed(op), blas=timed(blas))
 
 def _dense_kernels_pay(x: torch.Tensor, w: torch.Tensor, trans_w: bool = False, relu: bool = False) -> bool:

@@ -7,7 +7,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/layer_ops.html.md"""
 
 # %% ../nbs/01c_layer_ops.ipynb #d5905aef
 from __future__ import annotations
-import os
+import functools, os
 
 import torch
 import torch.nn.functional as F
@@ -182,15 +182,20 @@ def attention_qkv(qkv: torch.Tensor, bias: torch.Tensor | None = None, key_mask:
 _ATTN_CHOSEN: dict = {}   # (shape class, default, env switches) -> op chosen: one dict read per call after the first
 
 def _attention_candidates(B: int, H: int, Lq: int, Lk: int, D: int) -> dict:
-    "Forward and backward of the op and of SDPA as the model calls them: a position bias `[1, H, Lq, Lk]` with gradient, a `[B, Lk]` key mask."
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, L, H, D, generator=g).requires_grad_() for L in (Lq, Lk, Lk))
-    bias, go = torch.randn(1, H, Lq, Lk, generator=g).requires_grad_(), torch.randn(B, Lq, H, D, generator=g)
-    mask = torch.zeros(B, Lk); mask[1::2, Lk * 3 // 4:] = torch.finfo(torch.float32).min   # half the rows padded
+    "Forward and backward of the op and of SDPA as the model calls them: a position bias `[1, H, Lq, Lk]` with gradient, a `[B, Lk]` key mask (operands made at the first run: a forced or deterministic choice runs none)."
+    @functools.cache
+    def operands():
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, L, H, D, generator=g).requires_grad_() for L in (Lq, Lk, Lk))
+        bias, go = torch.randn(1, H, Lq, Lk, generator=g).requires_grad_(), torch.randn(B, Lq, H, D, generator=g)
+        mask = torch.zeros(B, Lk); mask[1::2, Lk * 3 // 4:] = torch.finfo(torch.float32).min   # half the rows padded
+        return q, k, v, bias, go, mask
     def op():
+        q, k, v, bias, go, mask = operands()
         with torch.enable_grad():
             torch.autograd.grad(torch.ops.flanmoe.attention(q, k, v, bias, mask, None)[0], (q, k, v, bias), go)
     def sdpa():
+        q, k, v, bias, go, mask = operands()
         with torch.enable_grad():
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=bias + mask[:, None, None, :], scale=1.0)
