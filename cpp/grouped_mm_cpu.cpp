@@ -134,12 +134,13 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
   for (int64_t g = 0; g < G; ++g) { cols[g] = M; work[g] = double(K) * std::max<int64_t>(off[g + 1] - off[g], 1); }
   auto items = make_items(cols, work, at::get_num_threads());
   const SmallGemmIsa isa = a.scalar_type() == at::kFloat ? expert_gemm_active(GemmProduct::tn, K > M) : SmallGemmIsa::none;
+  const bool stream = isa != SmallGemmIsa::none && gemm_stream_pays(G * K * M * int64_t(sizeof(float)));
   run_items(std::move(items), 2.0 * N * K * M, [&](const Item& it) {
     const int64_t n = off[it.g + 1] - off[it.g];
     if (isa != SmallGemmIsa::none && it.hi > it.lo) {  // out[g][:, lo:hi] = a_g^T @ dy_g[:, lo:hi]
       sgemm_small_tn(isa, n, K, it.hi - it.lo, a.const_data_ptr<float>() + off[it.g] * K, K,
                      dy.const_data_ptr<float>() + off[it.g] * M + it.lo, M,
-                     out.data_ptr<float>() + it.g * K * M + it.lo, M, relu_a);
+                     out.data_ptr<float>() + it.g * K * M + it.lo, M, relu_a, stream);
       return;
     }
     auto o = out.select(0, it.g).narrow(1, it.lo, it.hi - it.lo);

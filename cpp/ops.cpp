@@ -119,6 +119,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemm_prefetch_active", &flanmoe::gemm_prefetch_active,
           "whether the fp32 NN kernel prefetches the next block of its weight while multiplying the current one");
   mod.def("set_gemm_prefetch", &flanmoe::set_gemm_prefetch, "switch the fp32 NN kernel's weight prefetch on or off");
+  mod.def("nt_prefetch_active", &flanmoe::nt_prefetch_active,
+          "whether the fp32 NT kernel prefetches the next tile's rows of its weight while multiplying");
+  mod.def("set_nt_prefetch", &flanmoe::set_nt_prefetch, "switch the fp32 NT kernel's weight prefetch on or off");
+  mod.def("gemm_stream_mode", &flanmoe::gemm_stream_mode,
+          "non-temporal stores of the fp32 weight gradients: 'auto' (outputs larger than the last-level cache), 'on', 'off'");
+  mod.def("set_gemm_stream", &flanmoe::set_gemm_stream, "set the weight gradients' store mode ('auto', 'on', 'off'); False for an unknown name");
+  mod.def("last_level_cache_bytes", &flanmoe::last_level_cache_bytes, "the last-level cache size the 'auto' store mode compares with");
   mod.def("bf16_brgemm_available", &flanmoe::bf16_brgemm_available,
           "whether oneDNN's brgemm ukernel runs bf16 products on this CPU (AMX or AVX512-BF16)");
   mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <unistd.h>
 #include <vector>
 
 namespace flanmoe {
@@ -123,6 +124,47 @@ std::atomic<bool>& prefetch_flag() {
 bool gemm_prefetch_active() { return prefetch_flag().load(std::memory_order_relaxed); }
 void set_gemm_prefetch(bool on) { prefetch_flag().store(on); }
 
+namespace {
+std::atomic<bool>& nt_prefetch_flag() {
+  static std::atomic<bool> v([] { const char* e = std::getenv("FLANMOE_GEMM_NT_PREFETCH"); return !(e && std::string(e) == "0"); }());
+  return v;
+}
+}  // namespace
+
+bool nt_prefetch_active() { return nt_prefetch_flag().load(std::memory_order_relaxed); }
+void set_nt_prefetch(bool on) { nt_prefetch_flag().store(on); }
+
+namespace {
+int parse_stream(const std::string& m) { return m == "off" || m == "0" ? 0 : m == "on" || m == "1" ? 1 : m == "auto" ? 2 : -1; }
+std::atomic<int>& stream_flag() {   // 0 off, 1 on, 2 auto (an unknown start value: auto; Python warns about it)
+  static std::atomic<int> v([] { const char* e = std::getenv("FLANMOE_GEMM_STREAM"); const int m = e ? parse_stream(e) : 2; return m < 0 ? 2 : m; }());
+  return v;
+}
+}  // namespace
+
+std::string gemm_stream_mode() { const int m = stream_flag().load(); return m == 0 ? "off" : m == 1 ? "on" : "auto"; }
+
+bool set_gemm_stream(const std::string& mode) {
+  const int m = parse_stream(mode);
+  if (m < 0) return false;
+  stream_flag().store(m);
+  return true;
+}
+
+int64_t last_level_cache_bytes() {
+  static const int64_t v = [] {
+    long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? int64_t(b) : int64_t(32) << 20;
+  }();
+  return v;
+}
+
+bool gemm_stream_pays(int64_t output_bytes) {
+  const int m = stream_flag().load(std::memory_order_relaxed);
+  return m == 1 || (m == 2 && output_bytes > last_level_cache_bytes());
+}
+
 bool set_small_gemm(const std::string& mode) {
   SmallGemmIsa v;
   if (!parse(mode, &v)) return false;
@@ -159,8 +201,8 @@ void sgemm_small_nt(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const flo
 }
 
 void sgemm_small_tn(SmallGemmIsa isa, int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D,
-                    int64_t ldd, float* C, int64_t ldc, bool relu_a) {
-  FLANMOE_DISPATCH(tn, M, P, N, A, lda, D, ldd, C, ldc, relu_a);
+                    int64_t ldd, float* C, int64_t ldc, bool relu_a, bool stream) {
+  FLANMOE_DISPATCH(tn, M, P, N, A, lda, D, ldd, C, ldc, relu_a, stream);
 }
 
 }  // namespace flanmoe

@@ -48,7 +48,18 @@ extern const char* const kGemmProductNames[6];
 // (start value FLANMOE_GEMM_PREFETCH=1; off by default: `flanmoe bench moe --methods flanmoe,flanmoe_prefetch` compares).
 bool gemm_prefetch_active();
 void set_gemm_prefetch(bool on);
+// Whether the NT kernel prefetches the next tile's rows of its weight while it multiplies (on by default;
+// FLANMOE_GEMM_NT_PREFETCH=0 switches it off: an A/B of the same bits).
+bool nt_prefetch_active();
+void set_nt_prefetch(bool on);
 std::vector<std::string> small_gemm_supported();
+// Non-temporal stores for the fp32 weight gradients (tn, `stream`): "auto" streams a grouped_mm_wgrad whose output
+// is larger than the last-level cache (it would be evicted before the optimizer reads it, and each of its lines
+// read from memory before being overwritten), "on" always, "off" never. Start value FLANMOE_GEMM_STREAM (auto).
+std::string gemm_stream_mode();
+bool set_gemm_stream(const std::string& mode);   // false for an unknown name
+bool gemm_stream_pays(int64_t output_bytes);     // what the mode says for an output of this size
+int64_t last_level_cache_bytes();                // sysconf's L3 (else L2) size; 32 MiB when it reports none
 
 // C[M, N] = A[M, K] @ B[K, N]   (relu(A) @ B with relu_a)
 void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -56,8 +67,9 @@ void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const flo
 // C[M, N] = A[M, K] @ B[N, K]^T   (then zero where mask[M, N] (ldm) is <= 0, if mask is given)
 void sgemm_small_nt(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                     int64_t ldb, float* C, int64_t ldc, const float* mask = nullptr, int64_t ldm = 0);
-// C[P, N] = A[M, P]^T @ D[M, N]   (M, the depth, is the expert's rows: the weight-gradient shape; relu(A) with relu_a)
+// C[P, N] = A[M, P]^T @ D[M, N]   (M, the depth, is the expert's rows: the weight-gradient shape; relu(A) with relu_a;
+// stream: non-temporal stores of C where the depth takes one pass, for outputs far larger than the caches)
 void sgemm_small_tn(SmallGemmIsa isa, int64_t M, int64_t P, int64_t N, const float* A, int64_t lda, const float* D,
-                    int64_t ldd, float* C, int64_t ldc, bool relu_a = false);
+                    int64_t ldd, float* C, int64_t ldc, bool relu_a = false, bool stream = false);
 
 }  // namespace flanmoe

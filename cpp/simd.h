@@ -23,6 +23,8 @@ ISA_INLINE mask_t make_mask(int64_t n) { return n >= 16 ? mask_t(0xFFFF) : n <= 
 ISA_INLINE vf vload(const float* p, mask_t m) { return _mm512_maskz_loadu_ps(m, p); }
 ISA_INLINE void vstore(float* p, mask_t m, vf v) { _mm512_mask_storeu_ps(p, m, v); }
 ISA_INLINE vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+// A non-temporal store of one vector (p 64-byte aligned): the line goes to memory without being read first.
+ISA_INLINE void vstream(float* p, vf v) { _mm512_stream_ps(p, v); }
 #elif ISA_W == 8
 ISA_INLINE vf vset1(float x) { return vf{x, x, x, x, x, x, x, x}; }
 using mask_t = __m256i;
@@ -32,6 +34,7 @@ ISA_INLINE mask_t make_mask(int64_t n) {
 ISA_INLINE vf vload(const float* p, mask_t m) { return _mm256_maskload_ps(p, m); }
 ISA_INLINE void vstore(float* p, mask_t m, vf v) { _mm256_maskstore_ps(p, m, v); }
 ISA_INLINE vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+ISA_INLINE void vstream(float* p, vf v) { _mm256_stream_ps(p, v); }   // (p 32-byte aligned)
 #else
 ISA_INLINE vf vset1(float x) { return vf{x, x, x, x}; }
 #endif

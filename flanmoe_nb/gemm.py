@@ -119,13 +119,20 @@ def set_cpu_gemm(mode: str) -> str:
     return before
 
 # %% ../nbs/01b_gemm.ipynb #e421cc7d
+_GEMM_STREAM_MODES = ("auto", "on", "off", "1", "0")
+
 def _check_gemm_env():
-    "Warn when FLANMOE_SMALL_GEMM names a mode that does not exist or this CPU cannot run (the kernels then use BLAS)."
+    """Warn when FLANMOE_SMALL_GEMM names a mode that does not exist or this CPU cannot run (the kernels then use BLAS),
+    or FLANMOE_GEMM_STREAM one that does not exist (the weight gradients then stream by the 'auto' rule)."""
     import os
     mode = os.environ.get("FLANMOE_SMALL_GEMM")
-    if _C is None or mode is None or mode in ("auto", "off", "0") or mode in _C.small_gemm_supported() + ["blas"]: return
-    warnings.warn(f"FLANMOE_SMALL_GEMM={mode!r} is not one of {CPU_GEMMS} this CPU supports "
-                  f"({_C.small_gemm_supported() or 'neither ISA'}); the CPU expert GEMMs use BLAS")
+    if _C is not None and mode is not None and mode not in ("auto", "off", "0") and mode not in _C.small_gemm_supported() + ["blas"]:
+        warnings.warn(f"FLANMOE_SMALL_GEMM={mode!r} is not one of {CPU_GEMMS} this CPU supports "
+                      f"({_C.small_gemm_supported() or 'neither ISA'}); the CPU expert GEMMs use BLAS")
+    stream = os.environ.get("FLANMOE_GEMM_STREAM")
+    if _C is not None and stream is not None and stream not in _GEMM_STREAM_MODES:
+        warnings.warn(f"FLANMOE_GEMM_STREAM={stream!r} is not one of {_GEMM_STREAM_MODES}; the weight gradients use 'auto' "
+                      "(non-temporal stores where one exceeds the last-level cache)")
 
 _check_gemm_env()
 

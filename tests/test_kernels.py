@@ -1,6 +1,7 @@
 """Compiled MoE core vs its pure-PyTorch reference twins: routing plan, permute/unpermute, grouped GEMM,
 expert FFN; gradcheck, opcheck, torch.compile, and error messages that name the argument."""
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -1264,6 +1265,76 @@ def test_nn_kernels_agree_bitwise(isa):
             assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (M, D, N)
     finally:
         X._C.set_gemm_prefetch(before); X._C.set_expert_gemm("follow")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_tn_streamed_stores_agree_bitwise(isa):
+    """The weight gradients written with non-temporal stores (FLANMOE_GEMM_STREAM=on) are the same bits as with ordinary
+    ones, relu or not: depths of one pass (streamed) and more (not), column counts that leave a masked tail, a group
+    split over column ranges that start off the 64-byte grid, empty groups; 'auto' streams only past the last-level cache."""
+    if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
+    torch.manual_seed(0)
+    before = X._C.gemm_stream_mode()
+    try:
+        X._C.set_expert_gemm(isa)
+        for sizes, P, N in [([32, 5, 0, 17], 512, 2048), ([64, 1], 96, 1000), ([65, 3], 40, 48), ([7], 33, 31),
+                            ([200, 0], 130, 70), ([1, 2, 3], 2048, 512)]:
+            gs = torch.tensor(sizes); M = sum(sizes)
+            a, dy = torch.randn(M, P), torch.randn(M, N)
+            runs = []
+            for mode in ("off", "on"):
+                assert X._C.set_gemm_stream(mode) and X._C.gemm_stream_mode() == mode
+                runs.append((torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs),
+                             torch.ops.flanmoe.relu_grouped_mm_backward(dy, a, torch.randn(len(sizes), P, N), gs, False, True)[1]))
+            torch.testing.assert_close(runs[0][0], K.grouped_mm_wgrad_reference(a, dy, gs), atol=1e-3, rtol=1e-4)
+            torch.testing.assert_close(runs[0][1], K.grouped_mm_wgrad_reference(a.relu(), dy, gs), atol=1e-3, rtol=1e-4)
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (sizes, P, N)
+        # one group's columns cut in pieces (a single expert with all the rows: 2 threads split its 2048 columns at 1024,
+        # and a 1023-column gradient at 511, off the 64-byte grid)
+        for N in (2048, 1023):
+            a, dy, gs = torch.randn(48, 256), torch.randn(48, N), torch.tensor([48])
+            X._C.set_gemm_stream("off"); ref = torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs)
+            X._C.set_gemm_stream("on"); assert torch.equal(torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs), ref)
+        assert not X._C.set_gemm_stream("sometimes") and X._C.gemm_stream_mode() == "on"
+        assert X._C.last_level_cache_bytes() > 0
+    finally:
+        X._C.set_gemm_stream(before); X._C.set_expert_gemm("follow")
+
+
+@pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_nt_prefetch_agrees_bitwise(isa):
+    """The NT kernel's prefetch of its weight's next rows (rows of <= 4 KiB) changes no bit: with and without it, with the
+    relu mask, for tile counts that leave single-column tails, and a weight with fewer rows than one tile."""
+    if isa not in K.cpu_gemm_info()["supported"]: pytest.skip(f"no {isa}")
+    torch.manual_seed(0)
+    before = X._C.nt_prefetch_active()
+    try:
+        X._C.set_expert_gemm(isa)
+        for M, Kd, N in [(32, 512, 2048), (64, 1024, 100), (5, 2048, 512), (70, 1025, 37), (1, 64, 7), (33, 300, 6001)]:
+            dy, w, h = torch.randn(M, Kd), torch.randn(2, N, Kd) * Kd ** -0.5, torch.randn(M, N)
+            gs = torch.tensor([M - M // 3, M // 3])
+            runs = []
+            for on in (True, False):
+                X._C.set_nt_prefetch(on); assert X._C.nt_prefetch_active() == on
+                runs.append((torch.ops.flanmoe.grouped_mm(dy, w, gs, True),
+                             torch.ops.flanmoe.relu_grouped_mm_backward(dy, h, w, gs, True, False)[0]))
+            ref = torch.cat([dy[:M - M // 3] @ w[0].T, dy[M - M // 3:] @ w[1].T])
+            torch.testing.assert_close(runs[0][0], ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(runs[0][1], torch.where(h > 0, ref, 0.0), atol=1e-4, rtol=1e-4)
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (M, Kd, N)
+    finally:
+        X._C.set_nt_prefetch(before); X._C.set_expert_gemm("follow")
+
+
+def test_gemm_stream_env_names_a_bad_value(monkeypatch):
+    "FLANMOE_GEMM_STREAM set to a mode that does not exist is named in a warning (the kernels then use 'auto')."
+    if X._C is None: pytest.skip("no extension")
+    monkeypatch.setenv("FLANMOE_GEMM_STREAM", "sometimes")
+    with pytest.warns(UserWarning, match="FLANMOE_GEMM_STREAM='sometimes'"): G._check_gemm_env()
+    monkeypatch.setenv("FLANMOE_GEMM_STREAM", "off")
+    with warnings.catch_warnings(): warnings.simplefilter("error"); G._check_gemm_env()
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
