@@ -1298,6 +1298,9 @@ def test_tn_streamed_stores_agree_bitwise(isa):
             X._C.set_gemm_stream("on"); assert torch.equal(torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs), ref)
         assert not X._C.set_gemm_stream("sometimes") and X._C.gemm_stream_mode() == "on"
         assert X._C.last_level_cache_bytes() > 0
+        paths = K.kernel_paths()                       # what a run's train.json and every bench's machine line record
+        assert paths["fp32_weight_grad_stores"] == "on" and paths["last_level_cache_bytes"] == X._C.last_level_cache_bytes()
+        assert paths["fp32_nt_prefetch"] == X._C.nt_prefetch_active()
     finally:
         X._C.set_gemm_stream(before); X._C.set_expert_gemm("follow")
 
