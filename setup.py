@@ -4,7 +4,7 @@ C++ sources (cpp/*.cpp) are always compiled with OpenMP and -O3. CUDA sources (c
 compiled as a CUDAExtension only when the installed torch was built with CUDA and nvcc is found.
 Set FLANMOE_NO_CUDA=1 to force a CPU-only build, FLANMOE_DEBUG=1 for -O0 -g, FLANMOE_NATIVE=1 for -march=native.
 """
-import glob, json, os
+import glob, hashlib, json, os, subprocess
 from pathlib import Path
 
 from setuptools import setup
@@ -28,8 +28,29 @@ nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", f'-DF
 if use_cuda: cxx_flags.append("-DFLANMOE_WITH_CUDA")
 
 # Written beside the package so that `flanmoe_nb.kernels` can explain a torch mismatch clearly.
-(ROOT / "flanmoe_nb" / "_build_info.json").write_text(json.dumps(
-    {"torch": torch_version, "cuda": torch.version.cuda if use_cuda else None}) + "\n")
+INFO = ROOT / "flanmoe_nb" / "_build_info.json"
+build_info = {"torch": torch_version, "cuda": torch.version.cuda if use_cuda else None}
+INFO.write_text(json.dumps(build_info) + "\n")
+
+
+def source_hash() -> str:
+    "What the compiled code depends on: every cpp/ source, the flags, the compiler and torch (not the build's time)."
+    h = hashlib.sha256()
+    for f in sorted(p for p in (ROOT / "cpp").rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    cxx = os.environ.get("CXX", "c++")
+    try: compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError): compiler = cxx
+    h.update(json.dumps([cxx_flags, nvcc_flags, compiler, torch_version, use_cuda]).encode())
+    return h.hexdigest()[:20]
+
+
+class Build(BuildExtension.with_options(use_ninja=True)):
+    """build_ext that records the sources' hash once the extension is built: kernel choices cached per machine survive a
+    rebuild of the same code (`extension.machine_fingerprint`), and are measured again when the code changes."""
+    def run(self):
+        super().run()
+        INFO.write_text(json.dumps(dict(build_info, sources=source_hash())) + "\n")
 
 Ext = CUDAExtension if use_cuda else CppExtension
 ext = Ext(
@@ -40,4 +61,4 @@ ext = Ext(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(ext_modules=[ext], cmdclass={"build_ext": Build})

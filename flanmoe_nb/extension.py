@@ -119,9 +119,13 @@ def machine_fingerprint() -> dict:
     return dict(cpu=model, flags=flags, threads=torch.get_num_threads(), torch=torch.__version__,
                 extension=_extension_stamp())
 
-def _extension_stamp() -> str:
-    "Size and build time of the loaded extension: a rebuilt kernel library is measured again."
+def _extension_stamp(info: dict | None = None) -> str:
+    """Which kernel code is loaded: the hash of its sources, flags and compiler that the build recorded (a rebuild of the
+    same code keeps its cached choices, changed code is measured again; builds are not bitwise reproducible, so the
+    library's own bytes cannot say this), else the library's size and build time (every rebuild measured again)."""
     if _C is None: return "none"
+    src = (_build_info() if info is None else info).get("sources")
+    if src: return f"src-{src}"
     st = Path(_C.__file__).stat()
     return f"{st.st_size}-{st.st_mtime_ns}"
 

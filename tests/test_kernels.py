@@ -1,6 +1,7 @@
 """Compiled MoE core vs its pure-PyTorch reference twins: routing plan, permute/unpermute, grouped GEMM,
 expert FFN; gradcheck, opcheck, torch.compile, and error messages that name the argument."""
 import contextlib
+from pathlib import Path
 import warnings
 
 import pytest
@@ -1338,6 +1339,17 @@ def test_gemm_stream_env_names_a_bad_value(monkeypatch):
     with pytest.warns(UserWarning, match="FLANMOE_GEMM_STREAM='sometimes'"): G._check_gemm_env()
     monkeypatch.setenv("FLANMOE_GEMM_STREAM", "off")
     with warnings.catch_warnings(): warnings.simplefilter("error"); G._check_gemm_env()
+
+
+def test_extension_stamp_follows_the_sources_not_the_build_time():
+    """Cached kernel choices are keyed by the hash of the sources the build recorded (a rebuild of the same code keeps
+    them, new code is measured again); a build that recorded none falls back to the library's size and build time."""
+    if X._C is None: pytest.skip("no extension")
+    assert X._extension_stamp({"sources": "abc123"}) == "src-abc123"
+    size_time = X._extension_stamp({})
+    assert size_time.startswith(f"{Path(X._C.__file__).stat().st_size}-")
+    recorded = X._build_info().get("sources")
+    assert X.machine_fingerprint()["extension"] == (f"src-{recorded}" if recorded else size_time)
 
 
 @pytest.mark.skipif(not K.extension_available() or not K.cpu_gemm_info()["supported"], reason="no own fp32 CPU kernels to choose from")
