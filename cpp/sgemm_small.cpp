@@ -153,8 +153,11 @@ bool set_gemm_stream(const std::string& mode) {
 
 int64_t last_level_cache_bytes() {
   static const int64_t v = [] {
-    long b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    long b = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)   // glibc; elsewhere the fallback below
+    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
     return b > 0 ? int64_t(b) : int64_t(32) << 20;
   }();
   return v;
