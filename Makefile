@@ -37,9 +37,10 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed: the docs-site browser test will skip (sudo apt-get install chromium)"; fi; fi
 
-## The main job on the embedded tiny default.
+## The main job on the embedded tiny default (RUN_ARGS=--replay-kernels: the lab book's kernel paths).
+RUN_ARGS ?=
 run: install
-	$(BIN)/flanmoe run
+	$(BIN)/flanmoe run $(RUN_ARGS)
 
 ## Test suite: pytest, then the notebooks themselves (nbdev-test).
 test: install test-py test-nbs

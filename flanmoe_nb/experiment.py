@@ -192,6 +192,8 @@ def evaluate_experiment(p: dict, model, tok) -> dict:
     res["specialisation"] = routing_analysis(p, model, tok)
     for r in res["evals"].values():   # every item's prediction and score is kept (paired comparisons); prompts of the first few
         r["examples"] = [e if i < 5 else {k: v for k, v in e.items() if k != "prompt"} for i, e in enumerate(r["examples"])]
+    from . import kernels                             # every path this process chose, evaluation's shapes included
+    res["kernel_choices"] = kernels.kernel_choices()
     E.write_eval(res, Path(p["out_dir"]) / "eval.json", max_examples=100_000)
     return res
 

@@ -7,7 +7,7 @@ Docs: https://flanmoe.github.io/flanmoe_nb/extension.html.md"""
 
 # %% ../nbs/01a_extension.ipynb #4f7153a5
 from __future__ import annotations
-import hashlib, json, os, time
+import hashlib, json, os, time, warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch
 # %% auto #0
 __all__ = ['ExtensionError', 'extension_available', 'require_extension', 'op_available', 'extension_info', 'cpu_cache_info',
            'empty_cpu_cache', 'set_cpu_cache_limit', 'machine_fingerprint', 'choice_cache_path', 'pow2_ceil',
-           'choose_path', 'kernel_choices', 'kernel_paths']
+           'pinned_choices', 'choose_path', 'kernel_choices', 'kernel_paths']
 
 # %% ../nbs/01a_extension.ipynb #ee42cf25
 class ExtensionError(RuntimeError):
@@ -153,6 +153,41 @@ def pow2_ceil(n: int) -> int:
     "The smallest power of two >= `n` (1 for `n <= 1`): how sizes are rounded into `choose_path`'s shape classes."
     return 1 << max(0, int(n) - 1).bit_length()
 
+# %% ../nbs/01a_extension.ipynb #040b2d25
+def _load_pins(path: str) -> dict:
+    "The choices a run recorded, from `FLANMOE_KERNEL_CHOICES`: a run folder (its `train.json` and `eval.json`), one such file, or a plain `{key: choice}` JSON map."
+    p = Path(path)
+    files = [p / n for n in ("train.json", "eval.json") if (p / n).exists()] if p.is_dir() else [p]
+    if not files or not all(f.exists() for f in files):
+        raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: no such file, or a folder without train.json / eval.json")
+    pins = {}
+    for f in files:
+        try: data = json.loads(f.read_text())
+        except ValueError as e: raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {f.name} is not JSON ({e})") from None
+        if p.is_dir() and isinstance(data, dict) and "kernel_choices" not in data: continue   # (an older run's eval.json)
+        rec = data.get("kernel_choices", data) if isinstance(data, dict) else None
+        if not isinstance(rec, dict):
+            raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {f.name} holds no kernel_choices map")
+        for k, v in rec.items():
+            c = v.get("choice") if isinstance(v, dict) else v
+            if not isinstance(c, str):
+                raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {f.name} gives {k!r} no choice (got {v!r})")
+            if pins.get(k, c) != c:
+                raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {k!r} is {pins[k]!r} in one file and {c!r} in {f.name}")
+            pins[k] = c
+    if not pins and p.is_dir(): raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: neither train.json nor eval.json records kernel_choices")
+    return pins
+
+_PINS: dict = {}   # path -> its pinned choices (read once per process)
+_UNPINNED: set = set()
+
+def pinned_choices() -> dict:
+    "The choices `FLANMOE_KERNEL_CHOICES` replays (`{}` when it is unset)."
+    path = os.environ.get("FLANMOE_KERNEL_CHOICES")
+    if not path: return {}
+    if path not in _PINS: _PINS[path] = _load_pins(path)
+    return _PINS[path]
+
 # %% ../nbs/01a_extension.ipynb #a6425317
 def choose_path(kind: str, shape_class: str, candidates: dict, default: str, reps: int = 3, margin: float = 0.05) -> str:
     "The fastest of `candidates` (name -> zero-argument callable) for `kind` at `shape_class` on this machine (see above)."
@@ -164,6 +199,16 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
         if forced not in candidates:
             raise ValueError(f"FLANMOE_PATH_{kind.upper()}={forced!r} is not one of {sorted(candidates)}")
         _CHOICES[key] = dict(choice=forced, source="environment"); return forced
+    pins = pinned_choices()
+    if key in pins:
+        if pins[key] not in candidates:
+            raise ValueError(f"FLANMOE_KERNEL_CHOICES={os.environ['FLANMOE_KERNEL_CHOICES']!r} replays {key}={pins[key]!r}, "
+                             f"which this machine cannot run (it has {sorted(candidates)})")
+        _CHOICES[key] = dict(choice=pins[key], source="replayed"); return pins[key]
+    if pins and key not in _UNPINNED:                # the recorded run never chose this: say so once, then choose as usual
+        _UNPINNED.add(key)
+        warnings.warn(f"{key}: FLANMOE_KERNEL_CHOICES={os.environ['FLANMOE_KERNEL_CHOICES']!r} records no choice for it; "
+                      "it is chosen as usual (see kernel_choices())", stacklevel=2)
     if os.environ.get("FLANMOE_DETERMINISTIC", "0") == "1":
         _CHOICES[key] = dict(choice=default, source="deterministic"); return default
     machine = _fingerprint_hash(machine_fingerprint())
@@ -185,7 +230,7 @@ def choose_path(kind: str, shape_class: str, candidates: dict, default: str, rep
 
 # %% ../nbs/01a_extension.ipynb #f8809e6e
 def kernel_choices() -> dict:
-    "Every path `choose_path` picked in this process, with its source (measured, cache, environment, deterministic) and timings."
+    "Every path `choose_path` picked in this process, with its source (measured, cache, environment, replayed, deterministic) and timings."
     return {k: dict(v) for k, v in _CHOICES.items()}
 
 # %% ../nbs/01a_extension.ipynb #4e653d67

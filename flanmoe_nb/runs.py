@@ -46,8 +46,8 @@ def _relpaths(v, base: Path):
 
 def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "python3",
                 timeout: float | None = None, log: bool = False, fingerprint: str = "", params_fingerprint: str = "",
-                parents: dict | None = None) -> tuple[str, float, str]:
-    "Execute `spec.notebook` with papermill into `out_dir`; return (status, seconds, error text). `DONE` is written last, atomically, with the digest of the run's weights and of the `parents`' weights it started from."
+                parents: dict | None = None, replay: tuple[Path, dict] | None = None) -> tuple[str, float, str]:
+    "Execute `spec.notebook` with papermill into `out_dir`; return (status, seconds, error text). `DONE` is written last, atomically, with the digest of the run's weights and of the `parents`' weights it started from. `replay` = (a recorded run, its kernel choices): the run takes those paths (`FLANMOE_KERNEL_CHOICES`)."
     import papermill as pm
     if out_dir.exists() and any(out_dir.iterdir()):   # a rerun starts clean; the earlier attempt is kept aside, not deleted
         base = out_dir.parent / ".previous" / f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -56,8 +56,17 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
         keep.parent.mkdir(parents=True, exist_ok=True); os.replace(out_dir, keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {**params, "out_dir": str(out_dir), "run_id": spec.id}
-    atomic_write(out_dir / "params.yaml", yaml.safe_dump({"run_id": spec.id, "notebook": spec.notebook.name, "deps": spec.deps,
-                                                           "params": _relpaths(params, out_dir)}, sort_keys=False))
+    meta = {"run_id": spec.id, "notebook": spec.notebook.name, "deps": spec.deps, "params": _relpaths(params, out_dir)}
+    env = {}
+    if replay is not None:                           # the choices are copied in: the recorded run may be this folder's previous attempt
+        pins = out_dir / "kernel_choices.replay.json"
+        atomic_write(pins, json.dumps(replay[1], indent=1, sort_keys=True) + "\n")
+        src = os.path.relpath(replay[0], out_dir)
+        meta["kernel_choices_replayed_from"] = src if src != "." else "its previous attempt (../.previous/)"
+        env["FLANMOE_KERNEL_CHOICES"] = str(pins)
+    atomic_write(out_dir / "params.yaml", yaml.safe_dump(meta, sort_keys=False))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                           # the notebook's kernel inherits this process's environment
     t0 = time.time()
     try:
         src = tagged_copy(spec.notebook, out_dir / ".input.ipynb")
@@ -68,7 +77,11 @@ def execute_run(spec: RunSpec, out_dir: Path, params: dict, kernel_name: str = "
         err = _error_text(e); atomic_write(out_dir / "error.txt", err)
         if not isinstance(e, Exception): raise
         return "failed", time.time() - t0, err
-    finally: (out_dir / ".input.ipynb").unlink(missing_ok=True)
+    finally:
+        (out_dir / ".input.ipynb").unlink(missing_ok=True)
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
     dt = time.time() - t0
     _scrub_paths(out_dir / "notebook.ipynb", out_dir)
     atomic_write(out_dir / "DONE", json.dumps({"seconds": round(dt, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -84,6 +97,19 @@ def _scrub_paths(notebook: Path, out_dir: Path) -> None:
     for base, rel in sorted(subs, key=lambda s: -len(s[0])):      # the longest first: a folder before its parents
         if len(base) > 1: text = text.replace(json.dumps(base)[1:-1], rel)
     notebook.write_text(text)
+
+# %% ../nbs/09_runs.ipynb #02e078cc
+def _replay_choices(root: str | Path, ids: list[str]) -> dict:
+    "Each run's recorded kernel choices (`train.json` and `eval.json` under `root/<run_id>/`), read before any run starts; a run without a record is an error."
+    from .extension import _load_pins
+    root, found, missing = Path(root).resolve(), {}, []
+    for i in ids:
+        d = root / i
+        if not any((d / n).exists() for n in ("train.json", "eval.json")): missing.append(i); continue
+        try: found[i] = (d, _load_pins(str(d)))
+        except ValueError as e: raise ConfigError(f"--replay-kernels {root}: {i}: {e}") from None
+    if missing: raise ConfigError(f"--replay-kernels {root}: no recorded kernel choices (train.json / eval.json) for {missing}")
+    return found
 
 # %% ../nbs/09_runs.ipynb #baf486ee
 def code_version(notebook: str | Path | None = None) -> str:
@@ -169,13 +195,14 @@ def _hms(s: float) -> str: s = int(s); return f"{s // 3600}:{s % 3600 // 60:02d}
 # %% ../nbs/09_runs.ipynb #672250f1
 def run_grid(path: str | Path, only: list[str] | None = None, force: bool = False, out: str | Path | None = None,
              kernel_name: str = "python3", timeout: float | None = None, log: bool = False, quiet: bool = False,
-             reuse_stale: bool = False) -> list[dict]:
-    "Execute every (or `only` the named) run of a grid in dependency order; return one summary row per run."
+             reuse_stale: bool = False, replay_kernels: str | Path | None = None) -> list[dict]:
+    "Execute every (or `only` the named) run of a grid in dependency order; return one summary row per run. `replay_kernels`: a grid folder whose runs' recorded kernel choices the runs executed now take."
     header, specs = load_grid(path)
     out = Path(out or header["out"]).resolve()
     if only:
         unknown = [o for o in only if o not in {s.id for s in specs}]
         if unknown: raise ConfigError(f"--only names unknown run(s) {unknown} (known: {[s.id for s in specs]})")
+    replays = _replay_choices(replay_kernels, [s.id for s in specs if not only or s.id in only]) if replay_kernels else {}
     dirs = {s.id: out / s.id for s in specs}
     code = {nb: code_version(nb) for nb in {s.notebook for s in specs}}
     fps, pfps = {}, {}                  # with and without the code version
@@ -219,7 +246,7 @@ def run_grid(path: str | Path, only: list[str] | None = None, force: bool = Fals
                 why = why or ("rerun (--force)" if (d / "DONE").exists() and force else "rerun (parameters or code changed)" if (d / "DONE").exists() else "running")
                 say(f"[{k}/{len(todo)}] {s.id}: {why} {s.notebook.name} (elapsed {_hms(time.time() - t_start)}{eta})")
                 st, dt, err = execute_run(s, d, resolve_refs(s.params, dirs), kernel_name, timeout, log, fps[s.id], pfps[s.id],
-                                          parents={x: weights_of(x) for x in s.deps})
+                                          parents={x: weights_of(x) for x in s.deps}, replay=replays.get(s.id))
                 ran_s += dt; n_ran += 1; rerun.add(s.id); weights.pop(s.id, None)
                 if st == "failed": say(f"  FAILED: {err.splitlines()[0]} (see {d / 'error.txt'})")
                 else: say(f"  ok in {dt:.0f}s, score {_headline(d)}")
@@ -276,6 +303,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", action="store_true", help="stream the notebooks' output")
     p.add_argument("--dry-run", action="store_true", help="print the exact launcher commands (and Slurm scripts) of every point, run nothing")
     p.add_argument("--export", metavar="DIR", help="then export every finished run to DIR/<run_id>/ (HF or own format, tokenizer, card)")
+    p.add_argument("--replay-kernels", metavar="DIR", help="the runs executed now take the kernel paths recorded in DIR/<run_id>/ (e.g. the committed lab book)")
     a = p.parse_args(argv)
     try:
         header, specs = load_grid(a.file)
@@ -288,7 +316,8 @@ def grid_main(argv: list[str] | None = None) -> int:
             return 0
         if a.log: logging.basicConfig(level=logging.INFO, format="%(message)s"); logging.getLogger("papermill").setLevel(logging.INFO)
         t0 = time.time()
-        rows = run_grid(a.file, a.only, a.force, a.out, a.kernel, a.timeout, a.log, reuse_stale=a.reuse_stale)
+        rows = run_grid(a.file, a.only, a.force, a.out, a.kernel, a.timeout, a.log, reuse_stale=a.reuse_stale,
+                        replay_kernels=a.replay_kernels)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     print(format_table(rows))
@@ -310,11 +339,14 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default=str(root / "papermill_runs/tiny.yaml"))
     p.add_argument("--out", default=str(root / "runs"), help="runs folder (default runs/, git-ignored); the grid writes runs/<name>/")
     p.add_argument("--force", action="store_true", help="rerun every point")
+    p.add_argument("--replay-kernels", action="store_true",
+                   help="take the kernel paths the committed lab book recorded (papermill_runs/<name>/): its numerics, on a CPU with the same ISA")
     a = p.parse_args(argv)
     t0 = time.time()
     try: name = load_grid(a.grid)[0]["name"]
     except ConfigError as e: print(f"error: {e}", file=sys.stderr); return 2
-    rc = grid_main([a.grid, "--out", str(Path(a.out) / name)] + (["--force"] if a.force else []))
+    rc = grid_main([a.grid, "--out", str(Path(a.out) / name)] + (["--force"] if a.force else [])
+                   + (["--replay-kernels", str(root / "papermill_runs" / name)] if a.replay_kernels else []))
     rc = results_main(["--runs", a.out, "--output", str(Path(a.out) / "results.ipynb"), "--reference", str(root / "papermill_runs")]) or rc
     cmp = compare_runs(a.out, root / "papermill_runs")
     if len(cmp):

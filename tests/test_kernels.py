@@ -950,6 +950,43 @@ def test_bf16_gemm_modes_are_named():
     finally: X._C.set_bf16_gemm(before)
 
 
+def test_choose_path_replays_a_recorded_run(choice_cache, monkeypatch, tmp_path):
+    "FLANMOE_KERNEL_CHOICES=<run folder>: its train.json and eval.json choices are taken, before the deterministic default."
+    import json
+    calls = []
+    cands = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    run = tmp_path / "run"; run.mkdir()
+    (run / "train.json").write_text(json.dumps({"status": "trained", "kernel_choices": {"demo/r1": {"choice": "b", "source": "measured", "ms": {"a": 2.0, "b": 1.0}}}}))
+    (run / "eval.json").write_text(json.dumps({"score": 0.5, "kernel_choices": {"demo/r1": {"choice": "b"}, "demo/r2": {"choice": "a"}}}))
+    monkeypatch.setenv("FLANMOE_KERNEL_CHOICES", str(run))
+    monkeypatch.setenv("FLANMOE_DETERMINISTIC", "1")
+    assert K.choose_path("demo", "r1", cands, default="a") == "b" and not calls
+    assert K.kernel_choices()["demo/r1"]["source"] == "replayed"
+    assert K.choose_path("demo", "r2", cands, default="b") == "a"           # recorded by evaluation only
+    assert K.pinned_choices() == {"demo/r1": "b", "demo/r2": "a"}
+    with pytest.warns(UserWarning, match="demo/r3.*records no choice"):    # not in the record: chosen as usual, and said
+        assert K.choose_path("demo", "r3", cands, default="a") == "a"
+    assert K.kernel_choices()["demo/r3"]["source"] == "deterministic"
+    with pytest.raises(ValueError, match=r"demo/r1='b'.*cannot run"):      # recorded on a machine with a path this one lacks
+        K.choose_path("demo", "r1", {"a": cands["a"]}, default="a")
+    monkeypatch.setenv("FLANMOE_PATH_DEMO", "a")                            # an explicit path still wins
+    assert K.choose_path("demo", "r1", cands, default="a") == "a" and K.kernel_choices()["demo/r1"]["source"] == "environment"
+    assert not calls
+
+
+@pytest.mark.parametrize("files, msg", [
+    ({}, "no such file"), ({"train.json": "{"}, "not JSON"), ({"train.json": "[1]"}, "no kernel_choices map"),
+    ({"train.json": '{"kernel_choices": {"k": {"ms": 1}}}'}, "gives 'k' no choice"),
+    ({"train.json": '{"kernel_choices": {"k": "a"}}', "eval.json": '{"kernel_choices": {"k": {"choice": "b"}}}'}, "'k' is 'a' in one file"),
+    ({"train.json": '{"status": "trained"}', "eval.json": '{"score": 1.0}'}, "records kernel_choices")])
+def test_kernel_choice_replay_refuses_a_bad_record(tmp_path, files, msg):
+    for n, t in files.items(): (tmp_path / n).write_text(t)
+    path = str(tmp_path if files else tmp_path / "nope")
+    with pytest.raises(ValueError, match=f"FLANMOE_KERNEL_CHOICES={path!r}.*{msg}"): X._load_pins(path)
+    (tmp_path / "map.json").write_text('{"k": "a", "j": {"choice": "b"}}')   # a plain map is a record too
+    assert X._load_pins(str(tmp_path / "map.json")) == {"k": "a", "j": "b"}
+
+
 @pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
 @HYP
 @given(sizes=st.lists(st.sampled_from([0, 1, 2, 7, 31, 32, 33, 64, 97, 129, 300]), min_size=1, max_size=5),
@@ -1035,7 +1072,7 @@ def test_expert_ffn_runs_bf16_under_cpu_autocast():
 @pytest.fixture
 def choice_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
-    for v in ("FLANMOE_DETERMINISTIC", "FLANMOE_PATH_DEMO"): monkeypatch.delenv(v, raising=False)
+    for v in ("FLANMOE_DETERMINISTIC", "FLANMOE_PATH_DEMO", "FLANMOE_KERNEL_CHOICES"): monkeypatch.delenv(v, raising=False)
     return tmp_path / "choice.json"
 
 

@@ -285,3 +285,35 @@ def test_a_child_reruns_when_its_parent_was_rerun_with_other_weights(tmp_path, c
     shutil.rmtree(out / "parent/checkpoints"); shutil.rmtree(out / "child3")
     assert runs.grid_main([str(grid)]) == 0                # the parent ran again and child2 kept no record: rerun
     assert "child2: rerun (it started from parent" in capsys.readouterr().out
+
+
+CHOOSE = """import json, pathlib
+from flanmoe_nb import extension as X
+c = X.choose_path("demo", "grid", {"a": lambda: None, "b": lambda: None}, default="a")
+pathlib.Path(out_dir, 'train.json').write_text(json.dumps({"kernel_choices": X.kernel_choices()}))
+pathlib.Path(out_dir, 'eval.json').write_text(json.dumps({'score': 1.0 if c == 'b' else 0.0}))"""
+
+
+def test_grid_replays_recorded_kernel_choices(tmp_path, monkeypatch, capsys):
+    "--replay-kernels DIR: each run takes the paths DIR/<run_id>/ recorded, copied into its folder, even from its own previous attempt."
+    import os
+    from flanmoe_nb.checks import ConfigError
+    monkeypatch.setenv("FLANMOE_KERNEL_CACHE", str(tmp_path / "choice.json"))
+    (tmp_path / "pyproject.toml").touch(); (tmp_path / "nbs/experiments").mkdir(parents=True)
+    _nb(tmp_path / "nbs/experiments/choose.ipynb", CHOOSE)
+    g = tmp_path / "papermill_runs/r.yaml"; g.parent.mkdir()
+    g.write_text("name: r\nruns:\n  - {id: p1, notebook: choose}\n")
+    rec = tmp_path / "recorded/p1"; rec.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no recorded kernel choices.*\['p1'\]"):
+        runs.run_grid(g, replay_kernels=tmp_path / "elsewhere", quiet=True)
+    (rec / "train.json").write_text(json.dumps({"kernel_choices": {"demo/grid": {"choice": "b", "source": "measured"}}}))
+    out = tmp_path / "papermill_runs/r"
+    assert runs.run_grid(g, replay_kernels=tmp_path / "recorded", quiet=True)[0]["score"] == 1.0   # the default would give 0.0
+    assert json.loads((out / "p1/train.json").read_text())["kernel_choices"]["demo/grid"]["source"] == "replayed"
+    assert json.loads((out / "p1/kernel_choices.replay.json").read_text()) == {"demo/grid": "b"}
+    assert yaml.safe_load((out / "p1/params.yaml").read_text())["kernel_choices_replayed_from"] == "../../../recorded/p1"
+    assert "FLANMOE_KERNEL_CHOICES" not in os.environ                      # set for the run only
+    # a rerun that replays its own previous attempt (moved aside before the notebook starts)
+    assert runs.run_grid(g, force=True, replay_kernels=out, quiet=True)[0]["score"] == 1.0
+    assert "previous attempt" in yaml.safe_load((out / "p1/params.yaml").read_text())["kernel_choices_replayed_from"]
+    assert runs.run_grid(g, force=True, quiet=True)[0]["score"] == 0.0      # without it: the deterministic default
