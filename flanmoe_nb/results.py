@@ -22,10 +22,10 @@ __all__ = ['collect_results', 'compare_runs', 'tidy_results', 'export_grid', 'ex
 
 # %% ../nbs/09e_results.ipynb #d46718d6
 def _flat(d: dict, prefix: str = "") -> dict:
-    "Flatten nested dicts to `a.b` keys, dropping per-example lists."
+    "Flatten nested dicts to `a.b` keys, dropping per-example lists and the kernel choices (provenance, not results)."
     out = {}
     for k, v in d.items():
-        if k == "examples": continue
+        if k in ("examples", "kernel_choices"): continue
         if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
         elif not isinstance(v, list): out[f"{prefix}{k}"] = v
     return out
