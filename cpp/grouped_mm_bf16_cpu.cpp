@@ -2,9 +2,11 @@
 //
 // The ukernel wants B in VNNI order: pairs of consecutive rows along the depth interleaved, in column blocks of
 // NB = 64 ([depth/2][64][2]; oneDNN's "pack32" layout, the same for AMX and AVX512-BF16). Each work unit of a
-// product is one group's chunk of up to RC rows times a panel of up to PB column blocks: it packs the panel of
-// the weight once and runs every MB = 32-row block (two AMX tiles) of the chunk against each packed block, into
-// an fp32 block that is rounded to bf16 as it is stored. Units are spread over the intra-op threads longest first.
+// product is one group's chunk of up to RC rows; the group's weight is packed whole, once per thread, group and
+// call, as panels PW = 256 columns wide (reading it row by row, front to back; a transposed weight of a one-chunk
+// group is packed panel by panel next to its use instead), and every MB = 32-row block (two AMX
+// tiles) of the chunk runs against each panel in one ukernel call, into an fp32 block that is rounded to bf16 as
+// it is stored. Units are spread over the intra-op threads longest first.
 // Weight gradients a_g^T dy_g take dy_g as the packed operand (pairs of rows) and a_g transposed, the depth
 // (the group's rows) zero-padded to 32 and cut into chunks of at most KC = 256: the ukernel is JIT-generated
 // and cached per shape, so every call uses one of a few fixed shapes, never one per group size.
@@ -31,13 +33,14 @@ constexpr int64_t NB = 64;    // packed column block
 constexpr int64_t MB = 32;    // rows per ukernel call
 constexpr int64_t RC = 256;   // rows per unit of a product (with K = 512: 256 KiB of a, kept in cache)
 constexpr int64_t PB = 4;     // column blocks per unit (a 256-column panel of the weight, packed once)
+constexpr int64_t PW = NB * PB;   // the panel's width: packed as one block, N of each ukernel call
 constexpr int64_t KC = 256;   // depth chunk of the weight-gradient products (a multiple of 32)
 
-// dst[k2][n][2] = src[2 k2 + {0,1}][n] for n < nb (0 for nb <= n < NB, and for rows at or past `rows`);
-// src row-major with leading dimension ld, k2 < pairs.
-void pack_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst) {
+// dst[k2][n][2] = src[2 k2 + {0,1}][n] for n < nb (0 for nb <= n < W, and for rows at or past `rows`);
+// src row-major with leading dimension ld, k2 < pairs; W (a multiple of 16) is the packed block's width.
+void pack_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst, int64_t W) {
   for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    uint16_t* d = dst + k2 * NB * 2;
+    uint16_t* d = dst + k2 * W * 2;
     const int64_t r = 2 * k2;
     const uint16_t* r0 = r < rows ? src + r * ld : nullptr;
     const uint16_t* r1 = r + 1 < rows ? src + (r + 1) * ld : nullptr;
@@ -46,35 +49,35 @@ void pack_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int
     } else {
       for (int64_t n = 0; n < nb; ++n) { d[2 * n] = r0 ? r0[n] : 0; d[2 * n + 1] = 0; }
     }
-    if (nb < NB) std::memset(d + 2 * nb, 0, (NB - nb) * 2 * sizeof(uint16_t));
+    if (nb < W) std::memset(d + 2 * nb, 0, (W - nb) * 2 * sizeof(uint16_t));
   }
 }
 
 // The same block of src^T: dst[k2][n][2] = src[n][2 k2 + {0,1}] (src [nb, 2*pairs] rows with leading dim ld):
 // a transpose of 32-bit pairs, in 16-pair strips so that reads and writes both stay in cache lines.
-void pack_cols(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst) {
+void pack_cols(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst, int64_t W) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
     const int64_t k1 = std::min(pairs, k0 + 16);
-    for (int64_t n = 0; n < NB; ++n) {
+    for (int64_t n = 0; n < W; ++n) {
       if (n < nb) {
         const uint16_t* s = src + n * ld;
         for (int64_t k2 = k0; k2 < k1; ++k2) {
           uint32_t v;
           std::memcpy(&v, s + 2 * k2, sizeof v);
-          d[k2 * NB + n] = v;
+          d[k2 * W + n] = v;
         }
       } else {
-        for (int64_t k2 = k0; k2 < k1; ++k2) d[k2 * NB + n] = 0;
+        for (int64_t k2 = k0; k2 < k1; ++k2) d[k2 * W + n] = 0;
       }
     }
   }
 }
 
-// out[i][n] = bf16(c[i][n]) for an [mb, nb] block of the fp32 accumulator (leading dim NB).
-void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo) {
+// out[i][n] = bf16(c[i][n]) for an [mb, nb] block of the fp32 accumulator (leading dim ldc).
+void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo, int64_t ldc) {
   for (int64_t i = 0; i < mb; ++i) {
-    const float* ci = c + i * NB;
+    const float* ci = c + i * ldc;
     bf16* oi = out + i * ldo;
     for (int64_t n = 0; n < nb; ++n) oi[n] = bf16(ci[n]);
   }
@@ -85,14 +88,14 @@ void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo)
 #define FLANMOE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 FLANMOE_AVX512BW void pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb,
-                                       uint16_t* dst) {
+                                       uint16_t* dst, int64_t W) {
   const __m256i zero = _mm256_setzero_si256();
   for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    uint16_t* d = dst + k2 * NB * 2;
+    uint16_t* d = dst + k2 * W * 2;
     const int64_t r = 2 * k2;
     const uint16_t* r0 = r < rows ? src + r * ld : nullptr;
     const uint16_t* r1 = r + 1 < rows ? src + (r + 1) * ld : nullptr;
-    for (int64_t n = 0; n < NB; n += 16) {             // 16 columns: two rows of 16 bf16 -> 16 interleaved pairs
+    for (int64_t n = 0; n < W; n += 16) {             // 16 columns: two rows of 16 bf16 -> 16 interleaved pairs
       const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, nb - n));
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
       const __m256i a = r0 && left ? _mm256_maskz_loadu_epi16(m, r0 + n) : zero;
@@ -131,22 +134,25 @@ FLANMOE_AVX512BW inline void transpose16(__m512i r[16]) {
   }
 }
 
-FLANMOE_AVX512BW void pack_cols_avx512(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst) {
+FLANMOE_AVX512BW void pack_cols_avx512(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst,
+                                       int64_t W) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   __m512i r[16];
-  for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
-    const int64_t kl = std::min<int64_t>(16, pairs - k0);
-    const __mmask16 km = kl >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << kl) - 1);
-    for (int64_t n0 = 0; n0 < NB; n0 += 16) {
+  // 16 source rows at a time, each read from start to end: 16 sequential streams for the prefetcher, however wide
+  // the packed block (the packed panel, written with a stride of W pairs, stays in cache)
+  for (int64_t n0 = 0; n0 < W; n0 += 16) {
+    for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
+      const int64_t kl = std::min<int64_t>(16, pairs - k0);
+      const __mmask16 km = kl >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << kl) - 1);
       for (int i = 0; i < 16; ++i)                      // row n0 + i of src: pairs k0 .. k0 + 15
         r[i] = n0 + i < nb ? _mm512_maskz_loadu_epi32(km, src + (n0 + i) * ld + 2 * k0) : _mm512_setzero_si512();
       transpose16(r);
-      for (int64_t j = 0; j < kl; ++j) _mm512_storeu_si512(d + (k0 + j) * NB + n0, r[j]);
+      for (int64_t j = 0; j < kl; ++j) _mm512_storeu_si512(d + (k0 + j) * W + n0, r[j]);
     }
   }
 }
 
-FLANMOE_AVX512BW void store_block_avx512(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo) {
+FLANMOE_AVX512BW void store_block_avx512(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo, int64_t ldc) {
   const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
   for (int64_t i = 0; i < mb; ++i) {
@@ -154,7 +160,7 @@ FLANMOE_AVX512BW void store_block_avx512(const float* c, int64_t mb, int64_t nb,
     for (int64_t n = 0; n < nb; n += 16) {
       const int64_t left = std::min<int64_t>(16, nb - n);
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, c + i * NB + n));
+      const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, c + i * ldc + n));
       // round to nearest even, as c10::BFloat16 does; NaN -> the quiet NaN c10 writes
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
       __m512i y = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, bias), lsb), 16);
@@ -171,19 +177,19 @@ bool has_avx512bw() {
 }
 #else
 bool has_avx512bw() { return false; }
-void pack_rows_avx512(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
-void pack_cols_avx512(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) {}
-void store_block_avx512(const float*, int64_t, int64_t, bf16*, int64_t) {}
+void pack_rows_avx512(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void pack_cols_avx512(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void store_block_avx512(const float*, int64_t, int64_t, bf16*, int64_t, int64_t) {}
 #endif
 
-void pack_rows_any(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst) {
-  if (has_avx512bw()) pack_rows_avx512(src, ld, rows, pairs, nb, dst); else pack_rows(src, ld, rows, pairs, nb, dst);
+void pack_rows_any(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst, int64_t W = NB) {
+  if (has_avx512bw()) pack_rows_avx512(src, ld, rows, pairs, nb, dst, W); else pack_rows(src, ld, rows, pairs, nb, dst, W);
 }
-void pack_cols_any(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst) {
-  if (has_avx512bw()) pack_cols_avx512(src, ld, pairs, nb, dst); else pack_cols(src, ld, pairs, nb, dst);
+void pack_cols_any(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst, int64_t W = NB) {
+  if (has_avx512bw()) pack_cols_avx512(src, ld, pairs, nb, dst, W); else pack_cols(src, ld, pairs, nb, dst, W);
 }
-void store_block_any(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo) {
-  if (has_avx512bw()) store_block_avx512(c, mb, nb, out, ldo); else store_block(c, mb, nb, out, ldo);
+void store_block_any(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo, int64_t ldc = NB) {
+  if (has_avx512bw()) store_block_avx512(c, mb, nb, out, ldo, ldc); else store_block(c, mb, nb, out, ldo, ldc);
 }
 
 const uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<bf16>()); }
@@ -194,12 +200,12 @@ void relu_rows(const uint16_t* src, int64_t rows, int64_t K, uint16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_relu_bits(src[i]);
 }
 
-// c[i][n] = 0 wherever mask[i][n] <= 0, for an [mb, nb] block of the fp32 accumulator (leading dim NB; mask ld ldm):
-// the input gradient through a relu, as torch's threshold_backward (NaN in the mask lets the gradient through).
-void mask_block(float* c, int64_t mb, int64_t nb, const uint16_t* mask, int64_t ldm) {
+// c[i][n] = 0 wherever mask[i][n] <= 0, for an [mb, nb] block of the fp32 accumulator (leading dim ldc; mask ld
+// ldm): the input gradient through a relu, as torch's threshold_backward (NaN in the mask lets the gradient through).
+void mask_block(float* c, int64_t mb, int64_t nb, const uint16_t* mask, int64_t ldm, int64_t ldc) {
   for (int64_t i = 0; i < mb; ++i)
     for (int64_t n = 0; n < nb; ++n)
-      if (bf16_nonpos(mask[i * ldm + n])) c[i * NB + n] = 0.f;
+      if (bf16_nonpos(mask[i * ldm + n])) c[i * ldc + n] = 0.f;
 }
 
 bool probe() {
@@ -263,18 +269,22 @@ bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth) {
 
 void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,
                      at::Tensor& out, bool relu_a, const at::Tensor* mask) {
-  // A unit is one group's chunk of up to RC rows times a panel of up to PB column blocks: the panel is packed
-  // once per unit and the chunk's rows (RC x K bf16) stay in cache while every block of the panel runs
-  // against them, so neither operand is streamed from memory once per 64 output columns.
+  // A unit is one group's chunk of up to RC rows. Its weight is packed whole, panel after panel (PW columns each),
+  // reading b[g] row by row from start to end (sequential streams: at large E the weights come from memory, and
+  // one short segment per row and panel defeated the prefetcher), once per thread, group and call: a thread that
+  // takes several chunks of one group packs it once. Then every MB-row block of the chunk runs against each panel
+  // (panel outer: it stays in cache while the chunk's rows, RC x K bf16, pass through).
   const int64_t K = a.size(1), G = b.size(0), M = out.size(1), pairs = K / 2;
-  const int64_t nblk = (M + NB - 1) / NB, npanel = (nblk + PB - 1) / PB;
+  const int64_t nblk = (M + NB - 1) / NB, npanel = (nblk + PB - 1) / PB, pstride = pairs * PW * 2;
   std::vector<int64_t> ext(G);
   std::vector<double> work(G);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t rows = off[g + 1] - off[g];
-    ext[g] = (rows + RC - 1) / RC * npanel;          // units, in order (row chunk, panel)
-    work[g] = double(std::min(rows, RC) + 1) * K * NB * PB;
+    ext[g] = (rows + RC - 1) / RC;                   // units: row chunks
+    work[g] = double(std::min(rows, RC) + 1) * K * M;
   }
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = ++calls;                      // the packed weight a thread keeps is valid for this call only
   const uint16_t* A = u16(a);
   const uint16_t* B = u16(b);
   const uint16_t* Mk = mask ? u16(*mask) : nullptr;
@@ -282,28 +292,43 @@ void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector
   run_items(make_items(ext, work, at::get_num_threads()), 2.0 * off[G] * K * M, [&](const Item& it) {
     thread_local std::vector<uint16_t> pbuf, abuf;
     thread_local std::vector<float> cbuf;
-    uint16_t* packed = grown(pbuf, size_t(PB) * pairs * NB * 2);
-    float* acc = grown(cbuf, size_t(MB) * NB);
+    thread_local int64_t packed_call = 0, packed_g = -1;
+    uint16_t* packed = grown(pbuf, size_t(npanel) * pstride);
+    float* acc = grown(cbuf, size_t(MB) * PW);
     const int64_t g0 = off[it.g], rows = off[it.g + 1] - g0;
+    // b[g] as [M, K] (trans_b) is packed panel by panel next to its use (a panel is 256 contiguous rows: read
+    // front to back already, and it stays in cache) unless the group has several chunks to share it
+    const bool whole = !trans_b || rows > RC;
+    if (whole && (packed_call != call || packed_g != it.g)) {
+      if (trans_b) {                                 // b[g] is [M, K]: 16 rows at a time, each read whole
+        for (int64_t p = 0; p < npanel; ++p)
+          pack_cols_any(B + (it.g * M + p * PW) * K, K, pairs, std::min(PW, M - p * PW), packed + p * pstride, PW);
+      } else {                                       // b[g] is [K, M]: a pair of rows at a time, across every panel
+        const uint16_t* Bg = B + it.g * K * M;
+        for (int64_t k2 = 0; k2 < pairs; ++k2)
+          for (int64_t p = 0; p < npanel; ++p)
+            pack_rows_any(Bg + 2 * k2 * M + p * PW, M, K - 2 * k2, 1, std::min(PW, M - p * PW),
+                          packed + p * pstride + k2 * PW * 2, PW);
+      }
+      packed_call = call; packed_g = it.g;
+    }
     for (int64_t u = it.lo; u < it.hi; ++u) {
-      const int64_t c0 = (u / npanel) * RC, p = u % npanel;
-      const int64_t crows = std::min(RC, rows - c0), jb0 = p * PB, jb1 = std::min(nblk, jb0 + PB);
+      const int64_t c0 = u * RC, crows = std::min(RC, rows - c0);
       const uint16_t* Ac = A + (g0 + c0) * K;        // the chunk's rows of a (relu'd into a buffer for a relu product)
       if (relu_a) { uint16_t* r = grown(abuf, size_t(crows) * K); relu_rows(Ac, crows, K, r); Ac = r; }
-      for (int64_t j = jb0; j < jb1; ++j) {
-        const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
-        uint16_t* pk = packed + (j - jb0) * pairs * NB * 2;
-        if (trans_b) pack_cols_any(B + (it.g * M + j0) * K, K, pairs, nb, pk);   // b[g] is [M, K]
-        else pack_rows_any(B + it.g * K * M + j0, M, K, pairs, nb, pk);          // b[g] is [K, M]
-      }
-      for (int64_t i0 = 0; i0 < crows; i0 += MB) {
-        const int64_t mb = std::min(MB, crows - i0), r = g0 + c0 + i0;
-        for (int64_t j = jb0; j < jb1; ++j) {
-          const int64_t j0 = j * NB, nb = std::min(NB, M - j0);
-          cpublas::brgemm(mb, nb, K, K, NB, NB, false, reinterpret_cast<const bf16*>(Ac + i0 * K),
-                          reinterpret_cast<const bf16*>(packed + (j - jb0) * pairs * NB * 2), acc, true);
-          if (Mk) mask_block(acc, mb, nb, Mk + r * M + j0, M);
-          store_block_any(acc, mb, nb, C + r * M + j0, M);
+      for (int64_t p = 0; p < npanel; ++p) {
+        const int64_t j0 = p * PW, pw = std::min(PW, M - j0);   // the panel: columns j0 .. j0 + pw
+        const uint16_t* pk = packed + (whole ? p * pstride : 0);
+        if (!whole) {
+          pack_cols_any(B + (it.g * M + j0) * K, K, pairs, pw, packed, PW);
+          packed_g = -1;                             // (the buffer no longer holds a whole packed weight)
+        }
+        for (int64_t i0 = 0; i0 < crows; i0 += MB) {   // one ukernel call per row block and panel: few calls, wide N
+          const int64_t mb = std::min(MB, crows - i0), r = g0 + c0 + i0;
+          cpublas::brgemm(mb, pw, K, K, PW, PW, false, reinterpret_cast<const bf16*>(Ac + i0 * K),
+                          reinterpret_cast<const bf16*>(pk), acc, true);
+          if (Mk) mask_block(acc, mb, pw, Mk + r * M + j0, M, PW);
+          store_block_any(acc, mb, pw, C + r * M + j0, M, PW);
         }
       }
     }

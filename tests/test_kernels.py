@@ -990,11 +990,11 @@ def test_kernel_choice_replay_refuses_a_bad_record(tmp_path, files, msg):
 @pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
 @HYP
 @given(sizes=st.lists(st.sampled_from([0, 1, 2, 7, 31, 32, 33, 64, 97, 129, 300]), min_size=1, max_size=5),
-       Kd=st.sampled_from([1, 2, 6, 33, 64, 130, 512]), M=st.sampled_from([1, 5, 63, 64, 65, 130]),
+       Kd=st.sampled_from([1, 2, 6, 33, 64, 130, 512]), M=st.sampled_from([1, 5, 63, 64, 65, 130, 256, 300]),
        trans_b=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 2**16))
 def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad, seed):
     """The ukernel path (even depths; odd ones take BLAS) against the fp32 product of the same bf16 values:
-    empty groups, one row, row blocks around 32, column blocks around 64, padding rows; the product, the input
+    empty groups, one row, row blocks around 32, column blocks around 64 and panels around 256, padding rows; the product, the input
     gradient (the transposed product) and the weight gradient (depth = a group's rows, padded to 32)."""
     g = torch.Generator().manual_seed(seed)
     gs = torch.tensor(sizes, dtype=torch.long)
@@ -1016,13 +1016,26 @@ def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad
     if N > sum(sizes): assert out[sum(sizes):].eq(0).all()
 
 
+@pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
+def test_grouped_mm_bf16_brgemm_repacks_a_weight_changed_in_place():
+    "A thread keeps its packed weight across the chunks of one group within a call, never into the next call: an optimizer updates weights in place, at the same address."
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 512, generator=g).bfloat16(); b = torch.randn(2, 512, 300, generator=g).bfloat16()
+    gs = torch.tensor([550, 50])                 # a group of three 256-row chunks and one of one
+    with bf16_gemm("brgemm"):
+        o1 = K.grouped_mm(a, b, gs)
+        b.mul_(2)
+        o2 = K.grouped_mm(a, b, gs)
+    assert torch.equal(o2, o1 * 2)              # (doubling is exact in bf16 and fp32)
+
+
 BF16_MODES = ["blas", pytest.param("brgemm", marks=pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU"))]
 
 
 @pytest.mark.parametrize("mode", BF16_MODES)
 @HYP
 @given(sizes=st.lists(st.sampled_from([0, 1, 7, 32, 33, 97, 300]), min_size=1, max_size=4),
-       f=st.sampled_from([2, 6, 64, 130]), d=st.sampled_from([1, 5, 64, 65]), pad=st.integers(0, 2), seed=st.integers(0, 2**16))
+       f=st.sampled_from([2, 6, 64, 130, 300]), d=st.sampled_from([1, 5, 64, 65, 300]), pad=st.integers(0, 2), seed=st.integers(0, 2**16))
 def test_relu_grouped_mm_bf16_equals_relu_then_grouped_mm(mode, sizes, f, d, pad, seed):
     """bf16 `relu(h) @ w` with the relu folded into the product (relu'd rows of h on the ukernel path, the mask on
     its fp32 block before rounding) is bitwise the composite `grouped_mm(h.relu(), w)` on the same path: forward,
