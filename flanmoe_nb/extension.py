@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['ExtensionError', 'extension_available', 'require_extension', 'op_available', 'extension_info', 'cpu_cache_info',
-           'empty_cpu_cache', 'set_cpu_cache_limit', 'machine_fingerprint', 'choice_cache_path', 'pow2_ceil',
-           'pinned_choices', 'choose_path', 'kernel_choices', 'kernel_paths']
+__all__ = ['RUN_RECORDS', 'ExtensionError', 'extension_available', 'require_extension', 'op_available', 'extension_info',
+           'cpu_cache_info', 'empty_cpu_cache', 'set_cpu_cache_limit', 'machine_fingerprint', 'choice_cache_path',
+           'pow2_ceil', 'pinned_choices', 'choose_path', 'kernel_choices', 'kernel_paths']
 
 # %% ../nbs/01a_extension.ipynb #ee42cf25
 class ExtensionError(RuntimeError):
@@ -154,17 +154,20 @@ def pow2_ceil(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 # %% ../nbs/01a_extension.ipynb #040b2d25
+RUN_RECORDS = ("train.json", "eval.json")   # where a run records its kernel choices
+
 def _load_pins(path: str) -> dict:
     "The choices a run recorded, from `FLANMOE_KERNEL_CHOICES`: a run folder (its `train.json` and `eval.json`), one such file, or a plain `{key: choice}` JSON map."
     p = Path(path)
-    files = [p / n for n in ("train.json", "eval.json") if (p / n).exists()] if p.is_dir() else [p]
-    if not files or not all(f.exists() for f in files):
+    folder = p.is_dir()
+    files = [p / n for n in RUN_RECORDS if (p / n).exists()] if folder else [p] if p.exists() else []
+    if not files:
         raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: no such file, or a folder without train.json / eval.json")
     pins = {}
     for f in files:
         try: data = json.loads(f.read_text())
         except ValueError as e: raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {f.name} is not JSON ({e})") from None
-        if p.is_dir() and isinstance(data, dict) and "kernel_choices" not in data: continue   # (an older run's eval.json)
+        if folder and isinstance(data, dict) and "kernel_choices" not in data: continue   # (an older run's eval.json)
         rec = data.get("kernel_choices", data) if isinstance(data, dict) else None
         if not isinstance(rec, dict):
             raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {f.name} holds no kernel_choices map")
@@ -175,7 +178,7 @@ def _load_pins(path: str) -> dict:
             if pins.get(k, c) != c:
                 raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: {k!r} is {pins[k]!r} in one file and {c!r} in {f.name}")
             pins[k] = c
-    if not pins and p.is_dir(): raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: neither train.json nor eval.json records kernel_choices")
+    if not pins and folder: raise ValueError(f"FLANMOE_KERNEL_CHOICES={path!r}: neither train.json nor eval.json records kernel_choices")
     return pins
 
 _PINS: dict = {}   # path -> its pinned choices (read once per process)

@@ -101,11 +101,11 @@ def _scrub_paths(notebook: Path, out_dir: Path) -> None:
 # %% ../nbs/09_runs.ipynb #02e078cc
 def _replay_choices(root: str | Path, ids: list[str]) -> dict:
     "Each run's recorded kernel choices (`train.json` and `eval.json` under `root/<run_id>/`), read before any run starts; a run without a record is an error."
-    from .extension import _load_pins
+    from .extension import RUN_RECORDS, _load_pins
     root, found, missing = Path(root).resolve(), {}, []
     for i in ids:
         d = root / i
-        if not any((d / n).exists() for n in ("train.json", "eval.json")): missing.append(i); continue
+        if not any((d / n).exists() for n in RUN_RECORDS): missing.append(i); continue
         try: found[i] = (d, _load_pins(str(d)))
         except ValueError as e: raise ConfigError(f"--replay-kernels {root}: {i}: {e}") from None
     if missing: raise ConfigError(f"--replay-kernels {root}: no recorded kernel choices (train.json / eval.json) for {missing}")
