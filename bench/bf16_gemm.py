@@ -1,4 +1,4 @@
-"""bf16 grouped GEMMs on the CPU: the brgemm ukernel path against one oneDNN matmul per row block, and both
+"""bf16 grouped GEMMs on the CPU: the brgemm ukernel and the own AVX512-BF16 kernels against one oneDNN matmul per row block, and all
 against the dense bf16 product of equal FLOPs, side by side in one process.
 
     python bench/bf16_gemm.py [--tokens 4096] [--d 512] [--f 2048] [--experts 1,8,32,128] [--isa AVX512_CORE_BF16]
@@ -25,8 +25,9 @@ def main():
     C = X._C
     print(machine_line())
     print(f"oneDNN cap: {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}")
-    if not C.bf16_brgemm_available():
-        print("the brgemm ukernel does not run here: nothing to compare"); return
+    modes = [m for m, ok in (("brgemm", C.bf16_brgemm_available()), ("avx512bf16", C.bf16_dp_available())) if ok]
+    if not modes:
+        print("neither the brgemm ukernel nor the AVX512-BF16 kernels run here: nothing to compare"); return
 
     def bench(fn):
         fn()
@@ -41,17 +42,17 @@ def main():
     flop = 2 * T * d * f
     print(f"dense bf16 [{T},{d}]x[{d},{f}]: fwd {dense[0]:.1f} ms ({flop / dense[0] / 1e6:.0f} GFLOP/s), "
           f"dX {dense[1]:.1f}, dW {dense[2]:.1f} ms")
-    print(f"{'E':>5} {'path':>7} {'fwd ms':>8} {'dX ms':>8} {'dW ms':>8} {'sum/dense':>10}")
+    print(f"{'E':>5} {'path':>10} {'fwd ms':>8} {'dX ms':>8} {'dW ms':>8} {'sum/dense':>10}")
     before = C.bf16_gemm_active()
     try:
         for E in (int(e) for e in args.experts.split(",")):
             gs = torch.full((E,), T // E, dtype=torch.long); gs[-1] += T - gs.sum()
             w = torch.randn(E, d, f).bfloat16()
-            for mode in ("brgemm", "blas"):
+            for mode in (*modes, "blas"):
                 C.set_bf16_gemm(mode)
                 ms = [bench(lambda: K.grouped_mm(a, w, gs)), bench(lambda: K.grouped_mm(dy, w, gs, True)),
                       bench(lambda: torch.ops.flanmoe.grouped_mm_wgrad(a, dy, gs))]
-                print(f"{E:>5} {mode:>7} {ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {sum(ms) / sum(dense):>10.2f}")
+                print(f"{E:>5} {mode:>10} {ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {sum(ms) / sum(dense):>10.2f}")
     finally:
         C.set_bf16_gemm(before)
 

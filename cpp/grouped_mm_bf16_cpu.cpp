@@ -19,9 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "avx512_transpose.h"
 
 namespace flanmoe {
 namespace {
@@ -85,7 +83,6 @@ void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo,
 
 #if defined(__x86_64__)
 // AVX-512 (F+BW) versions of the three loops above; the ukernel itself needs AVX-512, so wherever it runs these do.
-#define FLANMOE_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 FLANMOE_AVX512BW void pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb,
                                        uint16_t* dst, int64_t W) {
@@ -103,34 +100,6 @@ FLANMOE_AVX512BW void pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t 
       const __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
       _mm512_storeu_si512(d + 2 * n, v);
     }
-  }
-}
-
-// 16x16 transpose of 32-bit lanes held in r[0..15].
-FLANMOE_AVX512BW inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // r[4q + j] now holds, in each 128-bit lane L, row (4L' ...) : finish with two 128-bit lane shuffles
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
   }
 }
 
@@ -226,10 +195,33 @@ bool probe() {
   }
 }
 
-enum class Mode { blas, brgemm };
-std::atomic<int>& mode_ref() {
-  static std::atomic<int> m{-1};
-  return m;
+// The path of each product slot (sgemm_small.h's kGemmProductNames order); -1 until first read: FLANMOE_BF16_GEMM.
+std::atomic<int>& slot_ref(int slot) {
+  static std::atomic<int> m[6] = {-1, -1, -1, -1, -1, -1};
+  return m[slot];
+}
+
+const char* path_name(int p) { return p == int(Bf16Path::brgemm) ? "brgemm" : p == int(Bf16Path::dp) ? "avx512bf16" : "blas"; }
+
+// mode -> path (-1: unknown name or not runnable here); auto = blas: the faster path per shape is chosen by measurement
+// in Python (gemm.choose_expert_gemm), which sets each product's path explicitly.
+int parse_mode(const std::string& mode) {
+  if (mode == "blas" || mode == "off" || mode == "auto") return int(Bf16Path::blas);
+  if (mode == "brgemm") return bf16_brgemm_available() ? int(Bf16Path::brgemm) : -1;
+  if (mode == "avx512bf16") return bf16_dp_available() ? int(Bf16Path::dp) : -1;
+  return -1;
+}
+
+void init_slots() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* env = std::getenv("FLANMOE_BF16_GEMM");
+    const int p = env ? parse_mode(env) : -1;
+    for (int i = 0; i < 6; ++i) {
+      int expect = -1;
+      slot_ref(i).compare_exchange_strong(expect, p < 0 ? int(Bf16Path::blas) : p);
+    }
+  });
 }
 
 }  // namespace
@@ -239,32 +231,41 @@ bool bf16_brgemm_available() {
   return ok;
 }
 
-bool set_bf16_gemm(const std::string& mode) {
-  if (mode == "blas" || mode == "off") { mode_ref() = int(Mode::blas); return true; }
-  if (mode == "brgemm") {
-    if (!bf16_brgemm_available()) return false;
-    mode_ref() = int(Mode::brgemm);
-    return true;
-  }
-  // auto: blas. The faster path per shape is chosen by measurement in Python (gemm.choose_expert_gemm), which sets
-  // "brgemm" or "blas" explicitly; FLANMOE_BF16_GEMM=brgemm forces the ukernel.
-  if (mode == "auto") { mode_ref() = int(Mode::blas); return true; }
-  return false;
+Bf16Path bf16_gemm_path(GemmProduct p, bool tall) {
+  const int slot = 2 * int(p) + int(tall);
+  int v = slot_ref(slot).load(std::memory_order_relaxed);
+  if (v < 0) { init_slots(); v = slot_ref(slot).load(); }
+  return Bf16Path(v);
 }
 
-std::string bf16_gemm_active() {
-  if (mode_ref() < 0) {
-    static std::once_flag once;
-    std::call_once(once, [] {
-      const char* env = std::getenv("FLANMOE_BF16_GEMM");
-      if (!env || !set_bf16_gemm(env)) set_bf16_gemm("auto");
-    });
+std::string bf16_gemm_active(const std::string& product) {
+  auto name = [](int slot) { return std::string(path_name(int(bf16_gemm_path(GemmProduct(slot / 2), slot % 2)))); };
+  if (product != "all") {
+    const int slot = gemm_product_slot(product);
+    return slot < 0 ? std::string() : name(slot);
   }
-  return mode_ref() == int(Mode::brgemm) ? "brgemm" : "blas";
+  std::string all = name(0), each;
+  bool same = true;
+  for (int i = 0; i < 6; ++i) {
+    same = same && name(i) == all;
+    each += std::string(i ? "," : "") + kGemmProductNames[i] + "=" + name(i);
+  }
+  return same ? all : each;
 }
 
-bool bf16_brgemm_applies(const at::Tensor& a, int64_t depth) {
-  return a.scalar_type() == at::kBFloat16 && depth % 2 == 0 && bf16_gemm_active() == "brgemm";
+bool set_bf16_gemm(const std::string& mode, const std::string& product) {
+  int lo = 0, hi = 6;
+  if (product != "all") {
+    const bool both = product == "nn" || product == "nt" || product == "tn";
+    lo = gemm_product_slot(both ? product + "_wide" : product);
+    if (lo < 0) return false;
+    hi = lo + (both ? 2 : 1);
+  }
+  const int p = parse_mode(mode);
+  if (p < 0) return false;
+  init_slots();
+  for (int i = lo; i < hi; ++i) slot_ref(i).store(p);
+  return true;
 }
 
 void gmm_bf16_brgemm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& off, bool trans_b,

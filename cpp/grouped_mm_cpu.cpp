@@ -1,6 +1,7 @@
 // CPU grouped GEMM: one call runs every expert's matrix product over its contiguous row block.
 // Each group's product goes to the register-tiled fp32 kernels of sgemm_small.cpp (AVX-512 or AVX2, whichever
-// is active), bf16 ones to oneDNN's brgemm ukernel (grouped_mm_bf16_cpu.cpp) unless FLANMOE_BF16_GEMM=blas, and
+// is active), bf16 ones to oneDNN's brgemm ukernel (grouped_mm_bf16_cpu.cpp), the own AVX512-BF16 kernels
+// (grouped_mm_bf16_dp.cpp) or BLAS, per product as chosen (FLANMOE_BF16_GEMM forces one), and
 // the rest to ATen's BLAS (MKL / oneDNN via at::mm_out).
 // Work is cut into items (a group's row block, or for weight gradients a group's column block) of at
 // most ~1/threads of the total, scheduled longest-first over the intra-op threads (at::parallel_for);
@@ -74,9 +75,10 @@ at::Tensor gmm_cpu(const char* op, const char* an, const at::Tensor& a, const at
   if (K == 0) return out.zero_();
   const auto off = group_offsets(group_sizes);
   if (off[G] < N) out.narrow(0, off[G], N - off[G]).zero_();     // padding rows past the groups
-  if (bf16_brgemm_applies(a, K)) {                      // bf16 on the matrix engine (AMX / AVX512-BF16)
-    gmm_bf16_brgemm(a, b, off, trans_b, out, relu_a, mask);
-    return out;
+  if (a.scalar_type() == at::kBFloat16 && K % 2 == 0) {   // bf16 pairs along the depth: the matrix-engine paths
+    const Bf16Path path = bf16_gemm_path(trans_b ? GemmProduct::nt : GemmProduct::nn, b.size(1) > b.size(2));
+    if (path == Bf16Path::brgemm) { gmm_bf16_brgemm(a, b, off, trans_b, out, relu_a, mask); return out; }
+    if (path == Bf16Path::dp) { gmm_bf16_dp(a, b, off, trans_b, out, relu_a, mask); return out; }
   }
   std::vector<int64_t> rows(G);
   for (int64_t g = 0; g < G; ++g) rows[g] = off[g + 1] - off[g];
@@ -124,9 +126,10 @@ at::Tensor wgrad_cpu(const char* op, const char* an, const at::Tensor& a, const 
     return make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return at::zeros({G, K, M}, a.options()); });
   auto out = make_output(op, what, {G, K, M}, a.scalar_type(), [&] { return empty_large({G, K, M}, a.options()); });
   const auto off = group_offsets(group_sizes);
-  if (bf16_brgemm_applies(a, 0)) {                         // (the depth, a group's rows, is padded to pairs)
-    wgrad_bf16_brgemm(a, dy, off, out, relu_a);
-    return out;
+  if (a.scalar_type() == at::kBFloat16) {                   // (the depth, a group's rows, is padded to pairs)
+    const Bf16Path path = bf16_gemm_path(GemmProduct::tn, K > M);
+    if (path == Bf16Path::brgemm) { wgrad_bf16_brgemm(a, dy, off, out, relu_a); return out; }
+    if (path == Bf16Path::dp) { wgrad_bf16_dp(a, dy, off, out, relu_a); return out; }
   }
   // Items split the output columns of a group; groups with no rows get a zero gradient.
   std::vector<int64_t> cols(G);

@@ -128,9 +128,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("last_level_cache_bytes", &flanmoe::last_level_cache_bytes, "the last-level cache size the 'auto' store mode compares with");
   mod.def("bf16_brgemm_available", &flanmoe::bf16_brgemm_available,
           "whether oneDNN's brgemm ukernel runs bf16 products on this CPU (AMX or AVX512-BF16)");
-  mod.def("bf16_gemm_active", &flanmoe::bf16_gemm_active, "what bf16 grouped products use now: 'brgemm' or 'blas'");
-  mod.def("set_bf16_gemm", &flanmoe::set_bf16_gemm,
-          "choose the bf16 grouped products: 'brgemm', 'blas' or 'auto'; False if brgemm is unavailable here");
+  mod.def("bf16_dp_available", &flanmoe::bf16_dp_available,
+          "whether the own AVX512-BF16 (vdpbf16ps) kernels run bf16 products on this CPU");
+  mod.def("bf16_gemm_active", [](const std::string& product) {
+    const std::string v = flanmoe::bf16_gemm_active(product);
+    if (v.empty())
+      throw std::invalid_argument("bf16_gemm_active: product must be one of nn_wide, nn_tall, nt_wide, nt_tall, tn_wide, "
+                                  "tn_tall or 'all' (got '" + product + "')");
+    return v;
+  }, pybind11::arg("product") = "all",
+          "what bf16 grouped products use now ('blas', 'brgemm' or 'avx512bf16'): of one product, or for 'all' one name if "
+          "they agree, else 'nn_wide=..,nn_tall=..,...'");
+  mod.def("set_bf16_gemm", &flanmoe::set_bf16_gemm, pybind11::arg("mode"), pybind11::arg("product") = "all",
+          "choose the bf16 grouped products' path: 'brgemm', 'avx512bf16', 'blas' or 'auto' (= blas), for product "
+          "nn_wide, nn_tall, nt_wide, nt_tall, tn_wide, tn_tall, nn / nt / tn (both) or 'all'; False if the path does not "
+          "run here or a name is unknown");
   mod.def("router_join", &flanmoe::router_join, pybind11::arg("x"), pybind11::arg("weight"),
           pybind11::arg("bias") = pybind11::none(),
           "(router_linear(x, weight, bias), x as a view): the view's gradient (the experts' share of x's) and the "

@@ -14,6 +14,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <utility>
 #include <unistd.h>
 #include <vector>
@@ -154,6 +156,21 @@ bool set_gemm_stream(const std::string& mode) {
 int64_t last_level_cache_bytes() {
   static const int64_t v = [] {
     long b = 0;
+#ifdef __linux__
+    // the kernel's view of the caches cpu0 has, first: glibc's sysconf reads CPUID, which in a VM on a many-chiplet
+    // EPYC reports the whole socket's L3 (384 MiB on a 2-core guest whose cores share one 32 MiB L3)
+    for (int i = 0; i < 8 && b <= 0; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream level(dir + "level"), size(dir + "size");
+      int lv = 0;
+      std::string sz;
+      if (!(level >> lv) || lv != 3 || !(size >> sz) || sz.empty()) continue;
+      const long n = std::atol(sz.c_str());
+      const char unit = sz.back();
+      b = unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : unit == 'G' ? n << 30 : n;
+    }
+    if (b > 0) return int64_t(b);
+#endif
 #if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)   // glibc; elsewhere the fallback below
     b = sysconf(_SC_LEVEL3_CACHE_SIZE);
     if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);

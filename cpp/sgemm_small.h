@@ -59,7 +59,7 @@ std::vector<std::string> small_gemm_supported();
 std::string gemm_stream_mode();
 bool set_gemm_stream(const std::string& mode);   // false for an unknown name
 bool gemm_stream_pays(int64_t output_bytes);     // what the mode says for an output of this size
-int64_t last_level_cache_bytes();                // sysconf's L3 (else L2) size; 32 MiB when it reports none
+int64_t last_level_cache_bytes();                // cpu0's L3 as Linux reports it, else sysconf's L3 (else L2); 32 MiB when none
 
 // C[M, N] = A[M, K] @ B[K, N]   (relu(A) @ B with relu_a)
 void sgemm_small_nn(SmallGemmIsa isa, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,

@@ -46,15 +46,17 @@ inline std::vector<Item> make_items(const std::vector<int64_t>& extent, const st
 // Run every item, spreading them over the intra-op threads by longest-processing-time-first scheduling.
 // Each GEMM then runs single-threaded inside the parallel region: no barrier inside BLAS per small GEMM.
 // `done` runs once on each thread that ran items, after its last one (e.g. to release AMX tile state).
+// run_items_ahead calls body(item, next), next the item this thread runs after it (nullptr after its last): a kernel
+// can prefetch the next item's operands while it computes this one.
 struct NoDone { void operator()() const {} };
 template <typename F, typename D = NoDone>
-void run_items(std::vector<Item> items, double total_flops, F body, D done = D()) {
+void run_items_ahead(std::vector<Item> items, double total_flops, F body, D done = D()) {
   const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || items.size() <= 1 || total_flops < 2e6 || at::in_parallel_region()) {
-    for (const auto& it : items) body(it);
+  auto run_list = [&](const std::vector<Item>& list) {
+    for (size_t i = 0; i < list.size(); ++i) body(list[i], i + 1 < list.size() ? &list[i + 1] : nullptr);
     done();
-    return;
-  }
+  };
+  if (nt <= 1 || items.size() <= 1 || total_flops < 2e6 || at::in_parallel_region()) return run_list(items);
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.work > b.work; });
   std::vector<std::vector<Item>> per(nt);
   std::vector<double> load(nt, 0.0);
@@ -65,10 +67,16 @@ void run_items(std::vector<Item> items, double total_flops, F body, D done = D()
   }
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t t = b; t < e; ++t)
-      for (const auto& it : per[t]) body(it);
-    done();
+    for (int64_t t = b; t < e; ++t) {
+      if (per[t].empty()) { done(); continue; }
+      run_list(per[t]);
+    }
   });
+}
+
+template <typename F, typename D = NoDone>
+void run_items(std::vector<Item> items, double total_flops, F body, D done = D()) {
+  run_items_ahead(std::move(items), total_flops, [&](const Item& it, const Item*) { body(it); }, done);
 }
 
 }  // namespace flanmoe

@@ -16,7 +16,8 @@ from .extension import _C, _op, _same_device, require_extension, choose_path, po
 
 # %% auto #0
 __all__ = ['CPU_GEMMS', 'GEMM_PRODUCTS', 'grouped_mm_reference', 'grouped_mm_wgrad_reference', 'grouped_mm', 'cpu_gemm_info',
-           'set_cpu_gemm', 'use_cpu_gemm', 'choose_expert_gemm', 'dense_mm', 'dense_relu_kernel_pays', 'dense_relu_mm']
+           'set_cpu_gemm', 'use_cpu_gemm', 'bf16_gemm_paths', 'choose_expert_gemm', 'dense_mm',
+           'dense_relu_kernel_pays', 'dense_relu_mm']
 
 # %% ../nbs/01b_gemm.ipynb #6234e7c2
 def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor,
@@ -210,17 +211,25 @@ def _choose_fp32_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Te
                  default=isas[-1] if isas else "blas",     # deterministic default: the widest ISA
                  active=_C.expert_gemm_active, set_mode=_C.set_expert_gemm, products=tuple(GEMM_PRODUCTS))
 
-def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor):
-    "Set the bf16 expert-GEMM path (brgemm ukernel or one oneDNN matmul per row block) for this shape class."
+def bf16_gemm_paths() -> list[str]:
+    "The bf16 expert-GEMM paths this CPU runs: 'blas' (one oneDNN matmul per row block), 'brgemm' (oneDNN's ukernel) and 'avx512bf16' (the own vdpbf16ps kernels) where they run here."
+    if _C is None or not hasattr(_C, "bf16_brgemm_available"): return ["blas"]
+    return ["blas"] + (["brgemm"] if _C.bf16_brgemm_available() else []) + (
+        ["avx512bf16"] if getattr(_C, "bf16_dp_available", lambda: False)() else [])
+
+def _choose_bf16_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor, w_out: torch.Tensor | None = None):
+    "Set the bf16 expert-GEMM path (`bf16_gemm_paths`) of each product for this shape class, unless `FLANMOE_BF16_GEMM` names one."
     if (x.device.type != "cpu" or _C is None or not hasattr(_C, "bf16_brgemm_available") or torch.compiler.is_compiling()
-            or os.environ.get("FLANMOE_BF16_GEMM") or not _C.bf16_brgemm_available()):
+            or os.environ.get("FLANMOE_BF16_GEMM")):
         return                                       # nothing to choose, or the user chose
-    _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, None, group_sizes, torch.bfloat16, ["blas", "brgemm"], default="blas",
-                 active=lambda p: _C.bf16_gemm_active(), set_mode=lambda m, p: _C.set_bf16_gemm(m))   # one path for all products
+    paths = bf16_gemm_paths()
+    if len(paths) == 1: return
+    _choose_gemm("bf16_gemm", _BF16_CLASS, w_in, w_out, group_sizes, torch.bfloat16, paths, default="blas",
+                 active=_C.bf16_gemm_active, set_mode=_C.set_bf16_gemm, products=tuple(GEMM_PRODUCTS))
 
 def choose_expert_gemm(x: torch.Tensor, w_in: torch.Tensor, group_sizes: torch.Tensor, w_out: torch.Tensor | None = None):
-    "Set the expert-GEMM path for `x`'s dtype and this block's shape class (bf16 or fp32 CPU; nothing elsewhere); `w_out` lets fp32 time its products on the real second weight."
-    if x.dtype == torch.bfloat16: _choose_bf16_gemm(x, w_in, group_sizes)
+    "Set the expert-GEMM path for `x`'s dtype and this block's shape class (bf16 or fp32 CPU; nothing elsewhere); `w_out` lets the products be timed on the real second weight."
+    if x.dtype == torch.bfloat16: _choose_bf16_gemm(x, w_in, group_sizes, w_out)
     elif x.dtype == torch.float32: _choose_fp32_gemm(x, w_in, group_sizes, w_out)
 
 # %% ../nbs/01b_gemm.ipynb #43a9da9e

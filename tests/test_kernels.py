@@ -927,8 +927,12 @@ def test_dense_mm_candidates_time_the_real_paths(dense_choice):
     assert "dense_gemm/avx512-m128-k16-n24-nn-relu-train" in K.kernel_choices()
 
 
-# ---------------------------------------------------------------- bf16 grouped GEMMs on oneDNN's brgemm ukernel
+# ---------------------------------------------------------------- bf16 grouped GEMMs: oneDNN's brgemm ukernel, own AVX512-BF16 kernels
 _BRGEMM = K.extension_available() and X._C.bf16_brgemm_available()
+_DP = K.extension_available() and X._C.bf16_dp_available()
+_NEED = {"brgemm": (_BRGEMM, "oneDNN's brgemm ukernel does not run bf16 on this CPU"),
+         "avx512bf16": (_DP, "this CPU has no AVX512-BF16")}
+FAST_BF16 = [pytest.param(m, marks=pytest.mark.skipif(not ok, reason=why)) for m, (ok, why) in _NEED.items()]
 
 
 @contextlib.contextmanager
@@ -941,13 +945,25 @@ def bf16_gemm(mode):
 
 
 def test_bf16_gemm_modes_are_named():
-    before = X._C.bf16_gemm_active()
+    before = {p: X._C.bf16_gemm_active(p) for p in G.GEMM_PRODUCTS}
     try:
-        assert not X._C.set_bf16_gemm("nonsense") and X._C.bf16_gemm_active() == before
+        assert not X._C.set_bf16_gemm("nonsense") and X._C.bf16_gemm_active() == X._C.bf16_gemm_active("nn_wide")
         assert X._C.set_bf16_gemm("blas") and X._C.bf16_gemm_active() == "blas"
-        assert X._C.set_bf16_gemm("auto") and X._C.bf16_gemm_active() in ("blas", "brgemm")
+        assert X._C.set_bf16_gemm("auto") and X._C.bf16_gemm_active() == "blas"
         assert X._C.set_bf16_gemm("brgemm") == _BRGEMM
-    finally: X._C.set_bf16_gemm(before)
+        assert X._C.set_bf16_gemm("avx512bf16") == _DP
+        assert G.bf16_gemm_paths() == ["blas"] + ["brgemm"] * _BRGEMM + ["avx512bf16"] * _DP
+        # per product: a pair name sets both orientations, 'all' then lists them when they differ
+        assert X._C.set_bf16_gemm("blas") and X._C.set_bf16_gemm("blas", "tn")
+        assert not X._C.set_bf16_gemm("blas", "nn_sideways")
+        if _DP:
+            assert X._C.set_bf16_gemm("avx512bf16", "nt")
+            assert X._C.bf16_gemm_active("nt_tall") == X._C.bf16_gemm_active("nt_wide") == "avx512bf16"
+            assert X._C.bf16_gemm_active() == ("nn_wide=blas,nn_tall=blas,nt_wide=avx512bf16,nt_tall=avx512bf16,"
+                                               "tn_wide=blas,tn_tall=blas")
+        with pytest.raises(ValueError, match="product must be one of.*got 'sideways'"): X._C.bf16_gemm_active("sideways")
+    finally:
+        for p, m in before.items(): X._C.set_bf16_gemm(m, p)
 
 
 def test_choose_path_replays_a_recorded_run(choice_cache, monkeypatch, tmp_path):
@@ -987,22 +1003,23 @@ def test_kernel_choice_replay_refuses_a_bad_record(tmp_path, files, msg):
     assert X._load_pins(str(tmp_path / "map.json")) == {"k": "a", "j": "b"}
 
 
-@pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
+@pytest.mark.parametrize("mode", FAST_BF16)
 @HYP
-@given(sizes=st.lists(st.sampled_from([0, 1, 2, 7, 31, 32, 33, 64, 97, 129, 300]), min_size=1, max_size=5),
-       Kd=st.sampled_from([1, 2, 6, 33, 64, 130, 512]), M=st.sampled_from([1, 5, 63, 64, 65, 130, 256, 300]),
+@given(sizes=st.lists(st.sampled_from([0, 1, 2, 7, 31, 32, 33, 64, 65, 97, 129, 300]), min_size=1, max_size=5),
+       Kd=st.sampled_from([1, 2, 6, 33, 64, 130, 512]), M=st.sampled_from([1, 5, 31, 63, 64, 65, 130, 256, 300]),
        trans_b=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 2**16))
-def test_grouped_mm_bf16_brgemm_equals_fp32_reference(sizes, Kd, M, trans_b, pad, seed):
-    """The ukernel path (even depths; odd ones take BLAS) against the fp32 product of the same bf16 values:
-    empty groups, one row, row blocks around 32, column blocks around 64 and panels around 256, padding rows; the product, the input
-    gradient (the transposed product) and the weight gradient (depth = a group's rows, padded to 32)."""
+def test_grouped_mm_bf16_fast_paths_equal_fp32_reference(mode, sizes, Kd, M, trans_b, pad, seed):
+    """The ukernel path and the own AVX512-BF16 kernels (even depths; odd ones take BLAS) against the fp32 product of
+    the same bf16 values: empty groups, one row, row blocks around 32 and 64 (the units), column blocks around 32 and 64
+    and panels around 256, padding rows; the product, the input gradient (the transposed product) and the weight
+    gradient (depth = a group's rows, padded to 32 / to pairs)."""
     g = torch.Generator().manual_seed(seed)
     gs = torch.tensor(sizes, dtype=torch.long)
     N, G = sum(sizes) + pad, len(sizes)
     a = torch.randn(N, Kd, generator=g).bfloat16().requires_grad_()
     b = torch.randn(G, *((M, Kd) if trans_b else (Kd, M)), generator=g).bfloat16().requires_grad_()
     dy = torch.randn(N, M, generator=g).bfloat16()
-    with bf16_gemm("brgemm"):
+    with bf16_gemm(mode):
         out = K.grouped_mm(a, b, gs, trans_b)
         da, db = torch.autograd.grad((out * dy).float().sum(), (a, b))
     a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
@@ -1029,7 +1046,39 @@ def test_grouped_mm_bf16_brgemm_repacks_a_weight_changed_in_place():
     assert torch.equal(o2, o1 * 2)              # (doubling is exact in bf16 and fp32)
 
 
-BF16_MODES = ["blas", pytest.param("brgemm", marks=pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU"))]
+@pytest.mark.skipif(not _DP, reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_grouped_mm_bf16_dp_large_blocks_equal_fp32_reference(stream):
+    """The AVX512-BF16 kernels where the hypothesis shapes do not reach: several 64-row units per group (the next group's
+    weight prefetched during a unit), a second pass of 1024 columns (NN), depth 2048 (several depth passes), odd
+    column counts, and the weight gradient with and without non-temporal stores (full aligned tiles only)."""
+    g = torch.Generator().manual_seed(1)
+    gs = torch.tensor([150, 0, 64, 3])
+    N, (d, f) = int(gs.sum()), (130, 1100)
+    x = torch.randn(N, d, generator=g).bfloat16(); h = torch.randn(N, 2048, generator=g).bfloat16()
+    w1 = torch.randn(4, d, f, generator=g).bfloat16(); w2 = torch.randn(4, 2048, 96, generator=g).bfloat16()
+    dy1 = torch.randn(N, f, generator=g).bfloat16(); dy2 = torch.randn(N, 96, generator=g).bfloat16()
+    before = X._C.gemm_stream_mode()
+    try:
+        X._C.set_gemm_stream(stream)
+        with bf16_gemm("avx512bf16"):
+            got = [K.grouped_mm(x, w1, gs), K.grouped_mm(h, w2, gs), K.grouped_mm(dy1, w1, gs, True),
+                   torch.ops.flanmoe.grouped_mm_wgrad(x, dy1, gs), torch.ops.flanmoe.grouped_mm_wgrad(h, dy2, gs)]
+    finally: X._C.set_gemm_stream(before)
+    f32 = lambda *t: [v.float() for v in t]
+    ref = [K.grouped_mm_reference(*f32(x, w1), gs), K.grouped_mm_reference(*f32(h, w2), gs),
+           K.grouped_mm_reference(*f32(dy1, w1), gs, True)]
+    off = [0, *torch.cumsum(gs, 0).tolist()]
+    for a, dy in ((x, dy1), (h, dy2)):
+        ref.append(torch.stack([a[off[i]:off[i + 1]].float().t() @ dy[off[i]:off[i + 1]].float() for i in range(4)]))
+    for o, r in zip(got, ref):
+        assert o.dtype == torch.bfloat16 and o.shape == r.shape
+        scale = r.abs().max().item() + 1e-6
+        assert (o.float() - r).abs().max().item() <= 2 ** -8 * scale, (o.float() - r).abs().max()
+    assert got[3][1].eq(0).all() and got[4][1].eq(0).all()        # the empty group's gradient
+
+
+BF16_MODES = ["blas", *FAST_BF16]
 
 
 @pytest.mark.parametrize("mode", BF16_MODES)
@@ -1147,20 +1196,24 @@ def test_choose_path_environment_and_deterministic_mode(choice_cache, monkeypatc
     with pytest.raises(ValueError, match="default='z'"): K.choose_path("demo", "x", cands, default="z")
 
 
-@pytest.mark.skipif(not _BRGEMM, reason="oneDNN's brgemm ukernel does not run bf16 on this CPU")
+@pytest.mark.skipif(not (_BRGEMM or _DP), reason="bf16 has one path on this CPU (BLAS): nothing to choose")
 def test_bf16_expert_ffn_chooses_its_gemm_path_by_measurement(choice_cache, monkeypatch):
+    "Each of the six products is timed on every path this CPU runs, and set to the one measured (a tie keeps BLAS)."
     monkeypatch.delenv("FLANMOE_BF16_GEMM", raising=False)
     G._BF16_CLASS.clear(); X._CHOICES.clear()
-    before = X._C.bf16_gemm_active()
+    before = {p: X._C.bf16_gemm_active(p) for p in G.GEMM_PRODUCTS}
     try:
         x = torch.randn(64, 32).bfloat16(); w_in = torch.randn(4, 32, 64).bfloat16(); w_out = torch.randn(4, 64, 32).bfloat16()
         gs = torch.tensor([16, 16, 16, 16]); idx = torch.arange(64)
         K.expert_ffn(x, idx, gs, None, w_in, w_out)
-        (key, rec), = [(k, v) for k, v in K.kernel_choices().items() if k.startswith("bf16_gemm/")]
-        assert rec["source"] == "measured" and set(rec["ms"]) == {"blas", "brgemm"}
-        assert rec["choice"] == min(rec["ms"], key=rec["ms"].get) == X._C.bf16_gemm_active()
+        recs = {k.rsplit("-", 1)[1]: v for k, v in K.kernel_choices().items() if k.startswith("bf16_gemm/")}
+        assert set(recs) == set(G.GEMM_PRODUCTS)
+        for p, rec in recs.items():
+            assert rec["source"] == "measured" and set(rec["ms"]) == set(G.bf16_gemm_paths())
+            fastest = min(rec["ms"], key=rec["ms"].get)
+            assert rec["choice"] in (fastest, "blas") and rec["choice"] == X._C.bf16_gemm_active(p)
     finally:
-        X._C.set_bf16_gemm(before)
+        for p, m in before.items(): X._C.set_bf16_gemm(m, p)
 
 
 def _fp32_expert_block():
