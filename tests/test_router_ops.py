@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import flanmoe_nb.kernels as K
 from flanmoe_nb.extension import _C
 from flanmoe_nb.moe import MoEConfig, MoELayer
-from flanmoe_nb.routing import router_project, _router_join_pays
+from flanmoe_nb.routing import router_project, _router_join_pays, _router_cast_pays
 
 pytestmark = pytest.mark.skipif(not K.extension_available() or not hasattr(_C, "router_join"),
                                 reason="flanmoe_nb._C not built (or built without router_join)")
@@ -168,6 +168,29 @@ def test_router_project_runs_the_join_only_where_it_applies():
     l2, t2 = router_project(x, w, use_kernels=False)
     assert t1 is not x and t1.data_ptr() == x.data_ptr() and t2 is x
     torch.testing.assert_close(l1, l2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_low_precision_tokens_take_the_projection_on_an_fp32_copy(dtype, bias):
+    "bf16 / fp16 x with an fp32 router: the compiled projection of x cast to fp32 equals the composite (F.linear in fp32), gradients included; x's gradient comes back in x's dtype."
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 70, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(9, 70, generator=g).requires_grad_()
+    b = torch.randn(9, generator=g).requires_grad_() if bias else None
+    assert _router_cast_pays(x, w, b, torch.float32, False)
+    assert not _router_cast_pays(x, w, b, torch.float32, True)                   # jitter: the composite
+    assert not _router_cast_pays(x.float(), w, b, torch.float32, False)          # fp32 x: the join instead
+    assert not _router_cast_pays(x, w, b, torch.bfloat16, False)                 # a low-precision router: the composite
+    dl = torch.randn(300, 9, generator=g)
+    outs = []
+    for kernels in (True, False):
+        logits, tokens = router_project(x, w, b, use_kernels=kernels)
+        assert tokens is x and logits.dtype == torch.float32
+        outs.append((logits, *torch.autograd.grad(logits, [t for t in (x, w, b) if t is not None], dl)))
+    for a, r in zip(*outs):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4) if a.dtype == torch.float32 else torch.testing.assert_close(a, r)
 
 
 @pytest.mark.parametrize("preset,kw", [("switch", {}), ("switch", dict(router_bias=True, jitter_eps=0.0)),
