@@ -523,7 +523,8 @@ def machine_line() -> str:
     "`machine_info()` as the one line every benchmark prints first."
     m = machine_info()
     paths = (f"; expert GEMMs: fp32 {m['fp32_expert_gemm']}, bf16 {m['bf16_expert_gemm']}"
-             f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'})") if m["bf16_expert_gemm"] else ""
+             f" (brgemm ukernel {'available' if m['bf16_brgemm_available'] else 'unavailable'}, AVX512-BF16 kernels "
+             f"{'available' if m.get('bf16_avx512bf16_available') else 'unavailable'})") if m["bf16_expert_gemm"] else ""
     if m.get("fp32_weight_grad_stores"):
         paths += f"; weight-grad stores {m['fp32_weight_grad_stores']} (LLC {m['last_level_cache_bytes'] / 2**20:.0f} MiB)"
     return f"Machine: {m['cpu']}; ISA {', '.join(m['isa']) or 'none of avx2/avx512'}; {m['blas']}; {m['threads']} threads; malloc {m['malloc']}; torch {m['torch']}{paths}"

@@ -238,12 +238,13 @@ def kernel_choices() -> dict:
 
 # %% ../nbs/01a_extension.ipynb #4e653d67
 def kernel_paths() -> dict:
-    "The expert-GEMM paths in use now: fp32 (the active ISA, or 'blas'), bf16 ('brgemm' or 'blas'), whether the brgemm ukernel runs here, the fp32 weight gradients' store mode with the last-level cache it compares with, and the NT kernel's weight prefetch (None without the extension)."
+    "The expert-GEMM paths in use now: fp32 (the active ISA, or 'blas'), bf16 ('blas', 'brgemm' or 'avx512bf16'; per product where they differ), whether the brgemm ukernel and the AVX512-BF16 kernels run here, the fp32 weight gradients' store mode with the last-level cache it compares with, and the NT kernel's weight prefetch (None without the extension)."
     bf16 = getattr(_C, "bf16_gemm_active", None)    # (an extension built before the bf16 path has none)
     fp32 = getattr(_C, "expert_gemm_active", None) or getattr(_C, "small_gemm_active", None)
     stream = getattr(_C, "gemm_stream_mode", None)   # (an extension built before the streamed stores has none)
     return dict(fp32_expert_gemm=fp32() if fp32 else None, bf16_expert_gemm=bf16() if bf16 else None,
                 bf16_brgemm_available=bool(_C.bf16_brgemm_available()) if bf16 else None,
+                bf16_avx512bf16_available=bool(_C.bf16_dp_available()) if hasattr(_C, "bf16_dp_available") else None,
                 fp32_weight_grad_stores=stream() if stream else None,
                 last_level_cache_bytes=int(_C.last_level_cache_bytes()) if stream else None,
                 fp32_nt_prefetch=bool(_C.nt_prefetch_active()) if stream else None)
