@@ -483,16 +483,17 @@ def run_attention_bench(shapes=ATTN_SHAPES, reps: int = 20, print_fn=None) -> li
 
 # %% ../nbs/10_bench.ipynb #896ddf2c
 def run_train_bench(experts=(8, 32, 64), steps: int = 5, rounds: int = 3, fused_adamw: bool | None = None,
-                    compile_ours: bool = False, dropout: float = 0.0) -> list[dict]:
-    "Print and return one `bench_train` row per expert count."
+                    compile_ours: bool = False, dropout: float = 0.0, bf16: bool = False) -> list[dict]:
+    "Print and return one `bench_train` row per expert count (`bf16`: both under CPU bf16 autocast)."
     from flanmoe_nb.train import bench_train
     print(f"Tiny-preset training tokens/s, fwd+bwd+{'per-tensor-loop ' if fused_adamw is False else 'fused '}AdamW step, "
-          f"dropout {dropout}, {torch.get_num_threads()} threads; ours{' (torch.compile)' if compile_ours else ''} vs HF "
-          "SwitchTransformersForConditionalGeneration (eager)")
+          f"dropout {dropout}, {'bf16 autocast, ' if bf16 else ''}{torch.get_num_threads()} threads; "
+          f"ours{' (torch.compile)' if compile_ours else ''} vs HF SwitchTransformersForConditionalGeneration (eager)")
     print(f"{'E':>4} | {'ours tok/s':>10} | {'HF tok/s':>10} | ratio"); print("-" * 38)
     rows = []
     for E in experts:
-        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw, compile_ours=compile_ours, dropout=dropout)
+        r = bench_train(E, steps=steps, rounds=rounds, fused_adamw=fused_adamw, compile_ours=compile_ours, dropout=dropout,
+                        bf16=bf16)
         print(f"{E:>4} | {r['ours_tokens_per_s']:>10} | {r['hf_tokens_per_s']:>10} | {r['ratio']:.2f}x", flush=True)
         rows.append(r)
     return rows
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int); p.add_argument("--d-model", type=int); p.add_argument("--d-ff", type=int)
     p.add_argument("--experts", help="comma-separated, e.g. 8,32,64,128")
     p.add_argument("--top-k", help="comma-separated, e.g. 1,2")
-    p.add_argument("--dtype", default="fp32", help="comma-separated of fp32,bf16")
+    p.add_argument("--dtype", default="fp32", help="comma-separated of fp32,bf16 (train: one of them, bf16 = CPU bf16 autocast)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated of {','.join(METHODS)}")
     p.add_argument("--reps", type=int); p.add_argument("--threads", type=int)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -559,9 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     q = a.quick
     if a.what == "train":
+        if a.dtype not in ("fp32", "bf16"):
+            p.error(f"train: --dtype must be fp32 or bf16 (bf16 autocast; got {a.dtype!r})")
         rows = run_train_bench(ints(a.experts) if a.experts else ((8,) if q else (8, 32, 64)),
                                steps=2 if q else 5, rounds=a.reps or (1 if q else 3), fused_adamw=False if a.loop_adamw else None,
-                               compile_ours=a.compile, dropout=a.dropout)
+                               compile_ours=a.compile, dropout=a.dropout, bf16=a.dtype == "bf16")
         return done(rows)
     if a.what == "attn":
         return done(run_attention_bench(ATTN_SHAPES[:2] if q else ATTN_SHAPES, reps=a.reps or (10 if q else 20)))

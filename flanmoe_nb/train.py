@@ -432,8 +432,8 @@ def run_stage(model, train_data, cfg: TrainConfig | None = None, eval_fn: Callab
 # %% ../nbs/07_train.ipynb #b7dcdfb5
 def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, tgt_len: int = 32, steps: int = 5,
                 rounds: int = 3, seed: int = 0, mcfg=None, compile_ours: bool = False, fused_adamw: bool | None = None,
-                dropout: float = 0.0) -> dict:
-    "Training tokens/s (fwd+bwd+AdamW) of our tiny MoE against HF `SwitchTransformersForConditionalGeneration`."
+                dropout: float = 0.0, bf16: bool = False) -> dict:
+    "Training tokens/s (fwd+bwd+AdamW) of our tiny MoE against HF `SwitchTransformersForConditionalGeneration`; `bf16`: both forwards under CPU bf16 autocast (fp32 weights and optimizer, as `TrainConfig.bf16` trains)."
     from flanmoe_nb.model import EncoderDecoder, ModelConfig
     from flanmoe_nb.hf import to_hf
     torch.manual_seed(seed)
@@ -447,7 +447,12 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     batch = dict(input_ids=x, attention_mask=torch.ones_like(x), labels=y)
     tokens = batch_size * (src_len + tgt_len)
     fwd = torch.compile(ours) if compile_ours else ours      # ~1 minute of compilation on 2 CPU cores
-    runs = {"ours": (ours, lambda: fwd(**batch).loss), "hf": (hf, lambda: hf(**batch, output_router_logits=True).loss)}
+    def autocast(f):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16): return f()
+        return run
+    runs = {"ours": (ours, autocast(lambda: fwd(**batch).loss)),
+            "hf": (hf, autocast(lambda: hf(**batch, output_router_logits=True).loss))}
     if fused_adamw is None: fused_adamw = adamw_fusable(list(ours.parameters()) + list(hf.parameters()))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused_adamw or None) for k, (m, _) in runs.items()}
     best, first = {k: float("inf") for k in runs}, {}
@@ -462,4 +467,4 @@ def bench_train(num_experts: int = 8, batch_size: int = 16, src_len: int = 64, t
     return dict(num_experts=num_experts, compiled_expert_path=kernels.op_available("permute"), ours_tokens_per_s=round(tps["ours"]), hf_tokens_per_s=round(tps["hf"]),
                 ratio=round(tps["ours"] / tps["hf"], 2), threads=torch.get_num_threads(),
                 first_loss_ours=first["ours"], first_loss_hf=first["hf"],
-                optimizer="adamw_fused" if fused_adamw else "adamw", dropout=dropout)
+                optimizer="adamw_fused" if fused_adamw else "adamw", dropout=dropout, autocast="bf16" if bf16 else None)

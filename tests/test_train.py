@@ -314,6 +314,18 @@ def test_bench_train_times_the_same_function_both_ways():
     assert r["ratio"] == round(r["ours_tokens_per_s"] / r["hf_tokens_per_s"], 2)
 
 
+def test_bench_train_bf16_runs_both_under_autocast(capsys):
+    "--dtype bf16: both models train under CPU bf16 autocast (same function before any update, to bf16 rounding); other dtypes are refused by name."
+    from flanmoe_nb import bench
+    from flanmoe_nb.train import bench_train
+    r = bench_train(4, steps=1, rounds=1, bf16=True)
+    assert r["autocast"] == "bf16" and abs(r["first_loss_ours"] - r["first_loss_hf"]) < 2e-2 * abs(r["first_loss_hf"]), r
+    assert bench.main(["train", "--quick", "--reps", "1", "--experts", "4", "--dtype", "bf16"]) == 0
+    assert "bf16 autocast" in capsys.readouterr().out
+    with pytest.raises(SystemExit): bench.main(["train", "--quick", "--dtype", "fp16"])
+    assert "--dtype must be fp32 or bf16" in capsys.readouterr().err
+
+
 def test_compiled_training_matches_eager(tmp_path):
     "TrainConfig(compile=True): the model runs as one torch.compile graph; losses equal eager training."
     def run(compile_, sub):
