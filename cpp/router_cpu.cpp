@@ -6,6 +6,7 @@
 // token blocks (their number set by T alone) in a fixed order: its bits do not depend on the thread count.
 #include "flanmoe.h"
 #include "router_kernels.h"
+#include "cpu_cache.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <tuple>
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_linear_backward_cpu(
   auto none = [&] { return at::empty({0}, x.options()); };  // a gradient not asked for, or added into dx_acc
   at::Tensor dx = none(), dw = none(), db = need_dbias ? g.sum(0) : none();   // (three tensors: outputs never alias)
   if (need_dx && !acc) dx = make_output(op, "dx [rows of x, columns of x]", {T, d}, x.scalar_type(),
-                                        [&] { return at::empty({T, d}, x.options()); });
+                                        [&] { return empty_large({T, d}, x.options()); });
   if (need_dweight) dw = at::empty({E, d}, x.options());
   if (!need_dx && !need_dweight) return {dx, dw, db};
   if (T == 0 || d == 0 || E == 0) {
