@@ -89,6 +89,40 @@ def test_permute_unpermute_equal_reference(T, S, d, seed, dtype, weighted):
     torch.testing.assert_close(ops.gather_dot(x, idx, y), ref, **_tol(dtype))
 
 
+def _dot16(a, c):
+    "dot_row's order: 16 fp32 partial sums (lane j takes elements i + j, the tail from lane 0), then pairwise halves."
+    a, c = a.float(), c.float()
+    n, part, i = a.numel(), torch.zeros(16), 0
+    while i + 16 <= n: part = part + a[i:i + 16] * c[i:i + 16]; i += 16
+    for j in range(n - i): part[j] = part[j] + a[i + j] * c[i + j]
+    w = 8
+    while w: part[:w] = part[:w] + part[w:2 * w]; w //= 2
+    return part[0]
+
+
+@HYP
+@given(T=st.integers(1, 40), k=st.integers(1, 3), d=st.sampled_from([1, 5, 16, 17, 33, 64, 100]), seed=st.integers(0, 2**16))
+def test_bf16_row_ops_are_bitwise_their_fp32_formulas(T, k, d, seed):
+    """bf16 permute / unpermute / gather_dot / unpermute_backward (AVX-512 rows where the CPU has them, else c10's scalar
+    conversions) give the bits of their fp32 formulas rounded once: a scaled row, a token's rows summed from 0 in row
+    order, the 16-lane dot; zeros, NaN and row tails included."""
+    g = torch.Generator().manual_seed(seed)
+    S = T * k
+    idx = torch.randperm(S, generator=g) % T
+    y = torch.randn(S, d, generator=g).bfloat16(); x = torch.randn(T, d, generator=g).bfloat16()
+    w = torch.rand(S, generator=g).bfloat16(); grad = torch.randn(T, d, generator=g).bfloat16()
+    y.view(-1)[::7] = 0.0; y.view(-1)[0] = float("nan")
+    same = lambda a, b: torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    ref = torch.zeros(T, d)
+    for s in sorted(range(S), key=lambda s: (int(idx[s]), s)): ref[idx[s]] = ref[idx[s]] + w[s].float() * y[s].float()
+    assert same(ops.unpermute(y, idx, w, T), ref.bfloat16())
+    assert same(ops.permute(x, idx, w), (x[idx].float() * w.float()[:, None]).bfloat16())
+    assert same(ops.gather_dot(x, idx, y), torch.stack([_dot16(x[idx[s]], y[s]) for s in range(S)]).bfloat16())
+    dy, dw = ops.unpermute_backward(grad, idx, w, y, True, True)
+    assert same(dy, (grad[idx].float() * w.float()[:, None]).bfloat16())
+    assert same(dw, torch.stack([_dot16(grad[idx[s]], y[s]) for s in range(S)]).bfloat16())
+
+
 @HYP
 @given(T=st.integers(0, 40), S=st.integers(0, 120), d=st.integers(1, 70), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
