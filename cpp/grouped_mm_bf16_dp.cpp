@@ -15,7 +15,7 @@
 //  * TN (x^T dy, the weight gradients; depth = the expert's rows): both operands are the expert's few rows, packed
 //    as pairs of rows (zero-padded to an even count); each [12 x 32] tile takes the whole depth in registers and is
 //    written once, as bf16 (non-temporal stores when the gradient outgrows the last-level cache).
-// NN and NT prefetch the next expert's weight front to back while they multiply this one (Ahead).
+// NN and NT prefetch the start of the next expert's weight while they multiply this one (Ahead).
 // Rows are taken in units of kMG per group (NN, NT) or columns per group (TN), spread over the intra-op threads
 // longest first (work_items.h), every kernel single-threaded inside. Rounding: vcvtne2ps2bf16 (round to nearest
 // even, as torch's), and vdpbf16ps flushes bf16 denormal inputs to zero: results agree with the fp32 reference
@@ -66,14 +66,17 @@ T* scratch64(size_t n) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
-// The next weight this thread multiplies, prefetched front to back (into L2, whence it falls to L3 on AMD) in even
-// shares while this one is multiplied: sequential lines, where the kernels read the current weight in 4 KiB strides
-// (NN) or as 12 row streams (NT). On a 2-core Zen 5 at 128 experts x 32 rows (d 512, f 2048) x @ w_in went from
-// ~18.5 to ~16 ms with it.
+// The start of the next weight this thread multiplies (kAhead bytes: what its first depth block or tiles read),
+// prefetched front to back into L2 in even shares while this one is multiplied; the kernels' own prefetch takes it
+// from there. The whole next weight (2 MiB, twice L2) evicted the current one: on a 2-core Zen 5 at 128 experts x 32
+// rows (d 512, f 2048) the four NN / NT products summed 52-55 ms with it, 47-51 without, 46.5-49.4 with 256 KiB
+// (two interleaved rounds; 512 KiB 47.5-49.4, 1 MiB 48.6-50.9).
+constexpr int64_t kAhead = int64_t(256) << 10;
 struct Ahead {
   const char* p = nullptr;
   int64_t lines = 0, per = 0, at = 0;
   Ahead(const void* next, int64_t bytes, int64_t calls) : p(static_cast<const char*>(next)) {
+    bytes = std::min(bytes, kAhead);
     if (p && calls > 0) { lines = (bytes + 63) / 64; per = (lines + calls - 1) / calls; }
   }
   inline void step() {
