@@ -16,7 +16,7 @@
 //    as pairs of rows (zero-padded to an even count); each [12 x 32] tile takes the whole depth in registers and is
 //    written once, as bf16 (non-temporal stores when the gradient outgrows the last-level cache).
 // NN and NT prefetch the start of the next expert's weight while they multiply this one (Ahead).
-// Rows are taken in units of kMG per group (NN, NT) or columns per group (TN), spread over the intra-op threads
+// Rows are taken in units of kMGN (NN) or kMG (NT) per group, or columns per group (TN), spread over the intra-op threads
 // longest first (work_items.h), every kernel single-threaded inside. Rounding: vcvtne2ps2bf16 (round to nearest
 // even, as torch's), and vdpbf16ps flushes bf16 denormal inputs to zero: results agree with the fp32 reference
 // within bf16 tolerance, not bitwise with the other paths.
@@ -47,9 +47,12 @@ namespace {
 #define DP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 constexpr int kMR = 12;            // rows of a row tile (NN, TN): 2 x 12 accumulators of 16 fp32
-constexpr int64_t kMG = 64;        // rows of a unit (NN, NT): the chunk of a group one thread takes
+constexpr int64_t kMG = 64;        // rows of a unit of NT (the column tile holds up to 64 rows: V <= 4 vectors)
+constexpr int64_t kMGN = 256;      // rows of a unit of NN: each strip of the weight interleaved once for up to 256 rows
 constexpr int64_t kSC = 64;        // NN: depth rows per pass over a strip (32 pairs; 128 or 256 measured no faster)
-constexpr int64_t kNC = 1024;      // NN: columns per pass (the fp32 block: kMG x kNC = 256 KiB)
+constexpr int64_t kNC = 256;       // NN: columns per pass (the fp32 block: 32 rows x 256 = 32 KiB, in L1)
+// (2-core Zen 5, d 512 / f 2048, both NN products at 32, 128 and 512 rows per expert, three interleaved rounds:
+// 64-row units and 1024-column passes summed 72.1-79.9 ms, 256 and 256 68.1-71.7, 128 and 256 69.5-72.1)
 constexpr int64_t kSD = 8;         // NN: strips ahead that are prefetched
 constexpr int64_t kGN = 96;        // NT: columns per transposed block (a multiple of every NR)
 constexpr int64_t kNJ = 128;       // TN: columns per block of the packed dy (its rows of pairs stay in L2)
@@ -210,7 +213,7 @@ DP_TARGET void nn_store_row(const float* acc, int64_t n, uint16_t* out) {
   }
 }
 
-// C[M, N] = op(A)[M, K] @ B[K, N], M <= kMG, K even; op = relu with relu_a.
+// C[M, N] = op(A)[M, K] @ B[K, N], M <= kMGN, K even; op = relu with relu_a.
 DP_TARGET void nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                   uint16_t* C, int64_t ldc, bool relu_a, const void* ahead = nullptr, int64_t ahead_bytes = 0) {
   Ahead pf(ahead, ahead_bytes, ((K + kSC - 1) / kSC) * ((N + 31) / 32) * ((M + kMR - 1) / kMR));
@@ -396,10 +399,11 @@ void gmm_bf16_dp(const at::Tensor& a, const at::Tensor& b, const std::vector<int
   const int64_t K = a.size(1), G = b.size(0), M = out.size(1);
   std::vector<int64_t> ext(G);
   std::vector<double> work(G);
+  const int64_t U = trans_b ? kMG : kMGN;            // units: chunks of U rows
   for (int64_t g = 0; g < G; ++g) {
     const int64_t rows = off[g + 1] - off[g];
-    ext[g] = (rows + kMG - 1) / kMG;                 // units: chunks of kMG rows
-    work[g] = double(std::min(rows, kMG) + 1) * K * M;
+    ext[g] = (rows + U - 1) / U;
+    work[g] = double(std::min(rows, U) + 1) * K * M;
   }
   const uint16_t* A = u16(a);
   const uint16_t* B = u16(b);
@@ -410,7 +414,7 @@ void gmm_bf16_dp(const at::Tensor& a, const at::Tensor& b, const std::vector<int
     // the next group's weight, prefetched during this item's last unit (unless it is this group's)
     const char* ahead = next && next->g != it.g && next->hi > next->lo ? reinterpret_cast<const char*>(B + next->g * K * M) : nullptr;
     for (int64_t u = it.lo; u < it.hi; ++u) {
-      const int64_t r = g0 + u * kMG, m = std::min(kMG, rows - u * kMG);
+      const int64_t r = g0 + u * U, m = std::min(U, rows - u * U);
       const char* pf = u + 1 == it.hi ? ahead : nullptr;
       if (trans_b) nt(m, M, K, A + r * K, K, B + it.g * M * K, K, C + r * M, M, Mk ? Mk + r * M : nullptr, M, pf, K * M * 2);
       else nn(m, M, K, A + r * K, K, B + it.g * K * M, M, C + r * M, M, relu_a, pf, K * M * 2);

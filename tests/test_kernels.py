@@ -1083,11 +1083,11 @@ def test_grouped_mm_bf16_brgemm_repacks_a_weight_changed_in_place():
 @pytest.mark.skipif(not _DP, reason="this CPU has no AVX512-BF16")
 @pytest.mark.parametrize("stream", ["on", "off"])
 def test_grouped_mm_bf16_dp_large_blocks_equal_fp32_reference(stream):
-    """The AVX512-BF16 kernels where the hypothesis shapes do not reach: several 64-row units per group (the next group's
-    weight prefetched during a unit), a second pass of 1024 columns (NN), depth 2048 (several depth passes), odd
-    column counts, and the weight gradient with and without non-temporal stores (full aligned tiles only)."""
+    """The AVX512-BF16 kernels where the hypothesis shapes do not reach: several units per group (256 rows in NN, 64 in
+    NT; the next group's weight prefetched during a unit), several 256-column passes (NN), depth 2048 (several depth
+    passes), odd column counts, and the weight gradient with and without non-temporal stores (full aligned tiles only)."""
     g = torch.Generator().manual_seed(1)
-    gs = torch.tensor([150, 0, 64, 3])
+    gs = torch.tensor([300, 0, 64, 3])
     N, (d, f) = int(gs.sum()), (130, 1100)
     x = torch.randn(N, d, generator=g).bfloat16(); h = torch.randn(N, 2048, generator=g).bfloat16()
     w1 = torch.randn(4, d, f, generator=g).bfloat16(); w2 = torch.randn(4, 2048, 96, generator=g).bfloat16()
