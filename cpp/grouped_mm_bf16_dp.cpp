@@ -9,7 +9,7 @@
 //    permutes columns within 128-bit lanes: the fp32 block the tiles accumulate into keeps that order, and the final
 //    pass (fp32 -> bf16, vcvtne2ps2bf16) puts them back.
 //  * NT (dy @ w^T, the input gradients): w [N, K] is read in place along its rows, whose consecutive elements are
-//    already pairs along the depth: a column tile broadcasts one pair of each of NR rows of w against the chunk's
+//    already pairs along the depth: a column tile broadcasts one pair of each of NR <= 8 rows of w against the chunk's
 //    rows of dy, packed once as pairs ([K/2][16 V] 32-bit lanes, 16 x 16 transposes). The tile's columns are
 //    transposed back into the output's rows as they are rounded to bf16 (relu's backward mask applied there).
 //  * TN (x^T dy, the weight gradients; depth = the expert's rows): both operands are the expert's few rows, packed
@@ -54,7 +54,7 @@ constexpr int64_t kNC = 256;       // NN: columns per pass (the fp32 block: 32 r
 // (2-core Zen 5, d 512 / f 2048, both NN products at 32, 128 and 512 rows per expert, three interleaved rounds:
 // 64-row units and 1024-column passes summed 72.1-79.9 ms, 256 and 256 68.1-71.7, 128 and 256 69.5-72.1)
 constexpr int64_t kSD = 8;         // NN: strips ahead that are prefetched
-constexpr int64_t kGN = 96;        // NT: columns per transposed block (a multiple of every NR)
+constexpr int64_t kGN = 96;        // NT: columns per transposed block (a multiple of every NR: 8, 6)
 constexpr int64_t kNJ = 128;       // TN: columns per block of the packed dy (its rows of pairs stay in L2)
 
 struct DpScratchA;                 // per-thread buffers (scratch.h), one tag each
@@ -279,10 +279,14 @@ DP_TARGET void nt_tile(int64_t pairs, const int32_t* At, const uint16_t* B, int6
 }
 
 // C[0:M, 0:N) = A B^T for M <= 16 V rows whose pairs are packed in At; then 0 where mask <= 0 (if given).
+// NR rows of B per tile: at most 8, though 24 / V accumulators would fit. B's rows are read in place, 4 KiB apart at
+// K = 2048, so every row of a tile falls in one L1 set (12 ways): 24 rows (V = 1, 16-row chunks) evicted each other,
+// and 2-core Zen 5, d 512 / f 2048, 256 experts x 16 rows, dh @ w_in^T took 38.9-42.8 ms with 24 rows against 16.2-16.3
+// with 8 (128 experts x 32 rows, V = 2: both NT products 19.7-21.8 ms with 8, 22.0-23.1 with 12).
 template <int V>
 DP_TARGET void nt_panels(int64_t M, int64_t N, int64_t pairs, const int32_t* At, const uint16_t* B, int64_t ldb,
                          uint16_t* C, int64_t ldc, const uint16_t* mask, int64_t ldm, Ahead* pf) {
-  constexpr int NR = 24 / V;
+  constexpr int NR = std::min(24 / V, 8);
   constexpr int64_t ldt = 16 * V;
   alignas(64) float T[kGN * ldt];
   for (int64_t n0 = 0; n0 < N; n0 += kGN) {
