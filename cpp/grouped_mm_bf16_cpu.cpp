@@ -19,7 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include "avx512_transpose.h"
+#include "bf16_avx512.h"
 
 namespace flanmoe {
 namespace {
@@ -82,60 +82,16 @@ void store_block(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo,
 }
 
 #if defined(__x86_64__)
-// AVX-512 (F+BW) versions of the three loops above; the ukernel itself needs AVX-512, so wherever it runs these do.
-
-FLANMOE_AVX512BW void pack_rows_avx512(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb,
-                                       uint16_t* dst, int64_t W) {
-  const __m256i zero = _mm256_setzero_si256();
-  for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    uint16_t* d = dst + k2 * W * 2;
-    const int64_t r = 2 * k2;
-    const uint16_t* r0 = r < rows ? src + r * ld : nullptr;
-    const uint16_t* r1 = r + 1 < rows ? src + (r + 1) * ld : nullptr;
-    for (int64_t n = 0; n < W; n += 16) {             // 16 columns: two rows of 16 bf16 -> 16 interleaved pairs
-      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, nb - n));
-      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m256i a = r0 && left ? _mm256_maskz_loadu_epi16(m, r0 + n) : zero;
-      const __m256i b = r1 && left ? _mm256_maskz_loadu_epi16(m, r1 + n) : zero;
-      const __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-      _mm512_storeu_si512(d + 2 * n, v);
-    }
-  }
-}
-
-FLANMOE_AVX512BW void pack_cols_avx512(const uint16_t* src, int64_t ld, int64_t pairs, int64_t nb, uint16_t* dst,
-                                       int64_t W) {
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  __m512i r[16];
-  // 16 source rows at a time, each read from start to end: 16 sequential streams for the prefetcher, however wide
-  // the packed block (the packed panel, written with a stride of W pairs, stays in cache)
-  for (int64_t n0 = 0; n0 < W; n0 += 16) {
-    for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
-      const int64_t kl = std::min<int64_t>(16, pairs - k0);
-      const __mmask16 km = kl >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << kl) - 1);
-      for (int i = 0; i < 16; ++i)                      // row n0 + i of src: pairs k0 .. k0 + 15
-        r[i] = n0 + i < nb ? _mm512_maskz_loadu_epi32(km, src + (n0 + i) * ld + 2 * k0) : _mm512_setzero_si512();
-      transpose16(r);
-      for (int64_t j = 0; j < kl; ++j) _mm512_storeu_si512(d + (k0 + j) * W + n0, r[j]);
-    }
-  }
-}
+// AVX-512 (F+BW) versions of the three loops above (the packings in bf16_avx512.h); the ukernel itself needs
+// AVX-512, so wherever it runs these do.
 
 FLANMOE_AVX512BW void store_block_avx512(const float* c, int64_t mb, int64_t nb, bf16* out, int64_t ldo, int64_t ldc) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
   for (int64_t i = 0; i < mb; ++i) {
     uint16_t* o = reinterpret_cast<uint16_t*>(out + i * ldo);
     for (int64_t n = 0; n < nb; n += 16) {
       const int64_t left = std::min<int64_t>(16, nb - n);
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, c + i * ldc + n));
-      // round to nearest even, as c10::BFloat16 does; NaN -> the quiet NaN c10 writes
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), one);
-      __m512i y = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, bias), lsb), 16);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, absmask), inf);
-      y = _mm512_mask_mov_epi32(y, nan, qnan);
-      _mm512_mask_cvtepi32_storeu_epi16(o + n, m, y);
+      _mm512_mask_cvtepi32_storeu_epi16(o + n, m, bf16_round(_mm512_maskz_loadu_ps(m, c + i * ldc + n)));
     }
   }
 }
@@ -240,27 +196,14 @@ Bf16Path bf16_gemm_path(GemmProduct p, bool tall) {
 
 std::string bf16_gemm_active(const std::string& product) {
   auto name = [](int slot) { return std::string(path_name(int(bf16_gemm_path(GemmProduct(slot / 2), slot % 2)))); };
-  if (product != "all") {
-    const int slot = gemm_product_slot(product);
-    return slot < 0 ? std::string() : name(slot);
-  }
-  std::string all = name(0), each;
-  bool same = true;
-  for (int i = 0; i < 6; ++i) {
-    same = same && name(i) == all;
-    each += std::string(i ? "," : "") + kGemmProductNames[i] + "=" + name(i);
-  }
-  return same ? all : each;
+  if (product == "all") return gemm_slots_summary(name);
+  const int slot = gemm_product_slot(product);
+  return slot < 0 ? std::string() : name(slot);
 }
 
 bool set_bf16_gemm(const std::string& mode, const std::string& product) {
-  int lo = 0, hi = 6;
-  if (product != "all") {
-    const bool both = product == "nn" || product == "nt" || product == "tn";
-    lo = gemm_product_slot(both ? product + "_wide" : product);
-    if (lo < 0) return false;
-    hi = lo + (both ? 2 : 1);
-  }
+  int lo, hi;
+  if (!gemm_product_range(product, &lo, &hi)) return false;
   const int p = parse_mode(mode);
   if (p < 0) return false;
   init_slots();

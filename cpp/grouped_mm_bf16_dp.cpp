@@ -21,7 +21,7 @@
 // even, as torch's), and vdpbf16ps flushes bf16 denormal inputs to zero: results agree with the fp32 reference
 // within bf16 tolerance, not bitwise with the other paths.
 #include "grouped_mm_bf16.h"
-#include "avx512_transpose.h"
+#include "bf16_avx512.h"
 #include "scratch.h"
 #include "work_items.h"
 #include <algorithm>
@@ -93,62 +93,12 @@ inline __mmask16 mask16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmas
 
 DP_TARGET inline __m512 dp(__m512 c, __m512i a, __m512i b) { return _mm512_dpbf16_ps(c, (__m512bh)a, (__m512bh)b); }
 
-// relu on 32 bf16 bit patterns: 0 where negative and not NaN (as bf16_relu_bits).
-DP_TARGET inline __m512i relu32(__m512i x) {
-  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7FFF));
-  const __mmask32 neg = _mm512_test_epi16_mask(x, _mm512_set1_epi16(int16_t(0x8000)));
-  const __mmask32 notnan = _mm512_cmple_epu16_mask(mag, _mm512_set1_epi16(0x7F80));
-  return _mm512_maskz_mov_epi16(~(neg & notnan), x);
-}
-
 // Where relu's backward zeroes the gradient: 16 bf16 bit patterns <= 0 (zero, or negative and not NaN).
 DP_TARGET inline __mmask16 nonpos16(__m256i x) {
   const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi16(0x7FFF));
   const __mmask16 zero = _mm256_cmpeq_epi16_mask(mag, _mm256_setzero_si256());
   const __mmask16 neg = _mm256_test_epi16_mask(x, _mm256_set1_epi16(int16_t(0x8000)));
   return zero | (neg & _mm256_cmple_epu16_mask(mag, _mm256_set1_epi16(0x7F80)));
-}
-
-// dst[k2][n][2] = op(src[2 k2 + {0, 1}][n]) for n < nb (0 past nb up to W, a multiple of 32, and for rows >= rows),
-// k2 < pairs; op = relu with relu. Pairs of rows interleaved: the B operand of a TN tile (and its A).
-DP_TARGET void pack_pairs(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t nb, uint16_t* dst,
-                          int64_t W, bool relu) {
-  for (int64_t k2 = 0; k2 < pairs; ++k2) {
-    const int64_t r = 2 * k2;
-    const uint16_t* r0 = r < rows ? src + r * ld : nullptr;
-    const uint16_t* r1 = r + 1 < rows ? src + (r + 1) * ld : nullptr;
-    uint16_t* d = dst + k2 * W * 2;
-    for (int64_t n = 0; n < W; n += 32) {
-      const __mmask32 m = mask32(nb - n < 0 ? 0 : nb - n);
-      __m512i a = r0 ? _mm512_maskz_loadu_epi16(m, r0 + n) : _mm512_setzero_si512();
-      __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1 + n) : _mm512_setzero_si512();
-      if (relu) { a = relu32(a); b = relu32(b); }
-      // unpack works within 128-bit lanes: lo = columns {0-3, 8-11, 16-19, 24-27}, hi = the others; put them in order
-      const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
-      const __m512i i0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-      const __m512i i1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-      _mm512_storeu_si512(d + 2 * n, _mm512_permutex2var_epi32(lo, i0, hi));
-      _mm512_storeu_si512(d + 2 * n + 32, _mm512_permutex2var_epi32(lo, i1, hi));
-    }
-  }
-}
-
-// at[k2][i] = op(A[i][2k2 .. 2k2+1]) (32-bit lanes, 16 V of them per k2; 0 for rows i >= M), op = relu with relu:
-// A's rows as pairs along the depth, transposed 16 x 16 at a time (the broadcast operand of the NN tiles, the vector
-// operand of the NT tiles). Read in place instead, the NN tiles' 12 rows of A, 4 KiB apart at K = 2048, share one L1
-// set with the strip.
-DP_TARGET void pack_pairs_t(const uint16_t* A, int64_t lda, int64_t M, int64_t pairs, int V, bool relu, int32_t* at) {
-  for (int64_t i0 = 0; i0 < 16 * V; i0 += 16)
-    for (int64_t k0 = 0; k0 < pairs; k0 += 16) {
-      const __mmask16 km = mask16(pairs - k0);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = i0 + i < M ? _mm512_maskz_loadu_epi32(km, A + (i0 + i) * lda + 2 * k0) : _mm512_setzero_si512();
-        if (relu) r[i] = relu32(r[i]);
-      }
-      transpose16(r);
-      for (int64_t j = 0; j < std::min<int64_t>(16, pairs - k0); ++j) _mm512_storeu_si512(at + (k0 + j) * 16 * V + i0, r[j]);
-    }
 }
 
 // ---- NN ----
@@ -218,8 +168,10 @@ DP_TARGET void nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t ld
                   uint16_t* C, int64_t ldc, bool relu_a, const void* ahead = nullptr, int64_t ahead_bytes = 0) {
   Ahead pf(ahead, ahead_bytes, ((K + kSC - 1) / kSC) * ((N + 31) / 32) * ((M + kMR - 1) / kMR));
   const int V = int((M + 15) / 16);
-  int32_t* at = scratch64<int32_t, DpScratchC>(size_t(K / 2) * 16 * V);   // A's pairs, [K/2][16 V]
-  pack_pairs_t(A, lda, M, K / 2, V, relu_a, at);
+  // A's rows as pairs along the depth, [K/2][16 V] (read in place, the tiles' 12 rows of A, 4 KiB apart at K = 2048,
+  // would share one L1 set with the strip)
+  int32_t* at = scratch64<int32_t, DpScratchC>(size_t(K / 2) * 16 * V);
+  pack_cols_avx512(A, lda, K / 2, M, reinterpret_cast<uint16_t*>(at), 16 * V, relu_a);
   float* acc = scratch64<float, DpScratchB>(size_t(M) * (kNC + 32));
   alignas(64) uint16_t S[kSC * 32];
   for (int64_t n0 = 0; n0 < N; n0 += kNC) {
@@ -283,10 +235,12 @@ DP_TARGET void nt_tile(int64_t pairs, const int32_t* At, const uint16_t* B, int6
 // K = 2048, so every row of a tile falls in one L1 set (12 ways): 24 rows (V = 1, 16-row chunks) evicted each other,
 // and 2-core Zen 5, d 512 / f 2048, 256 experts x 16 rows, dh @ w_in^T took 38.9-42.8 ms with 24 rows against 16.2-16.3
 // with 8 (128 experts x 32 rows, V = 2: both NT products 19.7-21.8 ms with 8, 22.0-23.1 with 12).
+constexpr int nt_rows(int V) { return std::min(24 / V, 8); }
+
 template <int V>
 DP_TARGET void nt_panels(int64_t M, int64_t N, int64_t pairs, const int32_t* At, const uint16_t* B, int64_t ldb,
                          uint16_t* C, int64_t ldc, const uint16_t* mask, int64_t ldm, Ahead* pf) {
-  constexpr int NR = std::min(24 / V, 8);
+  constexpr int NR = nt_rows(V);
   constexpr int64_t ldt = 16 * V;
   alignas(64) float T[kGN * ldt];
   for (int64_t n0 = 0; n0 < N; n0 += kGN) {
@@ -322,9 +276,9 @@ DP_TARGET void nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t ld
                   uint16_t* C, int64_t ldc, const uint16_t* mask, int64_t ldm, const void* ahead = nullptr,
                   int64_t ahead_bytes = 0) {
   const int V = int((M + 15) / 16), pairs = int(K / 2);
-  Ahead pf(ahead, ahead_bytes, (N / (24 / V) + N % (24 / V)) * ((pairs + 15) / 16));
+  Ahead pf(ahead, ahead_bytes, (N / nt_rows(V) + N % nt_rows(V)) * ((pairs + 15) / 16));   // tiles x depth steps
   int32_t* at = scratch64<int32_t, DpScratchC>(size_t(pairs) * 16 * V);
-  pack_pairs_t(A, lda, M, pairs, V, false, at);
+  pack_cols_avx512(A, lda, pairs, M, reinterpret_cast<uint16_t*>(at), 16 * V);
   switch (V) {
     case 1: nt_panels<1>(M, N, pairs, at, B, ldb, C, ldc, mask, ldm, &pf); break;
     case 2: nt_panels<2>(M, N, pairs, at, B, ldb, C, ldc, mask, ldm, &pf); break;
@@ -379,8 +333,8 @@ DP_TARGET void tn(int64_t R, int64_t P, int64_t N, const uint16_t* A, int64_t ld
   const int64_t pairs = (R + 1) / 2, Wa = (P + 31) / 32 * 32, Wd = (N + 31) / 32 * 32;
   uint16_t* aq = scratch64<uint16_t, DpScratchA>(size_t(pairs) * Wa * 2);
   uint16_t* dq = scratch64<uint16_t, DpScratchC>(size_t(pairs) * Wd * 2);
-  pack_pairs(A, lda, R, pairs, P, aq, Wa, relu_a);
-  pack_pairs(D, ldd, R, pairs, N, dq, Wd, false);
+  pack_rows_avx512(A, lda, R, pairs, P, aq, Wa, relu_a);
+  pack_rows_avx512(D, ldd, R, pairs, N, dq, Wd);
   for (int64_t j0 = 0; j0 < N; j0 += kNJ) {
     const int64_t je = std::min(N, j0 + kNJ);
     for (int64_t p0 = 0; p0 < P; p0 += kMR) {

@@ -101,13 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                                     "tn_tall or 'all' (got '" + product + "')");
       return name(slot);
     }
-    std::string all = name(0), each;
-    bool same = true;
-    for (int i = 0; i < 6; ++i) {
-      same = same && name(i) == all;
-      each += std::string(i ? "," : "") + flanmoe::kGemmProductNames[i] + "=" + name(i);
-    }
-    return same ? all : each;
+    return flanmoe::gemm_slots_summary(name);
   }, pybind11::arg("product") = "all",
           "which GEMMs grouped_mm's fp32 products use now ('blas': none): of one product (nn forward, nt input gradient, "
           "tn weight gradient; _wide for a [d, f] weight, _tall for [f, d]), or for 'all' one name if they agree, else "

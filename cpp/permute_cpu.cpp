@@ -17,9 +17,7 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "bf16_avx512.h"
 
 namespace flanmoe {
 namespace {
@@ -67,12 +65,7 @@ PERM_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
 }
 
 PERM_AVX512 inline void store16(at::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-  __m512i y = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  y = _mm512_mask_mov_epi32(y, nan, _mm512_set1_epi32(0x7FC0));
-  _mm512_mask_cvtepi32_storeu_epi16(p, m, y);
+  _mm512_mask_cvtepi32_storeu_epi16(p, m, bf16_round(v));
 }
 
 inline __mmask16 tail16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }

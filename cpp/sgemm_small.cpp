@@ -102,14 +102,28 @@ SmallGemmIsa expert_gemm_active(GemmProduct p, bool tall) {
   return v < 0 ? small_gemm_active() : SmallGemmIsa(v);
 }
 
-bool set_expert_gemm(const std::string& mode, const std::string& product) {
-  int lo = 0, hi = 6;                                     // the slots [lo, hi) to set
-  if (product != "all") {
-    const bool pair = product == "nn" || product == "nt" || product == "tn";   // both orientations
-    lo = gemm_product_slot(pair ? product + "_wide" : product);
-    if (lo < 0) return false;
-    hi = lo + (pair ? 2 : 1);
+bool gemm_product_range(const std::string& product, int* lo, int* hi) {
+  *lo = 0; *hi = 6;
+  if (product == "all") return true;
+  const bool pair = product == "nn" || product == "nt" || product == "tn";   // both orientations
+  *lo = gemm_product_slot(pair ? product + "_wide" : product);
+  *hi = *lo + (pair ? 2 : 1);
+  return *lo >= 0;
+}
+
+std::string gemm_slots_summary(const std::function<std::string(int)>& name) {
+  std::string all = name(0), each;
+  bool same = true;
+  for (int i = 0; i < 6; ++i) {
+    same = same && name(i) == all;
+    each += std::string(i ? "," : "") + kGemmProductNames[i] + "=" + name(i);
   }
+  return same ? all : each;
+}
+
+bool set_expert_gemm(const std::string& mode, const std::string& product) {
+  int lo, hi;                                             // the slots [lo, hi) to set
+  if (!gemm_product_range(product, &lo, &hi)) return false;
   SmallGemmIsa v = SmallGemmIsa::none;
   if (mode != "follow" && !parse(mode, &v)) return false;
   for (int i = lo; i < hi; ++i) expert_override(i).store(mode == "follow" ? -1 : int(v));

@@ -13,6 +13,7 @@
 // `flanmoe bench gmm` / the gemm notebook print the rates of every path side by side.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,11 @@ SmallGemmIsa expert_gemm_active(GemmProduct p, bool tall);
 bool set_expert_gemm(const std::string& mode, const std::string& product = "all");
 // The slot of one product and orientation ("nn_wide" -> 0, ..., "tn_tall" -> 5); -1 for an unknown name.
 int gemm_product_slot(const std::string& name);
+// The slots [lo, hi) a product name covers: one slot, "nn" / "nt" / "tn" (both orientations) or "all"; false for an
+// unknown name. (fp32's set_expert_gemm and bf16's set_bf16_gemm take the same names.)
+bool gemm_product_range(const std::string& product, int* lo, int* hi);
+// name(slot) of every slot as one string: the name if all six agree, else "nn_wide=..,nn_tall=..,...".
+std::string gemm_slots_summary(const std::function<std::string(int)>& name);
 extern const char* const kGemmProductNames[6];
 // Whether the NN kernel prefetches the next block of its weight while it multiplies the current one (this also
 // keeps the block-copy kernel where nn_streamed would run)

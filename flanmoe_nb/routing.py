@@ -39,9 +39,13 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _router_join_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                       jitter: bool) -> bool:
     "True when `router_project` can run the compiled join: eager CPU `[T, d]` input with a contiguous last dim, `x`, `weight` (and `bias`) in the router's dtype (float32/float64), no jitter, extension built with it."
-    return (_C is not None and hasattr(_C, "router_join") and not jitter and x.device.type == "cpu"
-            and x.dim() == 2 and (x.shape[1] <= 1 or x.stride(1) == 1) and dtype in (torch.float32, torch.float64)
-            and x.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+    return (_router_op_usable(x, jitter) and (x.shape[1] <= 1 or x.stride(1) == 1)
+            and dtype in (torch.float32, torch.float64) and x.dtype == dtype and weight.dtype == dtype
+            and (bias is None or bias.dtype == dtype))
+
+def _router_op_usable(x: torch.Tensor, jitter: bool) -> bool:
+    "What both compiled router paths need: the extension's router ops, eager CPU `[T, d]` input, no jitter."
+    return (_C is not None and hasattr(_C, "router_join") and not jitter and x.device.type == "cpu" and x.dim() == 2
             and not torch.compiler.is_compiling())
 
 def router_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -60,9 +64,7 @@ def router_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _router_cast_pays(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                       jitter: bool) -> bool:
     "True when `router_project` can run the compiled projection on a float32 copy of a lower-precision `x` (eager CPU `[T, d]`, float32 router, no jitter)."
-    return (_C is not None and hasattr(_C, "router_join") and not jitter and x.device.type == "cpu"
-            and x.dim() == 2 and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling())
+    return _router_op_usable(x, jitter) and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
 
 # %% ../nbs/02_routing.ipynb #2a9c272e
 def compute_capacity(num_tokens: int, num_experts: int, top_k: int = 1, capacity_factor: float | None = 1.25,
